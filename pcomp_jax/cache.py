@@ -1,0 +1,49 @@
+"""The static-shape KV cache pytree used for decoding.
+
+Slots are filled left to right; ``valid`` says which slots hold a real token and
+``end`` is where each batch row writes next. Keys are stored already rotated by RoPE
+at their own position, so a slot's content never changes once written.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class KVCache:
+    """keys, values: ``[L, B, S, KVH, D]``; valid: ``[B, S]`` bool; end: ``[B]`` int32."""
+
+    keys: jax.Array
+    values: jax.Array
+    valid: jax.Array
+    end: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots S."""
+        return self.keys.shape[2]
+
+
+def cache_from_prefill(keys: jax.Array, values: jax.Array, lengths: jax.Array, capacity: int) -> KVCache:
+    """Places a prefill's per-layer K/V into a cache with room for more tokens.
+
+    keys, values: ``[L, B, T, KVH, D]`` from ``model.prefill_forward``; lengths: ``[B]``,
+    the number of real (non-padding) tokens of each row, which sit at slots ``0..len-1``.
+    Returns a cache of ``capacity >= T`` slots whose next write goes to slot ``len``.
+    """
+    num_layers, batch, t, kvh, d = keys.shape
+    if capacity < t:
+        raise ValueError(f"cache capacity {capacity} is smaller than the prefill length {t}")
+    pad = ((0, 0), (0, 0), (0, capacity - t), (0, 0), (0, 0))
+    lengths = jnp.asarray(lengths, jnp.int32)
+    valid = jnp.arange(capacity)[None, :] < lengths[:, None]
+    return KVCache(jnp.pad(keys, pad), jnp.pad(values, pad), valid, lengths)
+
+
+def write_layer(cache_layer: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
+    """Writes ``new [B, T, KVH, D]`` into ``cache_layer [B, S, KVH, D]`` at slots ``end[b]..``."""
+    write_row = lambda c, x, e: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (e, 0, 0))
+    return jax.vmap(write_row)(cache_layer, new, end)

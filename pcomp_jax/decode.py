@@ -1,0 +1,178 @@
+"""Full-attention forward and greedy generation with a static-shape KV cache.
+
+``forward`` and ``generate_full`` are the baseline that ParallelComp is compared
+against; ``greedy_decode`` is the decoding loop that every method shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .buckets import bucket_length
+from .cache import KVCache, cache_from_prefill
+from .checkpoints import Model
+from .errors import InputTooLongError, PcompError
+from .model.config import ModelConfig
+from .model.llama import Weights, cached_forward, prefill_forward
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "</s>")
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of a generation: the decoded ``text`` and the new ``token_ids`` (stop token excluded)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_length: int
+
+
+def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
+    """Validates token ids (1-D or 2-D, non-empty, integers in ``[0, vocab_size)``)."""
+    ids = np.asarray(token_ids)
+    if ids.ndim not in (1, 2) or ids.size == 0:
+        raise PcompError(f"token ids must be a non-empty 1-D or 2-D array, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise PcompError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise PcompError(f"token ids must lie in [0, {vocab_size}); got values from {ids.min()} to {ids.max()}")
+    return ids.astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _forward_jit(weights: Weights, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _, _ = prefill_forward(weights, cfg, tokens, positions)
+    return logits
+
+
+def forward(model: Model, token_ids) -> np.ndarray:
+    """Full causal attention over ``token_ids`` ``[T]`` or ``[B, T]``; positions start at 0.
+
+    Returns float32 logits ``[..., T, vocab]`` as a NumPy array. Lengths are padded to
+    a power-of-two bucket (after the real tokens, where causality hides the padding).
+    """
+    ids = check_token_ids(token_ids, model.config.vocab_size)
+    batch = ids.reshape(-1, ids.shape[-1])
+    t = batch.shape[1]
+    padded = np.zeros((batch.shape[0], bucket_length(t)), np.int32)
+    padded[:, :t] = batch
+    logits = np.asarray(_forward_jit(model.params, model.config, jnp.asarray(padded)))[:, :t]
+    return logits.reshape(*ids.shape, -1)
+
+
+def stop_token_ids(model: Model) -> list[int]:
+    """EOS ids of the config and tokenizer, plus the chat template's end-of-turn tokens."""
+    stops = set(model.config.eos_token_ids)
+    tok = model.tokenizer
+    if tok is not None:
+        if tok.eos_token_id is not None:
+            stops.add(int(tok.eos_token_id))
+        vocab = tok.get_vocab()
+        stops.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return sorted(stops)
+
+
+def encode_prompt(model: Model, prompt, chat: bool) -> np.ndarray:
+    """Token ids of a prompt: a string (wrapped in the chat template when ``chat``) or ids as given."""
+    if not isinstance(prompt, str):
+        return check_token_ids(prompt, model.config.vocab_size).reshape(-1)
+    tok = model.tokenizer
+    if tok is None:
+        raise PcompError(f"{model.source!r} has no tokenizer; pass token ids instead of a string")
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise PcompError(f"{model.source!r} has no chat template; call with chat=False")
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=not chat)["input_ids"]
+    if len(ids) == 0:
+        raise PcompError("the prompt is empty")
+    return np.asarray(ids, np.int32)
+
+
+def greedy_decode(
+    weights: Weights,
+    cfg: ModelConfig,
+    cache: KVCache,
+    first_token: jax.Array,
+    first_position: jax.Array,
+    stop_ids: jax.Array,
+    num_steps: int,
+    max_new_tokens: jax.Array,
+):
+    """Greedy decoding in a ``lax.while_loop``.
+
+    first_token, first_position: ``[B]``, the token predicted by the prefill and its position.
+    stop_ids: ``[K]`` int32; a row stops after emitting one of them (it is recorded).
+    num_steps: static buffer size; max_new_tokens: traced limit ``<= num_steps``.
+    Returns ``(tokens [B, num_steps] int32, -1 after a row stopped; counts [B])``.
+    """
+    batch = first_token.shape[0]
+
+    def cond(state):
+        step, _, _, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, token, position, done, out = state
+        out = out.at[:, step].set(jnp.where(done, -1, token))
+        done = done | jnp.isin(token, stop_ids)
+        logits, cache = cached_forward(weights, cfg, token[:, None], position[:, None], cache)
+        next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return step + 1, cache, next_token, position + 1, done, out
+
+    state = (
+        jnp.int32(0),
+        cache,
+        first_token.astype(jnp.int32),
+        first_position.astype(jnp.int32),
+        jnp.zeros((batch,), bool),
+        jnp.full((batch, num_steps), -1, jnp.int32),
+    )
+    *_, out = jax.lax.while_loop(cond, body, state)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps"))
+def _generate_full_jit(weights, cfg, tokens, length, stop_ids, num_steps, max_new_tokens):
+    """tokens: ``[1, Tb]`` padded prompt; length: real prompt length (traced)."""
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    logits, keys, values = prefill_forward(weights, cfg, tokens, positions, logits_at=(length - 1)[None, None])
+    cache = cache_from_prefill(keys, values, length[None], tokens.shape[1] + num_steps)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    return greedy_decode(weights, cfg, cache, first, length[None], stop_ids, num_steps, max_new_tokens)
+
+
+def generate_full(model: Model, prompt, max_new_tokens: int = 64, chat: bool = True) -> Generation:
+    """Greedy generation with full attention over the whole prompt.
+
+    prompt: a string (rendered with the chat template when ``chat``) or token ids.
+    Stops at EOS or the chat template's end-of-turn token, or after ``max_new_tokens``.
+    Raises ``InputTooLongError`` when prompt + new tokens exceed the model's window.
+    """
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise PcompError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    ids = encode_prompt(model, prompt, chat)
+    window = model.config.window
+    if len(ids) + max_new_tokens > window:
+        raise InputTooLongError(
+            f"the prompt has {len(ids)} tokens and max_new_tokens={max_new_tokens}; together they must fit in "
+            f"the model's window of {window} tokens (full attention); shorten the prompt or use ParallelComp"
+        )
+    padded = np.zeros((1, bucket_length(len(ids))), np.int32)
+    padded[0, : len(ids)] = ids
+    stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
+    out = _generate_full_jit(
+        model.params, model.config, jnp.asarray(padded), jnp.int32(len(ids)), stops,
+        bucket_length(max_new_tokens, minimum=16), jnp.int32(max_new_tokens),
+    )
+    new = [int(t) for t in np.asarray(out)[0] if t >= 0]
+    if new and new[-1] in set(np.asarray(stops).tolist()):
+        new = new[:-1]
+    text = model.tokenizer.decode(new, skip_special_tokens=True) if model.tokenizer is not None else ""
+    return Generation(text=text, token_ids=new, prompt_length=len(ids))

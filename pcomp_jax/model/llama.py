@@ -1,0 +1,177 @@
+"""A functional Llama-family decoder in JAX (Llama, Mistral, Qwen2, SmolLM2).
+
+Weights are ``flax.struct`` dataclass pytrees; each array declares its logical axes
+next to its shape (``logical_axes``), and ``pcomp_jax.sharding`` maps them to mesh
+axes. The layer stack runs as one ``jax.lax.scan`` over weights stacked on a leading
+``layers`` axis, so compile time does not grow with depth.
+
+Two entry points share one layer body:
+  ``prefill_forward``: causal attention inside each row of a batch; returns logits
+    (optionally only at chosen positions) and every layer's rotated keys and values.
+  ``cached_forward``: new tokens appended to a ``KVCache`` and attending to its valid slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ..attention import causal_mask, dense_attention
+from ..cache import KVCache, write_layer
+from .config import ModelConfig
+from .rope import apply_rope, rope_tables
+
+
+def _axes(*names: str | None):
+    """A pytree field whose logical axis names are recorded in its metadata."""
+    return flax.struct.field(metadata={"axes": names})
+
+
+@flax.struct.dataclass
+class LayerWeights:
+    """One decoder layer's weights, stacked over layers (leading axis L)."""
+
+    attn_norm: jax.Array = _axes("layers", "embed")  # [L, E]
+    wq: jax.Array = _axes("layers", "embed", "q_heads", "head_dim")  # [L, E, H, D]
+    wk: jax.Array = _axes("layers", "embed", "kv_heads", "head_dim")  # [L, E, KVH, D]
+    wv: jax.Array = _axes("layers", "embed", "kv_heads", "head_dim")  # [L, E, KVH, D]
+    wo: jax.Array = _axes("layers", "q_heads", "head_dim", "embed")  # [L, H, D, E]
+    mlp_norm: jax.Array = _axes("layers", "embed")  # [L, E]
+    w_gate: jax.Array = _axes("layers", "embed", "mlp")  # [L, E, F]
+    w_up: jax.Array = _axes("layers", "embed", "mlp")  # [L, E, F]
+    w_down: jax.Array = _axes("layers", "mlp", "embed")  # [L, F, E]
+    bq: jax.Array | None = _axes("layers", "q_heads", "head_dim")  # [L, H, D] (Qwen2) or None
+    bk: jax.Array | None = _axes("layers", "kv_heads", "head_dim")  # [L, KVH, D] or None
+    bv: jax.Array | None = _axes("layers", "kv_heads", "head_dim")  # [L, KVH, D] or None
+
+
+@flax.struct.dataclass
+class Weights:
+    """All model weights. ``lm_head`` is None when the output reuses ``embed`` (tied)."""
+
+    embed: jax.Array = _axes("vocab", "embed")  # [V, E]
+    layers: LayerWeights = flax.struct.field(metadata={"axes": None})
+    final_norm: jax.Array = _axes("embed")  # [E]
+    lm_head: jax.Array | None = _axes("embed", "vocab")  # [E, V] or None
+
+
+def logical_axes(weights: Weights) -> Weights:
+    """A ``Weights``-shaped pytree of logical axis-name tuples (None where a field is None)."""
+
+    def walk(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out[f.name] = walk(value)
+            else:
+                out[f.name] = None if value is None else jax.sharding.PartitionSpec(*f.metadata["axes"])
+        return obj.replace(**out)
+
+    return walk(weights)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf.astype(x.dtype) * scale).astype(x.dtype)
+
+
+def _qkv(x, lw: LayerWeights, cos, sin, cfg: ModelConfig):
+    """Projects ``x [B, T, E]`` to rotated q ``[B,T,H,D]`` and rotated k, plain v ``[B,T,KVH,D]``."""
+    h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
+    q = jnp.einsum("bte,ehd->bthd", h, lw.wq)
+    k = jnp.einsum("bte,ehd->bthd", h, lw.wk)
+    v = jnp.einsum("bte,ehd->bthd", h, lw.wv)
+    if lw.bq is not None:
+        q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _finish_layer(x, attn_out, lw: LayerWeights, cfg: ModelConfig):
+    """Output projection, residual, SwiGLU MLP and residual. x: ``[B, T, E]``."""
+    x = x + jnp.einsum("bthd,hde->bte", attn_out, lw.wo)
+    h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+    gate = jax.nn.silu(jnp.einsum("bte,ef->btf", h, lw.w_gate))
+    up = jnp.einsum("bte,ef->btf", h, lw.w_up)
+    return x + jnp.einsum("btf,fe->bte", gate * up, lw.w_down)
+
+
+def _logits(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm and output projection: ``[B, P, E] -> [B, P, V]`` float32."""
+    h = rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
+    if weights.lm_head is None:
+        return jnp.einsum("bpe,ve->bpv", h, weights.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("bpe,ev->bpv", h, weights.lm_head, preferred_element_type=jnp.float32)
+
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def prefill_forward(
+    weights: Weights,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    logits_at: jax.Array | None = None,
+    attention: AttentionFn = dense_attention,
+):
+    """Causal forward pass over independent rows.
+
+    tokens, positions: ``[B, T]`` int32. Each row attends causally to its own tokens
+    only; padding placed after a row's real tokens is hidden by causality.
+    logits_at: optional ``[B, P]`` indices into T; logits are computed only there.
+    Returns ``(logits [B, P or T, V] float32, keys [L, B, T, KVH, D], values [L, B, T, KVH, D])``;
+    keys are rotated at their row position.
+    """
+    x = weights.embed[tokens]
+    cos, sin = rope_tables(cfg, positions)
+    mask = causal_mask(tokens.shape[1])
+
+    def layer(x, lw):
+        q, k, v = _qkv(x, lw, cos, sin, cfg)
+        return _finish_layer(x, attention(q, k, v, mask), lw, cfg), (k, v)
+
+    x, (keys, values) = jax.lax.scan(layer, x, weights.layers)
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
+    return _logits(weights, x, cfg), keys, values
+
+
+def cached_forward(
+    weights: Weights,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    attention: AttentionFn = dense_attention,
+):
+    """Appends ``tokens [B, T]`` (at ``positions [B, T]``) to ``cache`` and runs the model.
+
+    The new tokens go to slots ``cache.end[b] .. + T``; each attends to every valid slot
+    up to its own. Returns ``(logits [B, T, V] float32, updated cache)``.
+    """
+    t = tokens.shape[1]
+    slots = jnp.arange(cache.capacity)
+    new_slots = cache.end[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    written = (slots[None, None, :] == new_slots[:, :, None]).any(axis=1)  # [B, S]
+    valid = cache.valid | written
+    mask = valid[:, None, :] & (slots[None, None, :] <= new_slots[:, :, None])  # [B, T, S]
+    x = weights.embed[tokens]
+    cos, sin = rope_tables(cfg, positions)
+
+    def layer(x, layer_in):
+        lw, k_cache, v_cache = layer_in
+        q, k, v = _qkv(x, lw, cos, sin, cfg)
+        k_cache = write_layer(k_cache, k, cache.end)
+        v_cache = write_layer(v_cache, v, cache.end)
+        return _finish_layer(x, attention(q, k_cache, v_cache, mask), lw, cfg), (k_cache, v_cache)
+
+    x, (keys, values) = jax.lax.scan(layer, x, (weights.layers, cache.keys, cache.values))
+    new_cache = KVCache(keys=keys, values=values, valid=valid, end=cache.end + t)
+    return _logits(weights, x, cfg), new_cache
