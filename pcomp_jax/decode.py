@@ -45,8 +45,11 @@ def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _forward_jit(weights: Weights, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+def _forward_jit(weights: Weights, cfg: ModelConfig, tokens: jax.Array, length: jax.Array) -> jax.Array:
+    """tokens: ``[B, Tb]`` with real tokens at ``0..length-1``; padding gets position 0
+    so that it cannot change a position-dependent rope (dynamic NTK looks at the largest)."""
+    steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    positions = jnp.broadcast_to(jnp.where(steps < length, steps, 0), tokens.shape)
     logits, _, _ = prefill_forward(weights, cfg, tokens, positions)
     return logits
 
@@ -62,7 +65,7 @@ def forward(model: Model, token_ids) -> np.ndarray:
     t = batch.shape[1]
     padded = np.zeros((batch.shape[0], bucket_length(t)), np.int32)
     padded[:, :t] = batch
-    logits = np.asarray(_forward_jit(model.params, model.config, jnp.asarray(padded)))[:, :t]
+    logits = np.asarray(_forward_jit(model.params, model.config, jnp.asarray(padded), jnp.int32(t)))[:, :t]
     return logits.reshape(*ids.shape, -1)
 
 

@@ -1,0 +1,28 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """variant -> (directory, torch model), built once per session on demand."""
+    made = {}
+
+    def get(variant: str):
+        if variant not in made:
+            path = str(tmp_path_factory.mktemp(variant))
+            made[variant] = (path, tiny.make_hf_checkpoint(path, variant))
+        return made[variant]
+
+    return get
+
+
+# Four CPU devices, so that sharding tests can compare 1 and 4 devices on this machine.
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)

@@ -1,0 +1,73 @@
+"""GGUF loading: weights un-permuted like llama.cpp's layout, tokenizer from metadata, damaged files."""
+
+import os
+
+import numpy as np
+import pytest
+import tiny
+
+import pcomp_jax
+from pcomp_jax.checkpoints.gguf_file import unpermute_rows
+
+
+@pytest.fixture(scope="module")
+def gguf_models(hf_checkpoints, tmp_path_factory):
+    out = {}
+    for variant, arch in [("llama_gqa_untied", "llama"), ("llama_tied_mha", "llama"), ("qwen2_bias", "qwen2")]:
+        _, reference = hf_checkpoints(variant)
+        path = str(tmp_path_factory.mktemp("gguf") / f"{variant}.gguf")
+        tiny.write_gguf(path, reference, arch=arch)
+        out[variant] = (path, reference)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "llama_tied_mha", "qwen2_bias"])
+def test_gguf_logits_match_transformers(gguf_models, variant):
+    path, reference = gguf_models[variant]
+    model = pcomp_jax.load_model(path)
+    assert model.config.tie_embeddings == reference.config.tie_word_embeddings
+    ids = np.random.default_rng(0).integers(0, tiny.VOCAB_SIZE, size=(2, 64))
+    np.testing.assert_allclose(pcomp_jax.forward(model, ids), tiny.hf_logits(reference, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = np.arange(4 * 8 * 3).reshape(4 * 8, 3)
+    np.testing.assert_array_equal(unpermute_rows(tiny._permute_rows(w, 4), 4), w)
+    assert not np.array_equal(tiny._permute_rows(w, 4), w)
+
+
+def test_gguf_tokenizer_matches_reference_tokenizer(gguf_models):
+    path, _ = gguf_models["llama_gqa_untied"]
+    ours = pcomp_jax.load_model(path).tokenizer
+    reference = tiny.tiny_hf_tokenizer()
+    text = "In the beginning there were 12345 tokens, then 67.\nThe end <|im_end|>"
+    assert ours(text)["input_ids"] == reference(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"]) == text
+    assert [ours.convert_ids_to_tokens(i) for i in ours("x 2024")["input_ids"]][-4:] == ["2", "0", "2", "4"]
+    chat = ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n")
+
+
+def test_truncated_gguf_is_a_clear_error(gguf_models, tmp_path):
+    path, _ = gguf_models["llama_gqa_untied"]
+    data = open(path, "rb").read()
+    for keep in (len(data) // 2, 200, 3):
+        bad = tmp_path / f"cut{keep}.gguf"
+        bad.write_bytes(data[:keep])
+        with pytest.raises(pcomp_jax.CheckpointError, match="truncated|not a readable GGUF|not a GGUF"):
+            pcomp_jax.load_model(str(bad))
+
+
+def test_gguf_with_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = str(tmp_path / "gpt2.gguf")
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(pcomp_jax.CheckpointError, match="architecture 'gpt2' is not supported; supported: llama, qwen2"):
+        pcomp_jax.load_model(path)
+    assert os.path.exists(path)

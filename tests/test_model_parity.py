@@ -1,0 +1,93 @@
+"""The JAX model against Hugging Face transformers' PyTorch models (tiny random weights)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny
+
+import pcomp_jax
+from pcomp_jax.cache import cache_from_prefill
+from pcomp_jax.model.llama import cached_forward, prefill_forward
+
+
+@pytest.mark.parametrize("variant", sorted(tiny.VARIANTS))
+def test_logits_match_transformers(hf_checkpoints, variant):
+    path, reference = hf_checkpoints(variant)
+    model = pcomp_jax.load_model(path)
+    ids = np.random.default_rng(1).integers(0, tiny.VOCAB_SIZE, size=(2, 64))
+    ours = pcomp_jax.forward(model, ids)
+    np.testing.assert_allclose(ours, tiny.hf_logits(reference, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "dynamic_rope"])
+def test_one_dimensional_input_and_padding_invariance(hf_checkpoints, variant):
+    path, reference = hf_checkpoints(variant)
+    # transformers' dynamic rope keeps state between calls; a fresh copy sees only this input.
+    reference = type(reference).from_pretrained(path).eval()
+    model = pcomp_jax.load_model(path)
+    ids = np.random.default_rng(2).integers(0, tiny.VOCAB_SIZE, size=37)  # padded to a 64 bucket inside
+    ours = pcomp_jax.forward(model, ids)
+    assert ours.shape == (37, tiny.VOCAB_SIZE)
+    np.testing.assert_allclose(ours, tiny.hf_logits(reference, ids[None])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_close_to_float32(hf_checkpoints):
+    path, _ = hf_checkpoints("llama_gqa_untied")
+    ids = np.random.default_rng(3).integers(0, tiny.VOCAB_SIZE, size=(1, 48))
+    f32 = pcomp_jax.forward(pcomp_jax.load_model(path), ids)
+    bf16_model = pcomp_jax.load_model(path, dtype="bfloat16")
+    assert bf16_model.params.layers.wq.dtype == jnp.bfloat16
+    bf16 = pcomp_jax.forward(bf16_model, ids)
+    assert bf16.dtype == np.float32
+    assert np.abs(bf16 - f32).max() < 0.05 * np.abs(f32).max()
+    assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_bias"])
+def test_cached_decoding_matches_prefill(hf_checkpoints, variant):
+    """Feeding tokens one by one through the KV cache gives the prefill's logits."""
+    path, _ = hf_checkpoints(variant)
+    model = pcomp_jax.load_model(path)
+    cfg, w = model.config, model.params
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, tiny.VOCAB_SIZE, size=(2, 24)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(24), ids.shape)
+    full, _, _ = prefill_forward(w, cfg, ids, pos)
+    _, keys, values = prefill_forward(w, cfg, ids[:, :16], pos[:, :16])
+    cache = cache_from_prefill(keys, values, jnp.array([16, 16]), capacity=32)
+    step = jax.jit(lambda t, p, c: cached_forward(w, cfg, t, p, c))
+    for t in range(16, 24):
+        logits, cache = step(ids[:, t : t + 1], pos[:, t : t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+    # A block of several tokens at once gives the same as one at a time.
+    cache = cache_from_prefill(keys, values, jnp.array([16, 16]), capacity=32)
+    block, _ = cached_forward(w, cfg, ids[:, 16:], pos[:, 16:], cache)
+    np.testing.assert_allclose(block, full[:, 16:], atol=1e-4, rtol=1e-4)
+
+
+def test_logits_at_selected_positions(hf_checkpoints):
+    path, _ = hf_checkpoints("llama_gqa_untied")
+    model = pcomp_jax.load_model(path)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, tiny.VOCAB_SIZE, size=(2, 32)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(32), ids.shape)
+    full, _, _ = prefill_forward(model.params, model.config, ids, pos)
+    at = jnp.array([[3, 31], [0, 17]])
+    picked, _, _ = prefill_forward(model.params, model.config, ids, pos, logits_at=at)
+    np.testing.assert_allclose(picked, jnp.take_along_axis(full, at[..., None], axis=1), atol=1e-5)
+
+
+def test_generate_full_matches_transformers_greedy(hf_checkpoints):
+    path, reference = hf_checkpoints("llama_gqa_untied")
+    model = pcomp_jax.load_model(path)
+    prompt = np.random.default_rng(6).integers(3, tiny.VOCAB_SIZE, size=20)
+    ours = pcomp_jax.generate_full(model, prompt, max_new_tokens=12)
+    import torch
+
+    with torch.no_grad():
+        ref = reference.generate(
+            torch.as_tensor(prompt[None]), max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0
+        )[0, 20:].tolist()
+    if 2 in ref:
+        ref = ref[: ref.index(2)]
+    assert ours.token_ids == ref
+    assert ours.prompt_length == 20
