@@ -19,6 +19,16 @@ def causal_mask(num_queries: int, num_keys: int | None = None) -> jnp.ndarray:
     return jnp.arange(num_keys)[None, :] <= jnp.arange(num_queries)[:, None]
 
 
+def expand_mask(mask: jnp.ndarray, batch: int, kv_heads: int) -> jnp.ndarray:
+    """Brings a ``[T, S]``, ``[B, T, S]`` or ``[B, KVH, T, S]`` mask to ``[B, KVH, 1, T, S]``."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    t, s = mask.shape[-2:]
+    return jnp.broadcast_to(mask, (batch, kv_heads, t, s))[:, :, None]
+
+
 def grouped_scores(q: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
     """Scaled dot products, float32.
 
@@ -34,12 +44,12 @@ def grouped_scores(q: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
 def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     """Softmax attention with an explicit mask.
 
-    q: ``[B, T, H, D]``; k, v: ``[B, S, KVH, D]``; mask: ``[B, T, S]`` or ``[T, S]`` boolean
-    (True = may attend). Returns ``[B, T, H, D]`` in q's dtype.
+    q: ``[B, T, H, D]``; k, v: ``[B, S, KVH, D]``; mask: boolean (True = may attend),
+    ``[T, S]``, ``[B, T, S]`` or per KV head ``[B, KVH, T, S]``. Returns ``[B, T, H, D]`` in q's dtype.
     """
     b, t, h, d = q.shape
     scores = grouped_scores(q, k)
-    mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
+    mask = expand_mask(mask, b, k.shape[2])
     probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)

@@ -50,7 +50,7 @@ def _forward_jit(weights: Weights, cfg: ModelConfig, tokens: jax.Array, length: 
     so that it cannot change a position-dependent rope (dynamic NTK looks at the largest)."""
     steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.where(steps < length, steps, 0), tokens.shape)
-    logits, _, _ = prefill_forward(weights, cfg, tokens, positions)
+    logits, _ = prefill_forward(weights, cfg, tokens, positions)
     return logits
 
 
@@ -145,7 +145,7 @@ def greedy_decode(
 def _generate_full_jit(weights, cfg, tokens, length, stop_ids, num_steps, max_new_tokens):
     """tokens: ``[1, Tb]`` padded prompt; length: real prompt length (traced)."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    logits, keys, values = prefill_forward(weights, cfg, tokens, positions, logits_at=(length - 1)[None, None])
+    logits, (keys, values) = prefill_forward(weights, cfg, tokens, positions, logits_at=(length - 1)[None, None])
     cache = cache_from_prefill(keys, values, length[None], tokens.shape[1] + num_steps)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     return greedy_decode(weights, cfg, cache, first, length[None], stop_ids, num_steps, max_new_tokens)

@@ -52,8 +52,8 @@ def test_cached_decoding_matches_prefill(hf_checkpoints, variant):
     cfg, w = model.config, model.params
     ids = jnp.asarray(np.random.default_rng(4).integers(0, tiny.VOCAB_SIZE, size=(2, 24)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(24), ids.shape)
-    full, _, _ = prefill_forward(w, cfg, ids, pos)
-    _, keys, values = prefill_forward(w, cfg, ids[:, :16], pos[:, :16])
+    full, _ = prefill_forward(w, cfg, ids, pos)
+    _, (keys, values) = prefill_forward(w, cfg, ids[:, :16], pos[:, :16])
     cache = cache_from_prefill(keys, values, jnp.array([16, 16]), capacity=32)
     step = jax.jit(lambda t, p, c: cached_forward(w, cfg, t, p, c))
     for t in range(16, 24):
@@ -70,9 +70,9 @@ def test_logits_at_selected_positions(hf_checkpoints):
     model = pcomp_jax.load_model(path)
     ids = jnp.asarray(np.random.default_rng(5).integers(0, tiny.VOCAB_SIZE, size=(2, 32)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(32), ids.shape)
-    full, _, _ = prefill_forward(model.params, model.config, ids, pos)
+    full, _ = prefill_forward(model.params, model.config, ids, pos)
     at = jnp.array([[3, 31], [0, 17]])
-    picked, _, _ = prefill_forward(model.params, model.config, ids, pos, logits_at=at)
+    picked, _ = prefill_forward(model.params, model.config, ids, pos, logits_at=at)
     np.testing.assert_allclose(picked, jnp.take_along_axis(full, at[..., None], axis=1), atol=1e-5)
 
 

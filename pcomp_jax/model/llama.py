@@ -113,6 +113,11 @@ def _logits(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def emit_keys_values(q, k, v, layer_index):
+    """Default per-layer output of ``prefill_forward``: the rotated keys and the values."""
+    return k, v
+
+
 def prefill_forward(
     weights: Weights,
     cfg: ModelConfig,
@@ -120,27 +125,32 @@ def prefill_forward(
     positions: jax.Array,
     logits_at: jax.Array | None = None,
     attention: AttentionFn = dense_attention,
+    emit: Callable = emit_keys_values,
 ):
     """Causal forward pass over independent rows.
 
     tokens, positions: ``[B, T]`` int32. Each row attends causally to its own tokens
     only; padding placed after a row's real tokens is hidden by causality.
     logits_at: optional ``[B, P]`` indices into T; logits are computed only there.
-    Returns ``(logits [B, P or T, V] float32, keys [L, B, T, KVH, D], values [L, B, T, KVH, D])``;
-    keys are rotated at their row position.
+    emit(q, k, v, layer_index): what each layer hands out, from its rotated queries
+      ``[B, T, H, D]``, rotated keys and values ``[B, T, KVH, D]``; the default hands out
+      ``(k, v)``. KV eviction plugs in here, so that a full row cache is never stacked.
+    Returns ``(logits [B, P or T, V] float32, emitted)``, where ``emitted`` stacks each
+    layer's output on a leading axis L (by default ``(keys, values)``, each ``[L, B, T, KVH, D]``).
     """
     x = weights.embed[tokens]
     cos, sin = rope_tables(cfg, positions)
     mask = causal_mask(tokens.shape[1])
 
-    def layer(x, lw):
+    def layer(x, layer_in):
+        lw, index = layer_in
         q, k, v = _qkv(x, lw, cos, sin, cfg)
-        return _finish_layer(x, attention(q, k, v, mask), lw, cfg), (k, v)
+        return _finish_layer(x, attention(q, k, v, mask), lw, cfg), emit(q, k, v, index)
 
-    x, (keys, values) = jax.lax.scan(layer, x, weights.layers)
+    x, emitted = jax.lax.scan(layer, x, (weights.layers, jnp.arange(cfg.num_layers)))
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-    return _logits(weights, x, cfg), keys, values
+    return _logits(weights, x, cfg), emitted
 
 
 def cached_forward(
@@ -160,8 +170,9 @@ def cached_forward(
     slots = jnp.arange(cache.capacity)
     new_slots = cache.end[:, None] + jnp.arange(t)[None, :]  # [B, T]
     written = (slots[None, None, :] == new_slots[:, :, None]).any(axis=1)  # [B, S]
-    valid = cache.valid | written
-    mask = valid[:, None, :] & (slots[None, None, :] <= new_slots[:, :, None])  # [B, T, S]
+    valid = cache.valid | written[:, :, None]  # [B, S, KVH]
+    causal = slots[None, None, :] <= new_slots[:, :, None]  # [B, T, S]
+    mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & causal[:, None]  # [B, KVH, T, S]
     x = weights.embed[tokens]
     cos, sin = rope_tables(cfg, positions)
 
