@@ -1,14 +1,27 @@
 """pcomp_jax: ParallelComp long-context inference for Llama-family models in JAX.
 
-Public API (a contract): ``load_model``, ``forward``, ``generate_full``.
+Public API (a contract): ``load_model``, ``forward``, ``generate_full``, ``answer``,
+``ParallelCompConfig``; the pipeline's pure functions live in ``pcomp_jax.prefill``,
+``pcomp_jax.compress`` and ``pcomp_jax.chunking``.
 """
 
+from . import chunking, compress, prefill
 from .checkpoints import DEFAULT_MODEL, Model, load_model
 from .decode import Generation, forward, generate_full
 from .errors import CheckpointError, InputTooLongError, PcompError
+from .config import ConfigError, ParallelCompConfig, load_config
 from .model.config import ModelConfig, RopeConfig
+from .pipeline import Answer, answer
 
 __all__ = [
+    "Answer",
+    "ConfigError",
+    "ParallelCompConfig",
+    "answer",
+    "chunking",
+    "compress",
+    "load_config",
+    "prefill",
     "DEFAULT_MODEL",
     "CheckpointError",
     "Generation",

@@ -141,14 +141,50 @@ def greedy_decode(
     return out
 
 
+decode_jit = jax.jit(greedy_decode, static_argnames=("cfg", "num_steps"))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps"))
-def _generate_full_jit(weights, cfg, tokens, length, stop_ids, num_steps, max_new_tokens):
-    """tokens: ``[1, Tb]`` padded prompt; length: real prompt length (traced)."""
+def _prefill_prompt(weights, cfg, tokens, length, num_steps):
+    """tokens: ``[1, Tb]`` padded prompt; length: real prompt length (traced).
+    Returns the cache (room for ``num_steps`` more tokens) and the first new token."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     logits, (keys, values) = prefill_forward(weights, cfg, tokens, positions, logits_at=(length - 1)[None, None])
     cache = cache_from_prefill(keys, values, length[None], tokens.shape[1] + num_steps)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    return greedy_decode(weights, cfg, cache, first, length[None], stop_ids, num_steps, max_new_tokens)
+    return cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+
+def decode_budget(max_new_tokens: int) -> int:
+    """Static decode buffer for a requested number of new tokens (a bucket)."""
+    return bucket_length(max_new_tokens, minimum=16)
+
+
+def finish(model: Model, out, stops) -> Generation:
+    """Turns a decode buffer ``[1, num_steps]`` into ids (stop token dropped) and text."""
+    new = [int(t) for t in np.asarray(out)[0] if t >= 0]
+    if new and new[-1] in set(np.asarray(stops).tolist()):
+        new = new[:-1]
+    text = model.tokenizer.decode(new, skip_special_tokens=True) if model.tokenizer is not None else ""
+    return Generation(text=text, token_ids=new, prompt_length=0)
+
+
+def generate_ids(model: Model, ids: np.ndarray, max_new_tokens: int) -> Generation:
+    """Greedy full-attention generation from prompt ids ``[T]``, with no window check."""
+    padded = np.zeros((1, bucket_length(len(ids))), np.int32)
+    padded[0, : len(ids)] = ids
+    stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
+    steps = decode_budget(max_new_tokens)
+    cache, first = _prefill_prompt(model.params, model.config, jnp.asarray(padded), jnp.int32(len(ids)), steps)
+    position = jnp.array([len(ids)], jnp.int32)
+    out = decode_jit(model.params, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
+    result = finish(model, out, stops)
+    result.prompt_length = len(ids)
+    return result
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise PcompError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 
 
 def generate_full(model: Model, prompt, max_new_tokens: int = 64, chat: bool = True) -> Generation:
@@ -158,8 +194,7 @@ def generate_full(model: Model, prompt, max_new_tokens: int = 64, chat: bool = T
     Stops at EOS or the chat template's end-of-turn token, or after ``max_new_tokens``.
     Raises ``InputTooLongError`` when prompt + new tokens exceed the model's window.
     """
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise PcompError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    check_max_new_tokens(max_new_tokens)
     ids = encode_prompt(model, prompt, chat)
     window = model.config.window
     if len(ids) + max_new_tokens > window:
@@ -167,15 +202,4 @@ def generate_full(model: Model, prompt, max_new_tokens: int = 64, chat: bool = T
             f"the prompt has {len(ids)} tokens and max_new_tokens={max_new_tokens}; together they must fit in "
             f"the model's window of {window} tokens (full attention); shorten the prompt or use ParallelComp"
         )
-    padded = np.zeros((1, bucket_length(len(ids))), np.int32)
-    padded[0, : len(ids)] = ids
-    stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
-    out = _generate_full_jit(
-        model.params, model.config, jnp.asarray(padded), jnp.int32(len(ids)), stops,
-        bucket_length(max_new_tokens, minimum=16), jnp.int32(max_new_tokens),
-    )
-    new = [int(t) for t in np.asarray(out)[0] if t >= 0]
-    if new and new[-1] in set(np.asarray(stops).tolist()):
-        new = new[:-1]
-    text = model.tokenizer.decode(new, skip_special_tokens=True) if model.tokenizer is not None else ""
-    return Generation(text=text, token_ids=new, prompt_length=len(ids))
+    return generate_ids(model, ids, max_new_tokens)

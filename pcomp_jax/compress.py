@@ -1,0 +1,93 @@
+"""Pure transforms that decide what is kept: chunk scores, chunk top-k, SnapKV eviction.
+
+All functions are jittable and static-shape: selections are ``lax.top_k`` plus
+gathers into fixed-size buffers, with validity masks where fewer items exist.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .attention import NEG_INF, grouped_scores
+
+
+def question_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean negative log-likelihood of the scored question tokens, per row.
+
+    logits: ``[N, Qb, V]`` (the logits that predict each Q token); targets: ``[N, Qb]``;
+    mask: ``[N, Qb]`` bool. Returns ``[N]`` float32 (lower = the chunk explains Q better).
+    """
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
+
+
+def top_k_lowest(scores: jax.Array, valid: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Indices of the k lowest valid scores (best first) and whether each pick is valid.
+
+    scores, valid: ``[N]``. Returns ``(indices [k] int32, picked_valid [k] bool)``; invalid
+    entries (padding chunks) are never picked before a valid one.
+    """
+    if scores.shape[0] < k:  # fewer candidates than slots: pad with invalid ones
+        pad = k - scores.shape[0]
+        scores = jnp.concatenate([scores, jnp.zeros((pad,), scores.dtype)])
+        valid = jnp.concatenate([valid, jnp.zeros((pad,), bool)])
+    keyed = jnp.where(valid, -scores, -jnp.inf)
+    _, idx = jax.lax.top_k(keyed, k)
+    return idx.astype(jnp.int32), valid[idx]
+
+
+def document_order(chunk_ids: jax.Array, valid: jax.Array) -> jax.Array:
+    """Permutation that sorts kept chunks by document position, invalid ones last. ``[k] -> [k]``."""
+    big = jnp.iinfo(jnp.int32).max // 2
+    return jnp.argsort(jnp.where(valid, chunk_ids, big + chunk_ids))
+
+
+def snapkv_token_scores(
+    q: jax.Array, k: jax.Array, obs_end: jax.Array, obs_window: int, pool_kernel: int, content: jax.Array
+) -> jax.Array:
+    """SnapKV importance of every key, one score per KV head.
+
+    q: ``[B, T, H, D]`` rotated queries; k: ``[B, T, KVH, D]`` rotated keys; obs_end: ``[B]``,
+    the row lengths (the observation window is the last ``obs_window`` real tokens);
+    content: ``[B, T]`` bool, the tokens that may be kept (the chunk, not P or Q).
+    A = softmax attention of each observation query over the keys it may see; s_t sums A
+    over the window queries and over the query heads sharing a KV head; s is then
+    max-pooled (kernel ``pool_kernel``, stride 1, same padding) within the content span.
+    Returns ``[B, KVH, T]`` float32, -inf outside ``content``.
+    """
+    t = k.shape[1]
+    obs_pos = jnp.clip(obs_end[:, None] - obs_window + jnp.arange(obs_window)[None, :], 0, t - 1)  # [B, w]
+    q_obs = jnp.take_along_axis(q, obs_pos[:, :, None, None], axis=1)  # [B, w, H, D]
+    scores = grouped_scores(q_obs, k)  # [B, KVH, G, w, T]
+    visible = jnp.arange(t)[None, None, :] <= obs_pos[:, :, None]  # [B, w, T]
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, NEG_INF), axis=-1)
+    summed = probs.sum(axis=(2, 3))  # [B, KVH, T]
+    summed = jnp.where(content[:, None, :], summed, -jnp.inf)
+    pooled = jax.lax.reduce_window(
+        summed, -jnp.inf, jax.lax.max, (1, 1, pool_kernel), (1, 1, 1), "SAME"
+    )
+    return jnp.where(content[:, None, :], pooled, -jnp.inf)
+
+
+def keep_top_tokens(token_scores: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """The ``capacity`` best-scored tokens per KV head, in position order.
+
+    token_scores: ``[B, KVH, T]`` (-inf = not keepable). Returns ``(indices [B, KVH, cap] int32,
+    kept_valid [B, KVH, cap] bool)``; when fewer tokens are keepable the rest are invalid.
+    """
+    t = token_scores.shape[-1]
+    if capacity > t:
+        raise ValueError(f"capacity {capacity} exceeds the row length {t}")
+    values, idx = jax.lax.top_k(token_scores, capacity)
+    valid = values > -jnp.inf
+    order = jnp.argsort(jnp.where(valid, idx, t + idx), axis=-1)
+    return jnp.take_along_axis(idx, order, -1).astype(jnp.int32), jnp.take_along_axis(valid, order, -1)
+
+
+def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
+    """Per-KV-head gather. x: ``[B, T, KVH, D]``; indices: ``[B, KVH, cap]`` -> ``[B, cap, KVH, D]``."""
+    xt = jnp.swapaxes(x, 1, 2)  # [B, KVH, T, D]
+    picked = jnp.take_along_axis(xt, indices[..., None], axis=2)
+    return jnp.swapaxes(picked, 1, 2)

@@ -1,0 +1,207 @@
+"""The typed config tree: ParallelComp settings and a run of the command line.
+
+``load_config(path, overrides)`` reads YAML, applies ``--set a.b=value`` overrides and
+validates everything up front; errors name the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from .errors import PcompError
+
+METHODS = ("parallelcomp", "pcw", "full", "truncate")
+ATTENTION_BACKENDS = ("dense",)
+
+
+class ConfigError(PcompError):
+    """A config field is unknown, of the wrong type, or out of range."""
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _check_min(name, value, minimum):
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelCompConfig:
+    """How a long input is answered (see ALGORITHM.md for the stages).
+
+    method: ``parallelcomp`` (chunks, top-k chunk selection, optional KV eviction),
+      ``pcw`` (every chunk kept, no eviction), ``full`` (the whole input, full attention),
+      ``truncate`` (the first and last halves of the window).
+    chunk_len: most context tokens per chunk (C). top_k_chunks: chunks kept (k).
+    capacity: tokens kept per chunk, layer and KV head by SnapKV; None keeps all.
+    obs_window: observation queries (w) for SnapKV scores; pool_kernel: max-pool width.
+    group_size: chunk rows prefilled at once; memory grows with it, results do not change.
+    chat: wrap the question in the model's chat template. instruction: header text in the
+      prefix P. answer_prefix: text the answer starts from (part of the question part Q).
+    score_last_tokens: score chunks by only the last m question tokens (None: all).
+    attention: attention backend. num_devices: devices on the ``chunk`` mesh axis (None: all).
+    """
+
+    method: str = "parallelcomp"
+    chunk_len: int = 512
+    top_k_chunks: int = 3
+    capacity: int | None = None
+    obs_window: int = 8
+    pool_kernel: int = 7
+    group_size: int = 4
+    chat: bool = True
+    instruction: str = "Read the following text and answer the question briefly."
+    answer_prefix: str = "Answer:"
+    score_last_tokens: int | None = None
+    attention: str = "dense"
+    num_devices: int | None = None
+
+    def __post_init__(self):
+        _check_choice("method", self.method, METHODS)
+        _check_choice("attention", self.attention, ATTENTION_BACKENDS)
+        _check_min("chunk_len", self.chunk_len, 1)
+        _check_min("top_k_chunks", self.top_k_chunks, 1)
+        _check_min("obs_window", self.obs_window, 1)
+        _check_min("group_size", self.group_size, 1)
+        _check_min("pool_kernel", self.pool_kernel, 1)
+        if self.pool_kernel % 2 == 0:
+            raise ConfigError(f"pool_kernel must be odd (same padding), got {self.pool_kernel}")
+        if self.score_last_tokens is not None:
+            _check_min("score_last_tokens", self.score_last_tokens, 1)
+        if self.num_devices is not None:
+            _check_min("num_devices", self.num_devices, 1)
+        if self.capacity is not None:
+            if self.capacity > self.chunk_len:
+                raise ConfigError(
+                    f"capacity={self.capacity} is larger than chunk_len={self.chunk_len}; "
+                    "use capacity <= chunk_len, or capacity: null to keep every token"
+                )
+            if self.capacity < self.obs_window:
+                raise ConfigError(
+                    f"capacity={self.capacity} is smaller than obs_window={self.obs_window}; "
+                    "capacity must be >= obs_window"
+                )
+
+
+TASK_KINDS = ("passkey",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """The built-in input when no context file is given: a passkey hidden in filler text.
+
+    length: context length in tokens; depth: where the passkey sits (0 = start, 1 = end).
+    """
+
+    kind: str = "passkey"
+    length: int = 16384
+    depth: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("task.kind", self.kind, TASK_KINDS)
+        _check_min("task.length", self.length, 64)
+        if not 0.0 <= self.depth <= 1.0:
+            raise ConfigError(f"task.depth must be between 0 and 1, got {self.depth}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A run of ``python -m pcomp_jax.generate --config ...``."""
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    max_new_tokens: int = 16
+    pipeline: ParallelCompConfig = dataclasses.field(default_factory=ParallelCompConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+
+    def __post_init__(self):
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _check_min("max_new_tokens", self.max_new_tokens, 1)
+
+
+def _type_ok(value: Any, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Builds dataclass ``cls`` from a dict, checking field names and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config field {path!r}; allowed fields: {', '.join(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, f"{path}.")
+        elif not _type_ok(value, hint):
+            raise ConfigError(f"config field {path!r} must be {_type_name(hint)}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if hint is float else value
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}" if where and not str(err).startswith(where) else str(err)) from None
+
+
+def to_dict(config) -> dict:
+    """The config tree as plain data (for YAML and JSON output)."""
+    return dataclasses.asdict(config)
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """Applies one ``a.b=value`` assignment (value parsed as YAML) to a nested dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set takes field=value (e.g. pipeline.chunk_len=1024), got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), cls=RunConfig):
+    """Reads YAML at ``path`` (or the defaults), applies overrides, validates."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path!r}: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    return from_dict(cls, data)

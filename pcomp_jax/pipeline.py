@@ -1,0 +1,179 @@
+"""One call from (context, question) to an answer: ``answer(model, context, question, config)``.
+
+For ``parallelcomp`` and ``pcw`` this runs the stages of ALGORITHM.md in order:
+chunk (``chunking``), prefill + score + evict per group of chunks with the chunk axis
+sharded over the devices (``prefill.prefill_group``), select (running top-k,
+``prefill.keep_best_chunks``), merge (``prefill.merge_selection``), then the question
+prefill and greedy decoding on the merged cache. ``full`` and ``truncate`` are the
+baselines on one row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .buckets import bucket_length
+from .chunking import PromptParts, build_rows, chunk_bounds, encode_parts
+from .checkpoints import Model
+from .config import ConfigError, ParallelCompConfig
+from .decode import check_max_new_tokens, decode_budget, decode_jit, finish, generate_ids, stop_token_ids
+from .errors import InputTooLongError, PcompError
+from .model.llama import cached_forward
+from .prefill import ChunkSelection, empty_selection, keep_best_chunks, merge_selection, prefill_group, prefill_prefix
+from .sharding import chunk_sharding, make_mesh, shard_weights
+
+
+@dataclasses.dataclass
+class Answer:
+    """What ``answer`` returns.
+
+    chunk_scores: query NLL of every chunk in document order (empty for full/truncate);
+    selected_chunks: indices of the kept chunks in document order; timings: seconds per
+    stage; context_tokens / prompt_tokens: sizes of the input.
+    """
+
+    text: str
+    token_ids: list[int]
+    chunk_scores: list[float]
+    selected_chunks: list[int]
+    timings: dict[str, float]
+    method: str
+    context_tokens: int
+    num_chunks: int
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps"))
+def question_prefill(weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, question, question_len, num_steps):
+    """Stage 2: merge the selection and run the question on top of it.
+
+    question: ``[Qb]`` padded ids; question_len: real length. Returns the cache ready
+    for decoding, the first answer token ``[1]`` and its position ``[1]``.
+    """
+    qb = question.shape[0]
+    cache, start = merge_selection(prefix_keys, prefix_values, selection, room=qb + num_steps)
+    positions = (start + jnp.arange(qb, dtype=jnp.int32))[None]
+    logits, cache = cached_forward(weights, cfg, question[None], positions, cache)
+    end = cache.end - qb + question_len  # drop the question's padding from the cache
+    valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[:, :, None]
+    cache = cache.replace(valid=valid, end=end)
+    first = jnp.argmax(logits[0, question_len - 1]).astype(jnp.int32)
+    return cache, first[None], (start + question_len)[None]
+
+
+def _timed(timings: dict, stage: str, start: float) -> float:
+    now = time.perf_counter()
+    timings[stage] = timings.get(stage, 0.0) + now - start
+    return now
+
+
+def truncate_middle(context: np.ndarray, budget: int) -> np.ndarray:
+    """First and last halves of a ``budget``-token window of ``context`` (unchanged when it fits)."""
+    if len(context) <= budget:
+        return context
+    head = budget // 2
+    return np.concatenate([context[:head], context[len(context) - (budget - head):]])
+
+
+def answer(
+    model: Model,
+    context: str,
+    question: str,
+    config: ParallelCompConfig | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> Answer:
+    """Answers ``question`` about ``context`` with the method of ``config`` (default: ParallelComp)."""
+    config = ParallelCompConfig() if config is None else config
+    if not isinstance(config, ParallelCompConfig):
+        raise ConfigError(f"config must be a pcomp_jax.ParallelCompConfig, got {type(config).__name__}")
+    check_max_new_tokens(max_new_tokens)
+    if model.tokenizer is None:
+        raise PcompError(f"{model.source!r} has no tokenizer; answer() needs one to read text")
+    if not isinstance(context, str) or not isinstance(question, str):
+        raise PcompError("context and question must be strings")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    parts = encode_parts(model.tokenizer, context, question, config.instruction, config.answer_prefix, config.chat)
+    t = _timed(timings, "tokenize", t)
+    if config.method in ("full", "truncate"):
+        return _answer_one_row(model, parts, config, max_new_tokens, timings, t)
+    return _answer_chunked(model, parts, config, max_new_tokens, timings, t, progress)
+
+
+def _answer_one_row(model, parts: PromptParts, config, max_new_tokens, timings, t) -> Answer:
+    context = parts.context
+    if config.method == "truncate":
+        budget = model.config.window - len(parts.prefix) - len(parts.question) - max_new_tokens
+        if budget < 1:
+            raise InputTooLongError(
+                f"prefix ({len(parts.prefix)}) + question ({len(parts.question)}) + max_new_tokens ({max_new_tokens}) "
+                f"leave no room for context in the window of {model.config.window} tokens"
+            )
+        context = truncate_middle(context, budget)
+    ids = np.concatenate([parts.prefix, context, parts.question])
+    gen = generate_ids(model, ids, max_new_tokens)
+    _timed(timings, "generate", t)
+    return Answer(gen.text, gen.token_ids, [], [], timings, config.method, len(parts.context), 1)
+
+
+def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, max_new_tokens, timings, t, progress) -> Answer:
+    cfg = model.config
+    mesh = make_mesh(config.num_devices)
+    if config.group_size % mesh.size:
+        raise ConfigError(
+            f"group_size={config.group_size} must be a multiple of the number of devices ({mesh.size}) "
+            "so that every device gets the same number of chunk rows"
+        )
+    num_chunks = len(chunk_bounds(len(parts.context), config.chunk_len))
+    group = config.group_size
+    num_groups = math.ceil(num_chunks / group)
+    rows = build_rows(parts, config.chunk_len, cfg.window, num_groups * group, config.score_last_tokens)
+    capacity = config.chunk_len if config.capacity is None else config.capacity
+    top_k = config.top_k_chunks if config.method == "parallelcomp" else bucket_length(num_chunks, minimum=1)
+    weights = shard_weights(model.params, mesh)
+    prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
+    state = empty_selection(cfg, top_k, capacity, model.dtype)
+    chunk_ids = np.arange(rows.tokens.shape[0], dtype=np.int32)
+    scores = []
+    t = _timed(timings, "chunk", t)
+    for g in tqdm(range(num_groups), desc="chunk groups", unit="group", disable=not progress):
+        rows_g = slice(g * group, (g + 1) * group)
+        arrays = [rows.tokens, rows.positions, rows.row_lengths, rows.chunk_lengths, chunk_ids,
+                  rows.question_targets, rows.question_mask, rows.score_at]
+        sharded = [jax.device_put(a[rows_g], chunk_sharding(mesh, a.ndim)) for a in arrays]
+        scored = prefill_group(
+            weights, cfg, *sharded, prefix_len=rows.prefix_len, capacity=capacity,
+            obs_window=config.obs_window, pool_kernel=config.pool_kernel,
+        )
+        scores.append(np.asarray(scored.scores))
+        state = keep_best_chunks(state, scored, top_k)
+    jax.block_until_ready(state)
+    t = _timed(timings, "prefill", t)
+    q_len = len(parts.question)
+    question = np.zeros(bucket_length(q_len, minimum=16), np.int32)
+    question[:q_len] = parts.question
+    steps = decode_budget(max_new_tokens)
+    cache, first, position = question_prefill(
+        weights, cfg, prefix_keys, prefix_values, state, jnp.asarray(question), jnp.int32(q_len), steps
+    )
+    jax.block_until_ready(cache)
+    t = _timed(timings, "question_prefill", t)
+    stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
+    out = decode_jit(weights, cfg, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
+    gen = finish(model, out, stops)
+    _timed(timings, "decode", t)
+    selected = np.asarray(state.chunk_ids)[np.asarray(state.chunk_valid)]
+    return Answer(
+        text=gen.text, token_ids=gen.token_ids,
+        chunk_scores=[float(s) for s in np.concatenate(scores)[:num_chunks]],
+        selected_chunks=sorted(int(c) for c in selected), timings=timings, method=config.method,
+        context_tokens=len(parts.context), num_chunks=num_chunks,
+    )
