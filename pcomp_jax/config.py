@@ -150,7 +150,7 @@ def _type_name(hint) -> str:
 def from_dict(cls, data: dict, where: str = ""):
     """Builds dataclass ``cls`` from a dict, checking field names and types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

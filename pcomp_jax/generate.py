@@ -1,8 +1,13 @@
-"""Command line: answer a prompt with a Llama-family model.
+"""Command line: answer a question about a long input, or a plain prompt.
 
+    python -m pcomp_jax.generate --config configs/128k.yaml
+    python -m pcomp_jax.generate --config configs/demo.yaml --context-file book.txt --question "..."
     python -m pcomp_jax.generate --prompt "What is the capital of France?" --method full
 
-``--method full`` runs the whole prompt with full attention (``generate_full``).
+With ``--config`` (or without ``--prompt``) the input is ``--context-file`` (plain text,
+or JSONL with ``context`` and ``question`` fields) or, by default, the config's passkey
+task; it prints the answer, whether it is right when known, the selected chunks and
+the time of each stage. ``--prompt`` runs one prompt with full attention.
 """
 
 from __future__ import annotations
@@ -12,51 +17,122 @@ import json
 import sys
 import time
 
-from .checkpoints import DEFAULT_MODEL, DTYPES, load_model
+from .checkpoints import DTYPES, load_model
+from .config import METHODS, RunConfig, load_config, to_dict
 from .decode import generate_full
 from .errors import PcompError
-
-METHODS = ("full",)
+from .pipeline import answer
+from .tasks import Task, passkey_task
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pcomp_jax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt", required=True, help="the prompt (a question, or text to continue with --no-chat)")
-    p.add_argument("--method", choices=METHODS, default="full", help="inference method (default: full)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir, .gguf file, or the default model name")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weight dtype (default: float32)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
-    p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
+    p.add_argument("--config", metavar="YAML", help="run config (model, pipeline, task); see configs/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set pipeline.chunk_len=1024 (repeatable)")
+    p.add_argument("--context-file", metavar="PATH", help="plain text, or .jsonl with context and question fields")
+    p.add_argument("--record", type=int, default=0, help="which JSONL record to answer (default: 0)")
+    p.add_argument("--question", help="the question (required with a plain-text context file)")
+    p.add_argument("--prompt", help="answer this prompt alone with full attention instead")
+    p.add_argument("--method", choices=METHODS, help="shorthand for --set pipeline.method=...")
+    p.add_argument("--model", help="shorthand for --set model=... (HF dir, .gguf, or the default name)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="shorthand for --set dtype=...")
+    p.add_argument("--max-new-tokens", type=int, help="shorthand for --set max_new_tokens=...")
+    p.add_argument("--no-chat", action="store_true", help="do not use the model's chat template")
     p.add_argument("--output-json", metavar="PATH", help="also write the result as JSON to PATH")
     return p
+
+
+def read_context_file(path: str, record: int, question: str | None) -> Task:
+    """A ``Task`` (expected answer unknown) from a text or JSONL file; errors name the problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise PcompError(f"cannot read context file {path!r}: {err}") from err
+    if path.endswith(".jsonl"):
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not 0 <= record < len(lines):
+            raise PcompError(f"{path!r} has {len(lines)} records; --record must be in [0, {len(lines)})")
+        try:
+            item = json.loads(lines[record])
+        except json.JSONDecodeError as err:
+            raise PcompError(f"{path!r} record {record} is not valid JSON: {err}") from err
+        if not isinstance(item, dict) or not isinstance(item.get("context"), str):
+            raise PcompError(f"{path!r} record {record} needs a string field 'context' (and 'question')")
+        question = question or item.get("question") or item.get("input")
+        expected = item.get("answer", "")
+        text = item["context"]
+    else:
+        expected = ""
+    if not question:
+        raise PcompError("no question: pass --question (or a 'question' field in the JSONL record)")
+    return Task(context=text, question=question, answer=str(expected) if expected else "")
+
+
+def _overrides(args) -> list[str]:
+    extra = list(args.overrides)
+    for flag, field in [("method", "pipeline.method"), ("model", "model"), ("dtype", "dtype"),
+                        ("max_new_tokens", "max_new_tokens")]:
+        value = getattr(args, flag)
+        if value is not None:
+            extra.append(f"{field}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.no_chat:
+        extra.append("pipeline.chat=false")
+    return extra
+
+
+def run(args) -> dict:
+    """Runs the command; returns the JSON record."""
+    config: RunConfig = load_config(args.config, _overrides(args))
+    start = time.perf_counter()
+    model = load_model(config.model, dtype=config.dtype)
+    load_s = time.perf_counter() - start
+    if args.prompt is not None:
+        if config.pipeline.method != "full":
+            raise PcompError("--prompt runs with full attention only; use --context-file/--question for other methods")
+        t = time.perf_counter()
+        result = generate_full(model, args.prompt, max_new_tokens=config.max_new_tokens, chat=config.pipeline.chat)
+        return {"method": "full", "answer": result.text, "token_ids": result.token_ids,
+                "prompt_tokens": result.prompt_length, "timings_s": {"load": load_s, "generate": time.perf_counter() - t}}
+    if args.context_file:
+        task = read_context_file(args.context_file, args.record, args.question)
+    else:
+        task = passkey_task(model.tokenizer, config.task.length, config.task.depth, config.task.seed)
+        if args.question:
+            task = Task(task.context, args.question, "")
+    result = answer(model, task.context, task.question, config.pipeline, config.max_new_tokens, progress=True)
+    return {
+        "method": result.method,
+        "question": task.question,
+        "answer": result.text,
+        "expected": task.answer or None,
+        "correct": task.is_correct(result.text) if task.answer else None,
+        "selected_chunks": result.selected_chunks,
+        "chunk_scores": result.chunk_scores,
+        "num_chunks": result.num_chunks,
+        "context_tokens": result.context_tokens,
+        "token_ids": result.token_ids,
+        "timings_s": {"load": load_s, **result.timings},
+        "config": to_dict(config),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        start = time.perf_counter()
-        model = load_model(args.model, dtype=args.dtype)
-        loaded = time.perf_counter()
-        result = generate_full(model, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
-        done = time.perf_counter()
+        record = run(args)
     except PcompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(result.text)
-    print(
-        f"[{args.method}] prompt {result.prompt_length} tokens, {len(result.token_ids)} new tokens; "
-        f"load {loaded - start:.1f}s, generate {done - loaded:.1f}s",
-        file=sys.stderr,
-    )
+    print(record["answer"].strip())
+    if "selected_chunks" in record:
+        verdict = {True: "right", False: "wrong", None: "unknown"}[record["correct"]]
+        print(f"correct: {verdict} (expected {record['expected']!r})" if record["expected"] else "correct: unknown")
+        print(f"context: {record['context_tokens']} tokens in {record['num_chunks']} chunks; "
+              f"selected chunks: {record['selected_chunks']}")
+    print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in record["timings_s"].items()))
     if args.output_json:
-        record = {
-            "method": args.method,
-            "prompt": args.prompt,
-            "answer": result.text,
-            "token_ids": result.token_ids,
-            "prompt_tokens": result.prompt_length,
-            "timings_s": {"load": loaded - start, "generate": done - loaded},
-        }
         with open(args.output_json, "w") as f:
             json.dump(record, f, indent=2)
     return 0

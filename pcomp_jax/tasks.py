@@ -1,0 +1,45 @@
+"""Synthetic long-context inputs made deterministically from a seed.
+
+``passkey``: InfiniteBench's passkey retrieval, a number hidden at a chosen depth of
+repetitive filler text, sized in tokens of the model's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n\n"
+)
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_QUESTION = "What is the pass key?"
+
+
+@dataclasses.dataclass
+class Task:
+    """A context, a question about it, and the expected answer (a substring of a right reply)."""
+
+    context: str
+    question: str
+    answer: str
+
+    def is_correct(self, reply: str) -> bool:
+        """Whether ``reply`` contains the expected answer."""
+        return self.answer in reply
+
+
+def passkey_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
+    """A passkey task of about ``length`` context tokens with the key at ``depth`` in [0, 1]."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be between 0 and 1, got {depth}")
+    key = str(np.random.default_rng(seed).integers(10000, 100000))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])
+    per_filler = count(PASSKEY_FILLER * 8) / 8
+    repeats = max(0, round((length - count(PASSKEY_INTRO) - count(needle)) / per_filler))
+    at = round(depth * repeats)
+    context = PASSKEY_INTRO + PASSKEY_FILLER * at + needle + PASSKEY_FILLER * (repeats - at)
+    return Task(context=context, question=PASSKEY_QUESTION, answer=key)

@@ -1,0 +1,380 @@
+"""Slow, plain-NumPy reference of the ParallelComp inference pipeline (float64).
+
+Independent of the ``pcomp_jax`` package: it reads a Hugging Face Llama-family
+checkpoint directly and follows /work/shared/ALGORITHM.md step by step, with loops
+where that keeps it obvious. Used by tests to check the JAX implementation.
+
+Shape letters: T tokens, E hidden size, V vocabulary, H query heads, KVH KV heads,
+D head dim, G = H // KVH query heads per KV head, M cached tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+from safetensors.numpy import load_file
+
+
+# ----------------------------------------------------------------------------
+# Model loading
+# ----------------------------------------------------------------------------
+
+
+def load_reference_model(hf_dir):
+    """Load ``hf_dir/config.json`` and ``hf_dir/model.safetensors`` as float64.
+
+    Returns a dict with the hyper-parameters (E, H, KVH, D, L, eps, theta) and
+    ``weights``: name -> float64 array, in the Hugging Face names and layouts
+    (linear weights [out, in], applied as ``x @ W.T``).
+    """
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    raw = load_file(os.path.join(hf_dir, "model.safetensors"))
+    weights = {name: np.asarray(t, dtype=np.float64) for name, t in raw.items()}
+    if "lm_head.weight" not in weights:
+        # Tied embeddings (or a checkpoint that just leaves lm_head out).
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+
+    num_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        theta = rope["rope_theta"]
+    else:
+        theta = cfg.get("rope_theta", 10000.0)
+    return {
+        "config": cfg,
+        "E": cfg["hidden_size"],
+        "H": num_heads,
+        "KVH": cfg.get("num_key_value_heads") or num_heads,
+        "D": head_dim,
+        "L": cfg["num_hidden_layers"],
+        "eps": cfg["rms_norm_eps"],
+        "theta": float(theta),
+        "weights": weights,
+    }
+
+
+# ----------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------
+
+
+def linear(model, x, name):
+    """x [T, in] -> [T, out] with weight ``name.weight`` [out, in] and optional bias."""
+    w = model["weights"]
+    y = x @ w[name + ".weight"].T
+    if name + ".bias" in w:
+        y = y + w[name + ".bias"]
+    return y
+
+
+def rms_norm(x, weight, eps):
+    """x [T, E], weight [E] -> [T, E]: x / sqrt(mean(x^2) + eps) * weight."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def silu(x):
+    """Elementwise x * sigmoid(x)."""
+    return x / (1.0 + np.exp(-x))
+
+
+def log_softmax(x):
+    """Log-softmax over the last axis."""
+    m = np.max(x, axis=-1, keepdims=True)
+    z = x - m
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def softmax(x):
+    """Softmax over the last axis (entries equal to -inf get probability 0)."""
+    return np.exp(log_softmax(x))
+
+
+def rotate_half(x):
+    """x [..., D] -> concat(-x[..., D/2:], x[..., :D/2])."""
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x, positions, theta):
+    """Hugging Face half-split RoPE.
+
+    x [T, n_heads, D], positions [T] int -> [T, n_heads, D], rotated per position.
+    """
+    dim = x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # [D/2]
+    angle = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = np.concatenate([angle, angle], axis=-1)  # [T, D]
+    cos = np.cos(emb)[:, None, :]
+    sin = np.sin(emb)[:, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------
+# Forward pass with an optional per-layer KV cache
+# ----------------------------------------------------------------------------
+
+
+def attention(q, k_all, v_all, n_past, group):
+    """Causal attention of T new queries over M = n_past + T keys.
+
+    q [T, H, D] (rotated); k_all, v_all [KVH, M, D] (keys rotated), the first
+    n_past entries being the cache, the last T the new tokens themselves.
+    New token j sees every cache entry and new tokens 0..j.
+    Returns [T, H, D].
+    """
+    t_new, num_heads, dim = q.shape
+    total = k_all.shape[1]
+    # allowed[j, m]: query j may look at key m.
+    allowed = np.arange(total)[None, :] <= (n_past + np.arange(t_new))[:, None]  # [T, M]
+    out = np.zeros_like(q)
+    for h in range(num_heads):
+        g = h // group
+        scores = q[:, h, :] @ k_all[g].T / math.sqrt(dim)  # [T, M]
+        scores = np.where(allowed, scores, -np.inf)
+        out[:, h, :] = softmax(scores) @ v_all[g]
+    return out
+
+
+def forward(model, ids, positions, cache=None):
+    """Run the model on new tokens on top of an optional cache.
+
+    ids [T] int; positions [T] int; cache: None or a list over layers of
+    (k [KVH, M, D] rotated, v [KVH, M, D]).
+    Returns (logits [T, V], per_layer) where per_layer is a list over layers of
+    dicts with "q" [T, H, D] (rotated), "k" [KVH, T, D] (rotated), "v" [KVH, T, D]
+    for the new tokens only.
+    """
+    w = model["weights"]
+    num_heads, kv_heads, dim, eps = model["H"], model["KVH"], model["D"], model["eps"]
+    group = num_heads // kv_heads
+    ids = np.asarray(ids, dtype=np.int64)
+    positions = np.asarray(positions, dtype=np.int64)
+    t_new = ids.shape[0]
+
+    x = w["model.embed_tokens.weight"][ids]  # [T, E]
+    per_layer = []
+    for layer in range(model["L"]):
+        pre = f"model.layers.{layer}."
+        h = rms_norm(x, w[pre + "input_layernorm.weight"], eps)
+        q = linear(model, h, pre + "self_attn.q_proj").reshape(t_new, num_heads, dim)
+        k = linear(model, h, pre + "self_attn.k_proj").reshape(t_new, kv_heads, dim)
+        v = linear(model, h, pre + "self_attn.v_proj").reshape(t_new, kv_heads, dim)
+        q = apply_rope(q, positions, model["theta"])
+        k = apply_rope(k, positions, model["theta"])
+        k_new = k.transpose(1, 0, 2)  # [KVH, T, D]
+        v_new = v.transpose(1, 0, 2)
+        per_layer.append({"q": q, "k": k_new, "v": v_new})
+
+        if cache is None:
+            n_past, k_all, v_all = 0, k_new, v_new
+        else:
+            k_past, v_past = cache[layer]
+            n_past = k_past.shape[1]
+            k_all = np.concatenate([k_past, k_new], axis=1)
+            v_all = np.concatenate([v_past, v_new], axis=1)
+        attn = attention(q, k_all, v_all, n_past, group).reshape(t_new, num_heads * dim)
+        x = x + linear(model, attn, pre + "self_attn.o_proj")
+
+        h = rms_norm(x, w[pre + "post_attention_layernorm.weight"], eps)
+        mlp = silu(linear(model, h, pre + "mlp.gate_proj")) * linear(model, h, pre + "mlp.up_proj")
+        x = x + linear(model, mlp, pre + "mlp.down_proj")
+
+    x = rms_norm(x, w["model.norm.weight"], eps)
+    logits = x @ w["lm_head.weight"].T  # [T, V]
+    return logits, per_layer
+
+
+def reference_logits(model, ids):
+    """Full causal forward of one sequence from position 0: ids [T] -> logits [T, V]."""
+    ids = np.asarray(ids, dtype=np.int64)
+    logits, _ = forward(model, ids, np.arange(ids.shape[0]))
+    return logits
+
+
+# ----------------------------------------------------------------------------
+# ParallelComp stages
+# ----------------------------------------------------------------------------
+
+
+def split_chunks(n, chunk_len):
+    """Chunk boundaries for n context tokens: list of (start, end), near-equal sizes.
+
+    N = ceil(n / chunk_len); base, extra = divmod(n, N); chunk i has base + 1
+    tokens if i < extra else base.
+    """
+    num = -(-n // chunk_len)
+    base, extra = divmod(n, num)
+    bounds, start = [], 0
+    for i in range(num):
+        size = base + 1 if i < extra else base
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def question_nll(logits, q_start, question):
+    """Mean NLL of the question: logits [T, V] of the row, question [Q] placed at q_start.
+
+    Token question[j] is predicted by the logits at row index q_start - 1 + j.
+    """
+    total = 0.0
+    for j, tok in enumerate(question):
+        total -= log_softmax(logits[q_start - 1 + j])[tok]
+    return total / len(question)
+
+
+def select_chunks(scores, top_k):
+    """Indices of the top_k lowest scores (ties: lower index first), in document order."""
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    return sorted(order[: min(top_k, len(scores))])
+
+
+def observation_scores(q, k, group, obs_window):
+    """SnapKV attention mass per key from the last obs_window queries.
+
+    q [T, H, D] rotated queries; k [KVH, T, D] rotated keys.
+    Returns s [KVH, T]: for KV head g, the sum over observation queries p and query
+    heads h with h // group == g of softmax_{t <= p}(q_p,h . k_t / sqrt(D)).
+    """
+    t_len, num_heads, dim = q.shape
+    kv_heads = k.shape[0]
+    s = np.zeros((kv_heads, t_len))
+    for p in range(max(0, t_len - obs_window), t_len):
+        for h in range(num_heads):
+            g = h // group
+            probs = softmax(k[g, : p + 1] @ q[p, h] / math.sqrt(dim))  # [p+1]
+            s[g, : p + 1] += probs
+    return s
+
+
+def max_pool_1d(s, kernel):
+    """Stride-1 max-pool with the window clipped to the sequence: s [T] -> [T]."""
+    half = kernel // 2
+    t_len = s.shape[0]
+    return np.array([np.max(s[max(0, t - half) : min(t_len, t + half + 1)]) for t in range(t_len)])
+
+
+def kept_positions_for_head(s, content_start, content_end, capacity, kernel):
+    """Row positions kept for one KV head, sorted ascending.
+
+    s [T] attention mass; content tokens are row indices content_start..content_end-1.
+    capacity None keeps every content token; otherwise the top `capacity` content
+    tokens by max-pooled score (ties: lower index first).
+    """
+    content = np.arange(content_start, content_end)
+    if capacity is None or capacity >= content.shape[0]:
+        return content.copy()
+    is_content = np.zeros(s.shape[0], dtype=bool)
+    is_content[content_start:content_end] = True
+    masked = np.where(is_content, s, -np.inf)
+    pooled = np.where(is_content, max_pool_1d(masked, kernel), -np.inf)
+    ranked = sorted(content.tolist(), key=lambda t: (-pooled[t], t))
+    return np.array(sorted(ranked[:capacity]), dtype=np.int64)
+
+
+def reference_parallelcomp(
+    model,
+    prefix_ids,
+    context_ids,
+    question_ids,
+    chunk_len,
+    top_k,
+    capacity,
+    obs_window,
+    pool_kernel,
+    max_new_tokens,
+    stop_ids,
+):
+    """The whole ParallelComp pipeline (stages 1, 1b, 2, 3; no calibration).
+
+    Returns a dict:
+      "chunk_scores": [N] float64 question NLL per chunk, document order;
+      "selected": selected chunk indices, document order;
+      "kept_positions": list over layers of a list over selected chunks of
+          [KVH, n_kept_i] int row positions (sorted ascending per head);
+      "tokens": greedy generated ids, stop token excluded.
+    """
+    prefix = [int(t) for t in prefix_ids]
+    context = [int(t) for t in context_ids]
+    question = [int(t) for t in question_ids]
+    stop = set(int(t) for t in (stop_ids if stop_ids is not None else []))
+    kv_heads, dim, n_layers = model["KVH"], model["D"], model["L"]
+    group = model["H"] // kv_heads
+    len_p, len_q = len(prefix), len(question)
+
+    # Stage 1: one independent causal forward per row P + chunk_i + Q.
+    bounds = split_chunks(len(context), chunk_len)
+    rows = []
+    scores = np.zeros(len(bounds))
+    for i, (a, b) in enumerate(bounds):
+        row = prefix + context[a:b] + question
+        logits, per_layer = forward(model, row, np.arange(len(row)))
+        scores[i] = question_nll(logits, len_p + (b - a), question)
+        rows.append(per_layer)
+    selected = select_chunks(scores, top_k)
+
+    # Stage 1b: per-layer, per-KV-head SnapKV eviction inside each selected row.
+    kept = []  # [layer][chunk] -> [KVH, n_kept]
+    for layer in range(n_layers):
+        per_chunk = []
+        for i in selected:
+            a, b = bounds[i]
+            st = rows[i][layer]
+            s = observation_scores(st["q"], st["k"], group, obs_window)
+            heads = [kept_positions_for_head(s[g], len_p, len_p + (b - a), capacity, pool_kernel)
+                     for g in range(kv_heads)]
+            per_chunk.append(np.stack(heads))
+        kept.append(per_chunk)
+
+    # Stage 2: merged cache = prefix KV, then each kept chunk's kept KV (doc order).
+    if len_p > 0:
+        _, prefix_layers = forward(model, prefix, np.arange(len_p))
+    cache = []
+    for layer in range(n_layers):
+        ks = [prefix_layers[layer]["k"]] if len_p > 0 else [np.zeros((kv_heads, 0, dim))]
+        vs = [prefix_layers[layer]["v"]] if len_p > 0 else [np.zeros((kv_heads, 0, dim))]
+        for c, i in enumerate(selected):
+            st = rows[i][layer]
+            pos = kept[layer][c]  # [KVH, n]
+            ks.append(np.stack([st["k"][g, pos[g]] for g in range(kv_heads)]))
+            vs.append(np.stack([st["v"][g, pos[g]] for g in range(kv_heads)]))
+        cache.append((np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)))
+
+    # Question prefill after the longest kept row's content.
+    start = max(len_p + bounds[i][1] - bounds[i][0] for i in selected)
+    logits, new = forward(model, question, start + np.arange(len_q), cache)
+    cache = extend_cache(cache, new)
+    next_pos = start + len_q
+
+    # Stage 3: greedy decoding.
+    tokens = []
+    while len(tokens) < max_new_tokens:
+        tok = int(np.argmax(logits[-1]))
+        if tok in stop:
+            break
+        tokens.append(tok)
+        if len(tokens) == max_new_tokens:
+            break
+        logits, new = forward(model, [tok], [next_pos], cache)
+        cache = extend_cache(cache, new)
+        next_pos += 1
+
+    return {
+        "chunk_scores": scores,
+        "selected": selected,
+        "kept_positions": kept,
+        "tokens": tokens,
+    }
+
+
+def extend_cache(cache, per_layer):
+    """Append the new tokens' K/V (per_layer from ``forward``) to cache [KVH, M, D] per layer."""
+    return [
+        (np.concatenate([k, st["k"]], axis=1), np.concatenate([v, st["v"]], axis=1))
+        for (k, v), st in zip(cache, per_layer)
+    ]

@@ -1,0 +1,54 @@
+"""The typed config tree: YAML, --set overrides, validation messages."""
+
+import pytest
+
+from pcomp_jax.config import ConfigError, ParallelCompConfig, RunConfig, load_config
+
+
+def test_defaults_and_shipped_configs():
+    assert load_config() == RunConfig()
+    demo = load_config("configs/demo.yaml")
+    assert demo.task.length == 16384 and demo.pipeline.method == "parallelcomp"
+    assert load_config("configs/128k.yaml").task.length == 131072
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config("configs/demo.yaml", ["pipeline.capacity=64", "pipeline.chat=false", "task.depth=0.25"])
+    assert cfg.pipeline.capacity == 64 and cfg.pipeline.chat is False and cfg.task.depth == 0.25
+    assert load_config(overrides=["pipeline.capacity=null"]).pipeline.capacity is None
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("pipeline.top_k_chunks=0", "top_k_chunks must be >= 1, got 0"),
+        ("pipeline.capacity=100000", "capacity=100000 is larger than chunk_len=512"),
+        ("pipeline.capacity=4", "capacity=4 is smaller than obs_window=8"),
+        ("pipeline.chunk_size=3", "unknown config field 'pipeline.chunk_size'; allowed fields: method, chunk_len"),
+        ("pipeline.chunk_len=abc", "config field 'pipeline.chunk_len' must be int, got 'abc'"),
+        ("pipeline.chat=3", "config field 'pipeline.chat' must be bool, got 3"),
+        ("pipeline.method=magic", "method='magic' is not allowed; choose one of: parallelcomp, pcw, full, truncate"),
+        ("pipeline.pool_kernel=4", "pool_kernel must be odd"),
+        ("task.depth=1.5", "task.depth must be between 0 and 1"),
+        ("colour=red", "unknown config field 'colour'"),
+        ("pipeline=3", "pipeline must be a mapping"),
+        ("nonsense", "--set takes field=value"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("'", "'")):
+        load_config(overrides=[override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipeline: [unclosed")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(bad))
+
+
+def test_direct_construction_validates():
+    with pytest.raises(ConfigError, match="chunk_len must be >= 1"):
+        ParallelCompConfig(chunk_len=0)
