@@ -52,7 +52,7 @@ class ParallelCompConfig:
 
     method: str = "parallelcomp"
     chunk_len: int = 512
-    top_k_chunks: int = 3
+    top_k_chunks: int = 2
     capacity: int | None = None
     obs_window: int = 8
     pool_kernel: int = 7

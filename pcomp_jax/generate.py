@@ -79,6 +79,8 @@ def _overrides(args) -> list[str]:
             extra.append(f"{field}={json.dumps(value) if isinstance(value, str) else value}")
     if args.no_chat:
         extra.append("pipeline.chat=false")
+    if args.prompt is not None and args.method is None:
+        extra.append("pipeline.method=full")  # a lone prompt runs with full attention
     return extra
 
 
