@@ -1,14 +1,37 @@
-import itertools, time, sys
+"""Passkey accuracy of ParallelComp for several chunk lengths and k (how the defaults were chosen).
+
+    python scripts/sweep_defaults.py --length 4000 --settings 256:1 256:2 512:1 512:2 512:3 1024:1
+
+Prints one line per (setting, depth) and a summary line per setting.
+"""
+
+import argparse
+
 import pcomp_jax
 from pcomp_jax.config import ParallelCompConfig
 from pcomp_jax.tasks import passkey_task
-m = pcomp_jax.load_model()
-for length in [4000]:
-  for C, k in [(256,1),(256,2),(512,1),(512,2),(512,3),(1024,1)]:
-    right = 0
-    for depth in [0.1, 0.5, 0.9]:
-        t = passkey_task(m.tokenizer, length, depth, seed=int(depth*10))
-        a = pcomp_jax.answer(m, t.context, t.question, ParallelCompConfig(chunk_len=C, top_k_chunks=k), max_new_tokens=12)
-        right += t.is_correct(a.text)
-        print(length, C, k, depth, t.answer, repr(a.text), a.selected_chunks, flush=True)
-    print("==", length, C, k, right, "/3", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--length", type=int, default=4000, help="context tokens")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--settings", nargs="+", default=["256:1", "256:2", "512:1", "512:2", "512:3", "1024:1"],
+                   help="chunk_len:top_k pairs")
+    args = p.parse_args()
+    model = pcomp_jax.load_model()
+    for setting in args.settings:
+        chunk_len, k = (int(x) for x in setting.split(":"))
+        right = 0
+        for depth in args.depths:
+            task = passkey_task(model.tokenizer, args.length, depth, seed=int(depth * 10))
+            config = ParallelCompConfig(chunk_len=chunk_len, top_k_chunks=k)
+            result = pcomp_jax.answer(model, task.context, task.question, config, max_new_tokens=12)
+            right += task.is_correct(result.text)
+            print(f"length {args.length} chunk_len {chunk_len} k {k} depth {depth}: expected {task.answer}, "
+                  f"got {result.text!r}, chunks {result.selected_chunks}", flush=True)
+        print(f"== chunk_len {chunk_len} k {k}: {right}/{len(args.depths)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
