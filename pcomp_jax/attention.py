@@ -3,9 +3,16 @@
 Queries have ``H`` heads and keys/values ``KVH`` heads; each KV head serves
 ``H // KVH`` query heads without being copied (the query heads are grouped instead).
 ``dense_attention`` is the XLA reference: it materialises the ``[T, S]`` scores.
+
+Prefill needs only causal attention inside each row (padding sits after the real tokens,
+where causality hides it), so its backends share the signature ``(q, k, v) -> out``:
+``dense_causal_attention`` and the flash-style ``blockwise_causal_attention``, whose
+memory grows linearly with the row length. ``causal_attention(name, row_len)`` picks one.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,3 +60,73 @@ def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.nd
     probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def dense_causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+    """Causal attention inside each row with the dense reference. Shapes as ``dense_attention``."""
+    return dense_attention(q, k, v, causal_mask(q.shape[1], k.shape[1]))
+
+
+def blockwise_causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, block: int = 512) -> jnp.ndarray:
+    """Flash-style causal attention: online softmax over key blocks, one query block at a time.
+
+    q: ``[B, T, H, D]``; k, v: ``[B, T, KVH, D]`` (same T: a row attending to itself).
+    Key blocks past a query block's diagonal are skipped, so work is about half of dense
+    and memory is ``O(T x block)`` instead of ``O(T^2)``. Returns ``[B, T, H, D]``.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    block = min(block, t)
+    n = math.ceil(t / block)
+    pad = n * block - t
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
+    qb = q.reshape(b, n, block, kvh, g, d)
+    kb = k.reshape(b, n, block, kvh, d)
+    vb = v.reshape(b, n, block, kvh, d)
+    scale = d**-0.5
+    offsets = jnp.arange(block)
+
+    def query_block(i):
+        qi = qb[:, i]  # [B, blk, KVH, G, D]
+        q_idx = i * block + offsets
+
+        def key_block(j, carry):
+            m, l, acc = carry
+            kj = jax.lax.dynamic_index_in_dim(kb, j, axis=1, keepdims=False)
+            vj = jax.lax.dynamic_index_in_dim(vb, j, axis=1, keepdims=False)
+            s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
+            s = jnp.where((j * block + offsets)[None, :] <= q_idx[:, None], s, NEG_INF)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            l = l * correction + p.sum(axis=-1)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+            return m_new, l, acc * correction[..., None] + pv
+
+        init = (
+            jnp.full((b, kvh, g, block), NEG_INF, jnp.float32),
+            jnp.zeros((b, kvh, g, block), jnp.float32),
+            jnp.zeros((b, kvh, g, block, d), jnp.float32),
+        )
+        _, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
+        return jnp.moveaxis(acc / l[..., None], 3, 1)  # [B, blk, KVH, G, D]
+
+    out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, blk, KVH, G, D]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :t]
+    return out.astype(q.dtype)
+
+
+CAUSAL_BACKENDS = {"dense": dense_causal_attention, "blockwise": blockwise_causal_attention}
+AUTO_DENSE_MAX_LEN = 2048  # longer rows go blockwise: dense scores grow as T^2
+
+
+def causal_attention(name: str, row_len: int):
+    """The causal prefill backend called ``name`` (``auto``: dense up to 2048 tokens, then blockwise)."""
+    if name == "auto":
+        name = "dense" if row_len <= AUTO_DENSE_MAX_LEN else "blockwise"
+    if name not in CAUSAL_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not available; choose one of: auto, {', '.join(CAUSAL_BACKENDS)}")
+    return CAUSAL_BACKENDS[name]

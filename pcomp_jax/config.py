@@ -16,7 +16,7 @@ import yaml
 from .errors import PcompError
 
 METHODS = ("parallelcomp", "pcw", "full", "truncate")
-ATTENTION_BACKENDS = ("dense",)
+ATTENTION_BACKENDS = ("auto", "dense", "blockwise")
 
 
 class ConfigError(PcompError):
@@ -47,7 +47,8 @@ class ParallelCompConfig:
     chat: wrap the question in the model's chat template. instruction: header text in the
       prefix P. answer_prefix: text the answer starts from (part of the question part Q).
     score_last_tokens: score chunks by only the last m question tokens (None: all).
-    attention: attention backend. num_devices: devices on the ``chunk`` mesh axis (None: all).
+    attention: causal prefill backend, ``auto`` (dense up to 2048-token rows, then blockwise),
+      ``dense`` or ``blockwise``. num_devices: devices on the ``chunk`` mesh axis (None: all).
     """
 
     method: str = "parallelcomp"
@@ -61,7 +62,7 @@ class ParallelCompConfig:
     instruction: str = "Read the following text and answer the question briefly."
     answer_prefix: str = "Answer:"
     score_last_tokens: int | None = None
-    attention: str = "dense"
+    attention: str = "auto"
     num_devices: int | None = None
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import causal_attention
 from .buckets import bucket_length
 from .cache import KVCache, cache_from_prefill
 from .checkpoints import Model
@@ -50,7 +51,7 @@ def _forward_jit(weights: Weights, cfg: ModelConfig, tokens: jax.Array, length: 
     so that it cannot change a position-dependent rope (dynamic NTK looks at the largest)."""
     steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.where(steps < length, steps, 0), tokens.shape)
-    logits, _ = prefill_forward(weights, cfg, tokens, positions)
+    logits, _ = prefill_forward(weights, cfg, tokens, positions, attention=causal_attention("auto", tokens.shape[1]))
     return logits
 
 
@@ -149,7 +150,10 @@ def _prefill_prompt(weights, cfg, tokens, length, num_steps):
     """tokens: ``[1, Tb]`` padded prompt; length: real prompt length (traced).
     Returns the cache (room for ``num_steps`` more tokens) and the first new token."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    logits, (keys, values) = prefill_forward(weights, cfg, tokens, positions, logits_at=(length - 1)[None, None])
+    attention = causal_attention("auto", tokens.shape[1])
+    logits, (keys, values) = prefill_forward(
+        weights, cfg, tokens, positions, logits_at=(length - 1)[None, None], attention=attention
+    )
     cache = cache_from_prefill(keys, values, length[None], tokens.shape[1] + num_steps)
     return cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .attention import causal_attention
 from .buckets import bucket_length
 from .chunking import PromptParts, build_rows, chunk_bounds, encode_parts
 from .checkpoints import Model
@@ -152,6 +153,7 @@ def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, max_n
         scored = prefill_group(
             weights, cfg, *sharded, prefix_len=rows.prefix_len, capacity=capacity,
             obs_window=config.obs_window, pool_kernel=config.pool_kernel,
+            attention=causal_attention(config.attention, rows.tokens.shape[1]),
         )
         scores.append(np.asarray(scored.scores))
         state = keep_best_chunks(state, scored, top_k)

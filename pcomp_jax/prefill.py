@@ -22,7 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from .attention import dense_attention
+from .attention import dense_causal_attention
 from .cache import KVCache
 from .compress import document_order, gather_tokens, keep_top_tokens, question_nll, snapkv_token_scores, top_k_lowest
 from .model.config import ModelConfig
@@ -108,7 +108,7 @@ def prefill_group(
     capacity: int,
     obs_window: int,
     pool_kernel: int,
-    attention=dense_attention,
+    attention=dense_causal_attention,
 ) -> ChunkSelection:
     """Stage 1 + 1b for a group of G rows (arrays as in ``chunking.Rows``, G leading).
 

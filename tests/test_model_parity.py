@@ -91,3 +91,28 @@ def test_generate_full_matches_transformers_greedy(hf_checkpoints):
         ref = ref[: ref.index(2)]
     assert ours.token_ids == ref
     assert ours.prompt_length == 20
+
+
+@pytest.mark.parametrize("t,block", [(64, 16), (100, 32), (37, 64), (8, 512)])
+def test_blockwise_attention_matches_dense(t, block):
+    from pcomp_jax.attention import blockwise_causal_attention, dense_causal_attention
+
+    rng = np.random.default_rng(t)
+    q = jnp.asarray(rng.normal(size=(2, t, 6, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, t, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, t, 2, 16)), jnp.float32)
+    np.testing.assert_allclose(
+        blockwise_causal_attention(q, k, v, block=block), dense_causal_attention(q, k, v), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_blockwise_backend_in_the_model(hf_checkpoints):
+    from pcomp_jax.attention import blockwise_causal_attention
+
+    path, reference = hf_checkpoints("llama_gqa_untied")
+    model = pcomp_jax.load_model(path)
+    ids = jnp.asarray(np.random.default_rng(9).integers(0, tiny.VOCAB_SIZE, size=(1, 96)), jnp.int32)
+    pos = jnp.arange(96)[None]
+    attention = lambda q, k, v: blockwise_causal_attention(q, k, v, block=32)
+    logits, _ = prefill_forward(model.params, model.config, ids, pos, attention=attention)
+    np.testing.assert_allclose(logits, tiny.hf_logits(reference, np.asarray(ids)), atol=1e-4, rtol=1e-4)

@@ -20,7 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ..attention import causal_mask, dense_attention
+from ..attention import dense_attention, dense_causal_attention
 from ..cache import KVCache, write_layer
 from .config import ModelConfig
 from .rope import apply_rope, rope_tables
@@ -110,7 +110,8 @@ def _logits(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.einsum("bpe,ev->bpv", h, weights.lm_head, preferred_element_type=jnp.float32)
 
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v, mask)
+CausalAttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v), causal per row
 
 
 def emit_keys_values(q, k, v, layer_index):
@@ -124,7 +125,7 @@ def prefill_forward(
     tokens: jax.Array,
     positions: jax.Array,
     logits_at: jax.Array | None = None,
-    attention: AttentionFn = dense_attention,
+    attention: CausalAttentionFn = dense_causal_attention,
     emit: Callable = emit_keys_values,
 ):
     """Causal forward pass over independent rows.
@@ -132,6 +133,7 @@ def prefill_forward(
     tokens, positions: ``[B, T]`` int32. Each row attends causally to its own tokens
     only; padding placed after a row's real tokens is hidden by causality.
     logits_at: optional ``[B, P]`` indices into T; logits are computed only there.
+    attention: a causal backend ``(q, k, v) -> out`` (see ``pcomp_jax.attention``).
     emit(q, k, v, layer_index): what each layer hands out, from its rotated queries
       ``[B, T, H, D]``, rotated keys and values ``[B, T, KVH, D]``; the default hands out
       ``(k, v)``. KV eviction plugs in here, so that a full row cache is never stacked.
@@ -140,12 +142,11 @@ def prefill_forward(
     """
     x = weights.embed[tokens]
     cos, sin = rope_tables(cfg, positions)
-    mask = causal_mask(tokens.shape[1])
 
     def layer(x, layer_in):
         lw, index = layer_in
         q, k, v = _qkv(x, lw, cos, sin, cfg)
-        return _finish_layer(x, attention(q, k, v, mask), lw, cfg), emit(q, k, v, index)
+        return _finish_layer(x, attention(q, k, v), lw, cfg), emit(q, k, v, index)
 
     x, emitted = jax.lax.scan(layer, x, (weights.layers, jnp.arange(cfg.num_layers)))
     if logits_at is not None:
