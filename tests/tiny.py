@@ -156,7 +156,7 @@ def write_gguf(path: str, model, arch: str = "llama", pre: str = "smollm") -> No
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
     """Reference logits from the PyTorch model, float32 ``[B, T, V]``."""
     with torch.no_grad():
-        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+        return model(torch.tensor(np.array(ids), dtype=torch.long)).logits.float().numpy()
 
 
 def default_model_dir() -> str:
