@@ -19,9 +19,11 @@ def main():
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    p.add_argument("--methods", nargs="+", default=["parallelcomp", "truncate"])
+    p.add_argument("--methods", nargs="+", default=["parallelcomp", "pcw", "truncate", "full"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override, as for pcomp_jax.generate")
     args = p.parse_args()
-    run = load_config(args.config)
+    run = load_config(args.config, args.overrides)
     model = pcomp_jax.load_model(run.model, dtype=run.dtype)
     found = {}
     for method in args.methods:
