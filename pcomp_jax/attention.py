@@ -62,17 +62,28 @@ def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.nd
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def dense_causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
-    """Causal attention inside each row with the dense reference. Shapes as ``dense_attention``."""
-    return dense_attention(q, k, v, causal_mask(q.shape[1], k.shape[1]))
+def dense_causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_keep=None) -> jnp.ndarray:
+    """Causal attention inside each row with the dense reference. Shapes as ``dense_attention``.
+
+    key_keep: optional ``[B, KVH, T]`` bool; False removes a key from every query of that
+    KV head (calibration), except from its own position, which every query always sees.
+    """
+    mask = causal_mask(q.shape[1], k.shape[1])
+    if key_keep is not None:
+        diagonal = jnp.eye(q.shape[1], k.shape[1], dtype=bool)
+        mask = (mask[None, None] & key_keep[:, :, None, :]) | diagonal
+    return dense_attention(q, k, v, mask)
 
 
-def blockwise_causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, block: int = 512) -> jnp.ndarray:
+def blockwise_causal_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_keep=None, block: int = 512
+) -> jnp.ndarray:
     """Flash-style causal attention: online softmax over key blocks, one query block at a time.
 
     q: ``[B, T, H, D]``; k, v: ``[B, T, KVH, D]`` (same T: a row attending to itself).
     Key blocks past a query block's diagonal are skipped, so work is about half of dense
-    and memory is ``O(T x block)`` instead of ``O(T^2)``. Returns ``[B, T, H, D]``.
+    and memory is ``O(T x block)`` instead of ``O(T^2)``. key_keep: as in
+    ``dense_causal_attention``. Returns ``[B, T, H, D]``.
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -83,6 +94,8 @@ def blockwise_causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, b
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
+    keep = jnp.ones((b, kvh, n * block), bool) if key_keep is None else jnp.pad(key_keep, ((0, 0), (0, 0), (0, pad)))
+    keep = keep.reshape(b, kvh, n, block)
     qb = q.reshape(b, n, block, kvh, g, d)
     kb = k.reshape(b, n, block, kvh, d)
     vb = v.reshape(b, n, block, kvh, d)
@@ -98,7 +111,11 @@ def blockwise_causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, b
             kj = jax.lax.dynamic_index_in_dim(kb, j, axis=1, keepdims=False)
             vj = jax.lax.dynamic_index_in_dim(vb, j, axis=1, keepdims=False)
             s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-            s = jnp.where((j * block + offsets)[None, :] <= q_idx[:, None], s, NEG_INF)
+            k_idx = j * block + offsets
+            keep_j = jax.lax.dynamic_index_in_dim(keep, j, axis=2, keepdims=False)  # [B, KVH, blk]
+            visible = (k_idx[None, :] <= q_idx[:, None])[None, None, None] & keep_j[:, :, None, None, :]
+            visible = visible | (k_idx[None, :] == q_idx[:, None])[None, None, None]
+            s = jnp.where(visible, s, NEG_INF)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)

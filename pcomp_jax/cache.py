@@ -1,8 +1,8 @@
 """The static-shape KV cache pytree used for decoding.
 
-Slots are filled left to right; ``valid`` says, per KV head, which slots hold a real
-token (after KV eviction each head keeps its own tokens) and ``end`` is where each
-batch row writes next. Keys are stored already rotated by RoPE
+Slots are filled left to right; ``valid`` says, per layer and KV head, which slots hold
+a token that attention may use (after KV eviction each head keeps its own tokens; after
+calibration a layer may drop some) and ``end`` is where each batch row writes next. Keys are stored already rotated by RoPE
 at their own position, so a slot's content never changes once written.
 """
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-    """keys, values: ``[L, B, S, KVH, D]``; valid: ``[B, S, KVH]`` bool; end: ``[B]`` int32."""
+    """keys, values: ``[L, B, S, KVH, D]``; valid: ``[L, B, S, KVH]`` bool; end: ``[B]`` int32."""
 
     keys: jax.Array
     values: jax.Array
@@ -41,7 +41,7 @@ def cache_from_prefill(keys: jax.Array, values: jax.Array, lengths: jax.Array, c
     pad = ((0, 0), (0, 0), (0, capacity - t), (0, 0), (0, 0))
     lengths = jnp.asarray(lengths, jnp.int32)
     valid = jnp.arange(capacity)[None, :] < lengths[:, None]
-    valid = jnp.broadcast_to(valid[:, :, None], (batch, capacity, kvh))
+    valid = jnp.broadcast_to(valid[None, :, :, None], (num_layers, batch, capacity, kvh))
     return KVCache(jnp.pad(keys, pad), jnp.pad(values, pad), valid, lengths)
 
 

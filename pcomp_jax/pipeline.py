@@ -63,7 +63,7 @@ def question_prefill(weights, cfg, prefix_keys, prefix_values, selection: ChunkS
     positions = (start + jnp.arange(qb, dtype=jnp.int32))[None]
     logits, cache = cached_forward(weights, cfg, question[None], positions, cache)
     end = cache.end - qb + question_len  # drop the question's padding from the cache
-    valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[:, :, None]
+    valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[None, :, :, None]
     cache = cache.replace(valid=valid, end=end)
     first = jnp.argmax(logits[0, question_len - 1]).astype(jnp.int32)
     return cache, first[None], (start + question_len)[None]

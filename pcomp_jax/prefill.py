@@ -163,7 +163,7 @@ def merge_selection(prefix_keys, prefix_values, selection: ChunkSelection, room:
 
     chunk_valid = (sel.token_valid & sel.chunk_valid[:, None]).reshape(k * cap)
     valid = jnp.concatenate([jnp.ones((p,), bool), chunk_valid, jnp.zeros((room,), bool)])
-    valid = jnp.broadcast_to(valid[None, :, None], (1, valid.shape[0], kvh))
+    valid = jnp.broadcast_to(valid[None, None, :, None], (num_layers, 1, valid.shape[0], kvh))
     cache = KVCache(lay_out(prefix_keys, sel.keys), lay_out(prefix_values, sel.values), valid, jnp.array([p + k * cap]))
     question_start = jnp.max(jnp.where(sel.chunk_valid, sel.row_lengths, p))
     return cache, question_start

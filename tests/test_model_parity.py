@@ -113,6 +113,6 @@ def test_blockwise_backend_in_the_model(hf_checkpoints):
     model = pcomp_jax.load_model(path)
     ids = jnp.asarray(np.random.default_rng(9).integers(0, tiny.VOCAB_SIZE, size=(1, 96)), jnp.int32)
     pos = jnp.arange(96)[None]
-    attention = lambda q, k, v: blockwise_causal_attention(q, k, v, block=32)
+    attention = lambda q, k, v, keep: blockwise_causal_attention(q, k, v, keep, block=32)
     logits, _ = prefill_forward(model.params, model.config, ids, pos, attention=attention)
     np.testing.assert_allclose(logits, tiny.hf_logits(reference, np.asarray(ids)), atol=1e-4, rtol=1e-4)

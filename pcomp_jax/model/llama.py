@@ -111,7 +111,7 @@ def _logits(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v, mask)
-CausalAttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v), causal per row
+CausalAttentionFn = Callable[..., jax.Array]  # (q, k, v, key_keep=None), causal per row
 
 
 def emit_keys_values(q, k, v, layer_index):
@@ -127,13 +127,16 @@ def prefill_forward(
     logits_at: jax.Array | None = None,
     attention: CausalAttentionFn = dense_causal_attention,
     emit: Callable = emit_keys_values,
+    key_keep: Callable | None = None,
 ):
     """Causal forward pass over independent rows.
 
     tokens, positions: ``[B, T]`` int32. Each row attends causally to its own tokens
     only; padding placed after a row's real tokens is hidden by causality.
     logits_at: optional ``[B, P]`` indices into T; logits are computed only there.
-    attention: a causal backend ``(q, k, v) -> out`` (see ``pcomp_jax.attention``).
+    attention: a causal backend ``(q, k, v, key_keep) -> out`` (see ``pcomp_jax.attention``).
+    key_keep(q, k, layer_index): optional per-layer ``[B, KVH, T]`` mask of the keys the
+      layer's attention may use (calibration); the default keeps all.
     emit(q, k, v, layer_index): what each layer hands out, from its rotated queries
       ``[B, T, H, D]``, rotated keys and values ``[B, T, KVH, D]``; the default hands out
       ``(k, v)``. KV eviction plugs in here, so that a full row cache is never stacked.
@@ -146,7 +149,8 @@ def prefill_forward(
     def layer(x, layer_in):
         lw, index = layer_in
         q, k, v = _qkv(x, lw, cos, sin, cfg)
-        return _finish_layer(x, attention(q, k, v), lw, cfg), emit(q, k, v, index)
+        keep = None if key_keep is None else key_keep(q, k, index)
+        return _finish_layer(x, attention(q, k, v, keep), lw, cfg), emit(q, k, v, index)
 
     x, emitted = jax.lax.scan(layer, x, (weights.layers, jnp.arange(cfg.num_layers)))
     if logits_at is not None:
@@ -161,29 +165,36 @@ def cached_forward(
     positions: jax.Array,
     cache: KVCache,
     attention: AttentionFn = dense_attention,
+    drop_from_cache: Callable | None = None,
 ):
     """Appends ``tokens [B, T]`` (at ``positions [B, T]``) to ``cache`` and runs the model.
 
     The new tokens go to slots ``cache.end[b] .. + T``; each attends to every valid slot
-    up to its own. Returns ``(logits [B, T, V] float32, updated cache)``.
+    up to its own. drop_from_cache(q, keys, valid, layer_index): optional per-layer hook
+    returning a reduced ``valid [B, S, KVH]`` (calibration over the cache); dropped slots
+    are ignored by this call and leave that layer's cache.
+    Returns ``(logits [B, T, V] float32, updated cache)``.
     """
     t = tokens.shape[1]
     slots = jnp.arange(cache.capacity)
     new_slots = cache.end[:, None] + jnp.arange(t)[None, :]  # [B, T]
     written = (slots[None, None, :] == new_slots[:, :, None]).any(axis=1)  # [B, S]
-    valid = cache.valid | written[:, :, None]  # [B, S, KVH]
     causal = slots[None, None, :] <= new_slots[:, :, None]  # [B, T, S]
-    mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & causal[:, None]  # [B, KVH, T, S]
     x = weights.embed[tokens]
     cos, sin = rope_tables(cfg, positions)
 
     def layer(x, layer_in):
-        lw, k_cache, v_cache = layer_in
+        lw, k_cache, v_cache, valid, index = layer_in
         q, k, v = _qkv(x, lw, cos, sin, cfg)
         k_cache = write_layer(k_cache, k, cache.end)
         v_cache = write_layer(v_cache, v, cache.end)
-        return _finish_layer(x, attention(q, k_cache, v_cache, mask), lw, cfg), (k_cache, v_cache)
+        if drop_from_cache is not None:
+            valid = drop_from_cache(q, k_cache, valid, index)
+        valid = valid | written[:, :, None]  # [B, S, KVH]
+        mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & causal[:, None]  # [B, KVH, T, S]
+        return _finish_layer(x, attention(q, k_cache, v_cache, mask), lw, cfg), (k_cache, v_cache, valid)
 
-    x, (keys, values) = jax.lax.scan(layer, x, (weights.layers, cache.keys, cache.values))
+    layers_in = (weights.layers, cache.keys, cache.values, cache.valid, jnp.arange(cfg.num_layers))
+    x, (keys, values, valid) = jax.lax.scan(layer, x, layers_in)
     new_cache = KVCache(keys=keys, values=values, valid=valid, end=cache.end + t)
     return _logits(weights, x, cfg), new_cache
