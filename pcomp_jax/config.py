@@ -13,14 +13,11 @@ from typing import Any
 
 import yaml
 
-from .errors import PcompError
+from .calibrate import PRESETS, STAGES, CalibrationRule
+from .errors import ConfigError
 
 METHODS = ("parallelcomp", "pcw", "full", "truncate")
 ATTENTION_BACKENDS = ("auto", "dense", "blockwise")
-
-
-class ConfigError(PcompError):
-    """A config field is unknown, of the wrong type, or out of range."""
 
 
 def _check_choice(name, value, allowed):
@@ -47,6 +44,9 @@ class ParallelCompConfig:
     chat: wrap the question in the model's chat template. instruction: header text in the
       prefix P. answer_prefix: text the answer starts from (part of the question part Q).
     score_last_tokens: score chunks by only the last m question tokens (None: all).
+    calibration: stage-1c rules (``CalibrationRule``; YAML: a list of mappings).
+    calibration_preset: a named preset (``calibrate.PRESETS``) added to the rules, with layer
+      ranges scaled to the model's depth, applied at ``calibration_preset_stage``.
     attention: causal prefill backend, ``auto`` (dense up to 2048-token rows, then blockwise),
       ``dense`` or ``blockwise``. num_devices: devices on the ``chunk`` mesh axis (None: all).
     """
@@ -62,6 +62,9 @@ class ParallelCompConfig:
     instruction: str = "Read the following text and answer the question briefly."
     answer_prefix: str = "Answer:"
     score_last_tokens: int | None = None
+    calibration: tuple[CalibrationRule, ...] = ()
+    calibration_preset: str | None = None
+    calibration_preset_stage: str = "merged"
     attention: str = "auto"
     num_devices: int | None = None
 
@@ -79,6 +82,10 @@ class ParallelCompConfig:
             _check_min("score_last_tokens", self.score_last_tokens, 1)
         if self.num_devices is not None:
             _check_min("num_devices", self.num_devices, 1)
+        if self.calibration_preset is not None:
+            _check_choice("calibration_preset", self.calibration_preset, tuple(PRESETS))
+        _check_choice("calibration_preset_stage", self.calibration_preset_stage, STAGES)
+        object.__setattr__(self, "calibration", tuple(self.calibration))
         if self.capacity is not None:
             if self.capacity > self.chunk_len:
                 raise ConfigError(
@@ -131,6 +138,9 @@ class RunConfig:
 
 def _type_ok(value: Any, hint) -> bool:
     origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
@@ -143,6 +153,8 @@ def _type_ok(value: Any, hint) -> bool:
 
 
 def _type_name(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
@@ -162,10 +174,15 @@ def from_dict(cls, data: dict, where: str = ""):
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, f"{path}.")
+        elif typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"config field {path!r} must be a list of mappings, got {value!r}")
+            item_cls = typing.get_args(hint)[0]
+            kwargs[key] = tuple(from_dict(item_cls, v, f"{path}[{i}].") for i, v in enumerate(value))
         elif not _type_ok(value, hint):
             raise ConfigError(f"config field {path!r} must be {_type_name(hint)}, got {value!r}")
         else:
-            kwargs[key] = float(value) if hint is float else value
+            kwargs[key] = float(value) if hint is float else tuple(value) if isinstance(value, list) else value
     try:
         return cls(**kwargs)
     except ConfigError as err:

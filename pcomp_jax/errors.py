@@ -13,5 +13,9 @@ class CheckpointError(PcompError):
     """A checkpoint (directory or GGUF file) is missing, unreadable or unsupported."""
 
 
+class ConfigError(PcompError):
+    """A config field is unknown, of the wrong type, or out of range."""
+
+
 class InputTooLongError(PcompError):
     """An input does not fit in the window it has to fit in."""

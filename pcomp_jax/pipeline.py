@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .attention import causal_attention
 from .buckets import bucket_length
+from .calibrate import check_rules_fit, merged_drop_fn, preset_rules
 from .chunking import PromptParts, build_rows, chunk_bounds, encode_parts
 from .checkpoints import Model
 from .config import ConfigError, ParallelCompConfig
@@ -51,17 +52,22 @@ class Answer:
     num_chunks: int
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_steps"))
-def question_prefill(weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, question, question_len, num_steps):
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "merged_rules"))
+def question_prefill(
+    weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, question, question_len, num_steps,
+    merged_rules: tuple = (),
+):
     """Stage 2: merge the selection and run the question on top of it.
 
-    question: ``[Qb]`` padded ids; question_len: real length. Returns the cache ready
+    question: ``[Qb]`` padded ids; question_len: real length. ``merged_rules``: stage-``merged``
+    calibration rules (removed entries leave that layer's cache). Returns the cache ready
     for decoding, the first answer token ``[1]`` and its position ``[1]``.
     """
     qb = question.shape[0]
     cache, start = merge_selection(prefix_keys, prefix_values, selection, room=qb + num_steps)
     positions = (start + jnp.arange(qb, dtype=jnp.int32))[None]
-    logits, cache = cached_forward(weights, cfg, question[None], positions, cache)
+    drop = merged_drop_fn(merged_rules, question_len) if merged_rules else None
+    logits, cache = cached_forward(weights, cfg, question[None], positions, cache, drop_from_cache=drop)
     end = cache.end - qb + question_len  # drop the question's padding from the cache
     valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[None, :, :, None]
     cache = cache.replace(valid=valid, end=end)
@@ -73,6 +79,15 @@ def _timed(timings: dict, stage: str, start: float) -> float:
     now = time.perf_counter()
     timings[stage] = timings.get(stage, 0.0) + now - start
     return now
+
+
+def calibration_rules(config: ParallelCompConfig, num_layers: int) -> tuple:
+    """The config's explicit rules plus its preset (scaled to the depth), checked against it."""
+    rules = tuple(config.calibration)
+    if config.calibration_preset is not None:
+        rules += preset_rules(config.calibration_preset, num_layers, config.calibration_preset_stage)
+    check_rules_fit(rules, num_layers)
+    return rules
 
 
 def truncate_middle(context: np.ndarray, budget: int) -> np.ndarray:
@@ -104,9 +119,12 @@ def answer(
     t = time.perf_counter()
     parts = encode_parts(model.tokenizer, context, question, config.instruction, config.answer_prefix, config.chat)
     t = _timed(timings, "tokenize", t)
+    rules = calibration_rules(config, model.config.num_layers)
     if config.method in ("full", "truncate"):
+        if rules:
+            raise ConfigError(f"calibration applies to the chunked methods (parallelcomp, pcw), not {config.method!r}")
         return _answer_one_row(model, parts, config, max_new_tokens, timings, t)
-    return _answer_chunked(model, parts, config, max_new_tokens, timings, t, progress)
+    return _answer_chunked(model, parts, config, rules, max_new_tokens, timings, t, progress)
 
 
 def _answer_one_row(model, parts: PromptParts, config, max_new_tokens, timings, t) -> Answer:
@@ -125,7 +143,7 @@ def _answer_one_row(model, parts: PromptParts, config, max_new_tokens, timings, 
     return Answer(gen.text, gen.token_ids, [], [], timings, config.method, len(parts.context), 1)
 
 
-def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, max_new_tokens, timings, t, progress) -> Answer:
+def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, rules, max_new_tokens, timings, t, progress) -> Answer:
     cfg = model.config
     mesh = make_mesh(config.num_devices)
     if config.group_size % mesh.size:
@@ -154,6 +172,7 @@ def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, max_n
             weights, cfg, *sharded, prefix_len=rows.prefix_len, capacity=capacity,
             obs_window=config.obs_window, pool_kernel=config.pool_kernel,
             attention=causal_attention(config.attention, rows.tokens.shape[1]),
+            chunk_rules=tuple(r for r in rules if r.stage == "chunk"),
         )
         scores.append(np.asarray(scored.scores))
         state = keep_best_chunks(state, scored, top_k)
@@ -164,7 +183,8 @@ def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, max_n
     question[:q_len] = parts.question
     steps = decode_budget(max_new_tokens)
     cache, first, position = question_prefill(
-        weights, cfg, prefix_keys, prefix_values, state, jnp.asarray(question), jnp.int32(q_len), steps
+        weights, cfg, prefix_keys, prefix_values, state, jnp.asarray(question), jnp.int32(q_len), steps,
+        merged_rules=tuple(r for r in rules if r.stage == "merged"),
     )
     jax.block_until_ready(cache)
     t = _timed(timings, "question_prefill", t)

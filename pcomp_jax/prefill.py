@@ -11,7 +11,9 @@ every chunk, layer and KV head) and the merge of stage 2, as pure jittable funct
         state = keep_best_chunks(state, scored, top_k)     # running top-k, static shapes
     cache, question_start = merge_selection(prefix, state, room)
 
-Stage 1c (calibration) will plug into ``prefill_group``'s per-layer ``emit`` hook.
+Stage 1c (calibration): ``chunk`` rules act inside ``prefill_group`` through the model's
+per-layer ``key_keep`` hook; ``merged`` rules act in the question prefill
+(``pipeline.question_prefill``) through ``cached_forward``'s ``drop_from_cache`` hook.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import dense_causal_attention
+from .calibrate import chunk_keep_fn
 from .cache import KVCache
 from .compress import document_order, gather_tokens, keep_top_tokens, question_nll, snapkv_token_scores, top_k_lowest
 from .model.config import ModelConfig
@@ -90,7 +93,8 @@ def prefill_prefix(weights: Weights, cfg: ModelConfig, prefix: jax.Array):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "prefix_len", "capacity", "obs_window", "pool_kernel", "attention")
+    jax.jit,
+    static_argnames=("cfg", "prefix_len", "capacity", "obs_window", "pool_kernel", "attention", "chunk_rules"),
 )
 def prefill_group(
     weights: Weights,
@@ -109,12 +113,14 @@ def prefill_group(
     obs_window: int,
     pool_kernel: int,
     attention=dense_causal_attention,
+    chunk_rules: tuple = (),
 ) -> ChunkSelection:
     """Stage 1 + 1b for a group of G rows (arrays as in ``chunking.Rows``, G leading).
 
     Runs the rows in parallel (causal inside each row), scores each chunk by the mean NLL
     of its question tokens, and keeps ``capacity`` content tokens per layer and KV head
-    by SnapKV. Returns a ``ChunkSelection`` of the G chunks (padding rows invalid).
+    by SnapKV. ``chunk_rules``: stage-``chunk`` calibration rules (the SnapKV scores still
+    use plain causal attention). Returns a ``ChunkSelection`` of the G chunks (padding rows invalid).
     """
     r = tokens.shape[1]
     slot = jnp.arange(r)[None, :]
@@ -125,8 +131,9 @@ def prefill_group(
         idx, _ = keep_top_tokens(token_scores, capacity)
         return gather_tokens(k, idx), gather_tokens(v, idx), idx
 
+    key_keep = chunk_keep_fn(chunk_rules, row_lengths) if chunk_rules else None
     logits, (keys, values, kept) = prefill_forward(
-        weights, cfg, tokens, positions, logits_at=score_at, attention=attention, emit=emit
+        weights, cfg, tokens, positions, logits_at=score_at, attention=attention, emit=emit, key_keep=key_keep
     )
     chunk_valid = chunk_lengths > 0
     scores = jnp.where(chunk_valid, question_nll(logits, question_targets, question_mask), jnp.inf)

@@ -119,35 +119,167 @@ def apply_rope(x, positions, theta):
 # ----------------------------------------------------------------------------
 
 
-def attention(q, k_all, v_all, n_past, group):
+def attention(q, k_all, v_all, n_past, group, keep=None):
     """Causal attention of T new queries over M = n_past + T keys.
 
     q [T, H, D] (rotated); k_all, v_all [KVH, M, D] (keys rotated), the first
     n_past entries being the cache, the last T the new tokens themselves.
     New token j sees every cache entry and new tokens 0..j.
+    keep: None, or bool [KVH, M] per-KV-head key keep-mask (calibration): with it,
+    new token j of a query head in group g sees key m only when m is causally visible
+    and (keep[g, m] or m is j's own key n_past + j); a query always sees itself.
     Returns [T, H, D].
     """
     t_new, num_heads, dim = q.shape
     total = k_all.shape[1]
     # allowed[j, m]: query j may look at key m.
     allowed = np.arange(total)[None, :] <= (n_past + np.arange(t_new))[:, None]  # [T, M]
+    if keep is not None:
+        is_self = np.arange(total)[None, :] == (n_past + np.arange(t_new))[:, None]  # [T, M]
     out = np.zeros_like(q)
     for h in range(num_heads):
         g = h // group
         scores = q[:, h, :] @ k_all[g].T / math.sqrt(dim)  # [T, M]
-        scores = np.where(allowed, scores, -np.inf)
+        if keep is None:
+            scores = np.where(allowed, scores, -np.inf)
+        else:
+            scores = np.where(allowed & (keep[g][None, :] | is_self), scores, -np.inf)
         out[:, h, :] = softmax(scores) @ v_all[g]
     return out
 
 
-def forward(model, ids, positions, cache=None):
+# ----------------------------------------------------------------------------
+# Stage 1c: attention-bias calibration
+# ----------------------------------------------------------------------------
+
+CALIBRATION_REGIONS = ("sink", "recent", "middle", "all")
+CALIBRATION_STAGES = ("chunk", "merged")
+CALIBRATION_KEYS = ("first", "last", "region", "size", "threshold", "last_queries", "stage")
+
+
+def check_calibration(calibration, n_layers):
+    """Validate a calibration rule list (None or list of dicts); raises ValueError.
+
+    Each rule: first, last (0 <= first <= last < n_layers, inclusive 0-based layers),
+    region in CALIBRATION_REGIONS, size >= 0 (tokens), threshold (float, tau),
+    last_queries >= 1 (r), stage in CALIBRATION_STAGES.
+    """
+    if calibration is None:
+        return
+    for i, rule in enumerate(calibration):
+        missing = [key for key in CALIBRATION_KEYS if key not in rule]
+        if missing:
+            raise ValueError(f"calibration rule {i} lacks {missing}")
+        if not 0 <= int(rule["first"]) <= int(rule["last"]) < n_layers:
+            raise ValueError(f"calibration rule {i}: layers [{rule['first']}, {rule['last']}] outside 0..{n_layers - 1}")
+        if rule["region"] not in CALIBRATION_REGIONS:
+            raise ValueError(f"calibration rule {i}: region {rule['region']!r} not in {CALIBRATION_REGIONS}")
+        if rule["stage"] not in CALIBRATION_STAGES:
+            raise ValueError(f"calibration rule {i}: stage {rule['stage']!r} not in {CALIBRATION_STAGES}")
+        if int(rule["size"]) < 0:
+            raise ValueError(f"calibration rule {i}: size must be >= 0")
+        if int(rule["last_queries"]) < 1:
+            raise ValueError(f"calibration rule {i}: last_queries must be >= 1")
+
+
+def calibration_rules_for(calibration, layer, stage):
+    """The rules of ``calibration`` (None or list of dicts) with first <= layer <= last and this stage."""
+    if not calibration:
+        return []
+    return [r for r in calibration if r["stage"] == stage and int(r["first"]) <= layer <= int(r["last"])]
+
+
+def region_members(n, region, size):
+    """bool [n]: which ranks t = 0..n-1 of an n-token sequence lie in the region.
+
+    sink: t < size; recent: t >= n - size; middle: size <= t < n - size; all: every t.
+    """
+    t = np.arange(n)
+    if region == "sink":
+        return t < size
+    if region == "recent":
+        return t >= n - size
+    if region == "middle":
+        return (t >= size) & (t < n - size)
+    if region == "all":
+        return np.ones(n, dtype=bool)
+    raise ValueError(f"unknown calibration region {region!r}")
+
+
+def calibration_masked(probs_mean, region, size, threshold, n):
+    """bool [n]: the ranks 0..n-1 masked by one rule for one KV head.
+
+    probs_mean [>= n] float: mean attention per key (only the first n entries, the
+    sequence's ranks, are looked at; later entries, e.g. question tokens in the merged
+    stage, can never be masked). Masked: rank in the region of an n-token sequence and
+    probs_mean[rank] > threshold (strictly).
+    """
+    probs_mean = np.asarray(probs_mean, dtype=np.float64)
+    return region_members(n, region, size) & (probs_mean[:n] > threshold)
+
+
+def last_queries_mean(q, k_all, n_past, group, r):
+    """Mean attention of the last r new queries, per KV head, before any calibration.
+
+    q [T, H, D] rotated new queries; k_all [KVH, M, D] rotated keys (M = n_past + T,
+    the first n_past a cache, the last T the new tokens). Queries: new tokens
+    T - r' .. T - 1 with r' = min(r, T); new token j sees keys 0..n_past + j.
+    Returns mean [KVH, M]: for KV head g, sum over those queries and the query heads h
+    with h // group == g of softmax(q . k / sqrt(D)) over visible keys (0 for keys it
+    cannot see), divided by r' * group.
+    """
+    t_new, num_heads, dim = q.shape
+    kv_heads, total, _ = k_all.shape
+    r_eff = min(int(r), t_new)
+    mean = np.zeros((kv_heads, total))
+    for j in range(t_new - r_eff, t_new):
+        visible = n_past + j + 1
+        for h in range(num_heads):
+            g = h // group
+            mean[g, :visible] += softmax(k_all[g, :visible] @ q[j, h] / math.sqrt(dim))
+    return mean / (r_eff * group)
+
+
+def layer_calibration_mask(q, k_all, n_past, group, rules, n_seq):
+    """bool [KVH, n_seq]: keys masked in one layer by the union of ``rules``.
+
+    q, k_all, n_past, group as in ``last_queries_mean`` (unmasked rotated q/k of the
+    layer). The sequence is the first n_seq keys (rank = key index): the whole row in
+    the chunk stage (n_past = 0, n_seq = T), the merged cache in the merged stage
+    (n_seq = n_past). Each rule computes its own mean with its own r and masks
+    ``calibration_masked(mean[g], region, size, threshold, n_seq)``; results are OR-ed.
+    """
+    kv_heads = k_all.shape[0]
+    masked = np.zeros((kv_heads, n_seq), dtype=bool)
+    for rule in rules:
+        mean = last_queries_mean(q, k_all, n_past, group, rule["last_queries"])
+        for g in range(kv_heads):
+            masked[g] |= calibration_masked(
+                mean[g], rule["region"], int(rule["size"]), float(rule["threshold"]), n_seq
+            )
+    return masked
+
+
+def forward(model, ids, positions, cache=None, calibration=None, stage=None, cache_keep=None):
     """Run the model on new tokens on top of an optional cache.
 
     ids [T] int; positions [T] int; cache: None or a list over layers of
     (k [KVH, M, D] rotated, v [KVH, M, D]).
+    calibration: None, or a list of calibration rule dicts (see ``check_calibration``);
+    only the rules whose stage equals ``stage`` are applied:
+      stage "chunk" (no cache; the T tokens are one row, rank = row index, n = T):
+          in a layer with rules, head g's queries ignore its masked keys (a query
+          always sees itself);
+      stage "merged" (question prefill on a cache of M entries, rank = cache index,
+          n = M): head g's masked cache entries are ignored by the new tokens in that layer.
+    cache_keep: None, or a list over layers of bool [KVH, M] cache keep-masks (entries
+    removed by merged-stage calibration are False); the new tokens are always kept.
     Returns (logits [T, V], per_layer) where per_layer is a list over layers of
     dicts with "q" [T, H, D] (rotated), "k" [KVH, T, D] (rotated), "v" [KVH, T, D]
-    for the new tokens only.
+    for the new tokens only; when calibration is not None each dict also has
+    "masked" bool [KVH, n] (n = T for "chunk", M for "merged": the keys that layer's
+    calibration masked, all False without matching rules) and "keep" (None, or the
+    bool [KVH, M + T] keep-mask the layer's attention used).
     """
     w = model["weights"]
     num_heads, kv_heads, dim, eps = model["H"], model["KVH"], model["D"], model["eps"]
@@ -155,6 +287,14 @@ def forward(model, ids, positions, cache=None):
     ids = np.asarray(ids, dtype=np.int64)
     positions = np.asarray(positions, dtype=np.int64)
     t_new = ids.shape[0]
+    if calibration is not None:
+        check_calibration(calibration, model["L"])
+        if stage not in CALIBRATION_STAGES:
+            raise ValueError(f"calibration needs stage in {CALIBRATION_STAGES}, got {stage!r}")
+        if stage == "chunk" and cache is not None:
+            raise ValueError("chunk-stage calibration runs on a whole row, without a cache")
+        if stage == "merged" and cache is None:
+            raise ValueError("merged-stage calibration needs the merged cache")
 
     x = w["model.embed_tokens.weight"][ids]  # [T, E]
     per_layer = []
@@ -177,7 +317,22 @@ def forward(model, ids, positions, cache=None):
             n_past = k_past.shape[1]
             k_all = np.concatenate([k_past, k_new], axis=1)
             v_all = np.concatenate([v_past, v_new], axis=1)
-        attn = attention(q, k_all, v_all, n_past, group).reshape(t_new, num_heads * dim)
+
+        keep = None
+        if cache_keep is not None and cache_keep[layer] is not None:
+            keep = np.concatenate([cache_keep[layer], np.ones((kv_heads, t_new), dtype=bool)], axis=1)
+        if calibration is not None:
+            n_seq = t_new if stage == "chunk" else n_past
+            rules = calibration_rules_for(calibration, layer, stage)
+            masked = layer_calibration_mask(q, k_all, n_past, group, rules, n_seq)
+            if rules:
+                full = np.zeros((kv_heads, n_past + t_new), dtype=bool)
+                full[:, :n_seq] = masked  # chunk: ranks = row indices; merged: cache indices
+                keep = ~full if keep is None else keep & ~full
+            per_layer[-1]["masked"] = masked
+            per_layer[-1]["keep"] = keep
+
+        attn = attention(q, k_all, v_all, n_past, group, keep).reshape(t_new, num_heads * dim)
         x = x + linear(model, attn, pre + "self_attn.o_proj")
 
         h = rms_norm(x, w[pre + "post_attention_layernorm.weight"], eps)
@@ -289,15 +444,32 @@ def reference_parallelcomp(
     pool_kernel,
     max_new_tokens,
     stop_ids,
+    calibration=None,
 ):
-    """The whole ParallelComp pipeline (stages 1, 1b, 2, 3; no calibration).
+    """The whole ParallelComp pipeline (stages 1, 1b, 1c, 2, 3).
+
+    calibration: None (off; results exactly as without the argument) or a list of
+    rule dicts {"first", "last" (inclusive 0-based layers), "region" ("sink" |
+    "recent" | "middle" | "all"), "size" (tokens), "threshold" (tau, strict >),
+    "last_queries" (r), "stage" ("chunk" | "merged")}:
+      "chunk": in every row P + chunk_i + Q of stage 1 (chunk scores and kept K/V
+          change; SnapKV scores still use the plain causal attention of the layer's
+          q/k); the prefix KV of the merged cache comes from the plain forward of P;
+      "merged": in the question prefill over the merged cache; masked entries leave
+          head g's cache in that layer for the question and every decoding step.
 
     Returns a dict:
       "chunk_scores": [N] float64 question NLL per chunk, document order;
       "selected": selected chunk indices, document order;
       "kept_positions": list over layers of a list over selected chunks of
           [KVH, n_kept_i] int row positions (sorted ascending per head);
-      "tokens": greedy generated ids, stop token excluded.
+      "tokens": greedy generated ids, stop token excluded;
+    and, only when calibration is not None:
+      "chunk_masked": list over selected chunks (document order) of a list over
+          layers of a list over KV heads of the sorted row positions masked in that
+          chunk's row (empty lists where nothing was masked);
+      "merged_masked": list over layers of a list over KV heads of the sorted merged
+          cache ranks masked (removed) in the merged stage.
     """
     prefix = [int(t) for t in prefix_ids]
     context = [int(t) for t in context_ids]
@@ -306,6 +478,9 @@ def reference_parallelcomp(
     kv_heads, dim, n_layers = model["KVH"], model["D"], model["L"]
     group = model["H"] // kv_heads
     len_p, len_q = len(prefix), len(question)
+    check_calibration(calibration, n_layers)
+    chunk_calib = None if calibration is None else [r for r in calibration if r["stage"] == "chunk"]
+    merged_calib = None if calibration is None else [r for r in calibration if r["stage"] == "merged"]
 
     # Stage 1: one independent causal forward per row P + chunk_i + Q.
     bounds = split_chunks(len(context), chunk_len)
@@ -313,7 +488,10 @@ def reference_parallelcomp(
     scores = np.zeros(len(bounds))
     for i, (a, b) in enumerate(bounds):
         row = prefix + context[a:b] + question
-        logits, per_layer = forward(model, row, np.arange(len(row)))
+        if chunk_calib:
+            logits, per_layer = forward(model, row, np.arange(len(row)), None, chunk_calib, "chunk")
+        else:
+            logits, per_layer = forward(model, row, np.arange(len(row)))
         scores[i] = question_nll(logits, len_p + (b - a), question)
         rows.append(per_layer)
     selected = select_chunks(scores, top_k)
@@ -347,7 +525,13 @@ def reference_parallelcomp(
 
     # Question prefill after the longest kept row's content.
     start = max(len_p + bounds[i][1] - bounds[i][0] for i in selected)
-    logits, new = forward(model, question, start + np.arange(len_q), cache)
+    cache_keep = None
+    if merged_calib:
+        logits, new = forward(model, question, start + np.arange(len_q), cache, merged_calib, "merged")
+        cache_keep = [st["keep"] for st in new]  # [KVH, M + Q] per layer, or None
+        merged_masks = [st["masked"] for st in new]  # [KVH, M] per layer
+    else:
+        logits, new = forward(model, question, start + np.arange(len_q), cache)
     cache = extend_cache(cache, new)
     next_pos = start + len_q
 
@@ -360,16 +544,41 @@ def reference_parallelcomp(
         tokens.append(tok)
         if len(tokens) == max_new_tokens:
             break
-        logits, new = forward(model, [tok], [next_pos], cache)
+        if cache_keep is None:
+            logits, new = forward(model, [tok], [next_pos], cache)
+        else:
+            logits, new = forward(model, [tok], [next_pos], cache, cache_keep=cache_keep)
+            cache_keep = extend_keep(cache_keep, 1)
         cache = extend_cache(cache, new)
         next_pos += 1
 
-    return {
+    out = {
         "chunk_scores": scores,
         "selected": selected,
         "kept_positions": kept,
         "tokens": tokens,
     }
+    if calibration is not None:
+        out["chunk_masked"] = [
+            [
+                [np.flatnonzero(rows[i][layer]["masked"][g]).tolist() if chunk_calib else [] for g in range(kv_heads)]
+                for layer in range(n_layers)
+            ]
+            for i in selected
+        ]
+        out["merged_masked"] = [
+            [np.flatnonzero(merged_masks[layer][g]).tolist() for g in range(kv_heads)]
+            for layer in range(n_layers)
+        ] if merged_calib else [[[] for _ in range(kv_heads)] for _ in range(n_layers)]
+    return out
+
+
+def extend_keep(cache_keep, t_new):
+    """Append t_new always-kept entries to each layer's bool [KVH, M] keep-mask (None stays None)."""
+    return [
+        None if keep is None else np.concatenate([keep, np.ones((keep.shape[0], t_new), dtype=bool)], axis=1)
+        for keep in cache_keep
+    ]
 
 
 def extend_cache(cache, per_layer):

@@ -170,7 +170,7 @@ def cached_forward(
     """Appends ``tokens [B, T]`` (at ``positions [B, T]``) to ``cache`` and runs the model.
 
     The new tokens go to slots ``cache.end[b] .. + T``; each attends to every valid slot
-    up to its own. drop_from_cache(q, keys, valid, layer_index): optional per-layer hook
+    up to its own. drop_from_cache(q, keys, valid, layer_index, query_slots): optional hook
     returning a reduced ``valid [B, S, KVH]`` (calibration over the cache); dropped slots
     are ignored by this call and leave that layer's cache.
     Returns ``(logits [B, T, V] float32, updated cache)``.
@@ -189,7 +189,7 @@ def cached_forward(
         k_cache = write_layer(k_cache, k, cache.end)
         v_cache = write_layer(v_cache, v, cache.end)
         if drop_from_cache is not None:
-            valid = drop_from_cache(q, k_cache, valid, index)
+            valid = drop_from_cache(q, k_cache, valid, index, new_slots)
         valid = valid | written[:, :, None]  # [B, S, KVH]
         mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & causal[:, None]  # [B, KVH, T, S]
         return _finish_layer(x, attention(q, k_cache, v_cache, mask), lw, cfg), (k_cache, v_cache, valid)
