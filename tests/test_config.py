@@ -52,3 +52,35 @@ def test_bad_files(tmp_path):
 def test_direct_construction_validates():
     with pytest.raises(ConfigError, match="chunk_len must be >= 1"):
         ParallelCompConfig(chunk_len=0)
+
+
+def test_calibration_rules_from_yaml_and_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "pipeline:\n  calibration:\n    - {layers: [1, 8], region: middle, stage: chunk}\n"
+        "    - {layers: [0, 3], region: sink, threshold: 0.2, last_queries: 4}\n"
+    )
+    rules = load_config(str(path)).pipeline.calibration
+    assert [r.layers for r in rules] == [(1, 8), (0, 3)]
+    assert rules[1].threshold == 0.2 and rules[1].stage == "merged" and rules[1].region_size == 100
+    cfg = load_config(overrides=["pipeline.calibration_preset=remove_shallow_middle"])
+    assert cfg.pipeline.calibration_preset == "remove_shallow_middle"
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("[{layers: [1], region: middle}]", r"pipeline.calibration\[0\].layers must be \[first, last\]"),
+        ("[{layers: [1, 2], region: top}]", r"region 'top' is not allowed; choose one of: sink, recent, middle, all"),
+        ("[{layers: [1, 2], threshold: -1}]", "threshold must be >= 0"),
+        ("[{layers: [3, 2]}]", "must satisfy 0 <= first <= last"),
+        ("[{layers: [1, 2], stage: later}]", "stage 'later' is not allowed; choose one of: chunk, merged"),
+        ("[{layers: [1, 2], colour: 1}]", r"unknown config field 'pipeline.calibration\[0\].colour'"),
+        ("3", "must be a list of mappings"),
+    ],
+)
+def test_bad_calibration_rules(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[f"pipeline.calibration={value}"])
+    with pytest.raises(ConfigError, match="calibration_preset='magic' is not allowed"):
+        load_config(overrides=["pipeline.calibration_preset=magic"])
