@@ -12,7 +12,16 @@ import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer
 from pcomp_jax.chunking import build_rows, encode_parts
 from pcomp_jax.decode import stop_token_ids
-from pcomp_jax.prefill import document_order, empty_selection, keep_best_chunks, prefill_group
+from pcomp_jax.calibrate import CalibrationRule
+from pcomp_jax.pipeline import question_prefill
+from pcomp_jax.prefill import (
+    document_order,
+    empty_selection,
+    keep_best_chunks,
+    merge_selection,
+    prefill_group,
+    prefill_prefix,
+)
 from test_pipeline import make_context
 
 CASES = {
@@ -54,3 +63,73 @@ def test_pipeline_matches_numpy_reference(hf_checkpoints, variant, case):
             valid = np.asarray(state.token_valid[slot])
             kept = np.asarray(state.kept_positions[layer, slot])[:, valid]
             np.testing.assert_array_equal(kept, expected_heads, err_msg=f"layer {layer}, kept chunk {slot}")
+
+
+CALIBRATION_CASES = {
+    "chunk_sink_and_middle": (
+        CalibrationRule(layers=(0, 0), region="sink", region_size=6, threshold=0.05, last_queries=1, stage="chunk"),
+        CalibrationRule(layers=(1, 1), region="middle", region_size=10, threshold=0.02, last_queries=3, stage="chunk"),
+    ),
+    "merged_all_recent": (
+        CalibrationRule(layers=(0, 1), region="all", threshold=0.04, last_queries=2, stage="merged"),
+        CalibrationRule(layers=(1, 1), region="recent", region_size=12, threshold=0.02, last_queries=1, stage="merged"),
+    ),
+    "both_stages": (
+        CalibrationRule(layers=(0, 1), region="all", threshold=0.05, last_queries=4, stage="chunk"),
+        CalibrationRule(layers=(0, 0), region="sink", region_size=20, threshold=0.03, last_queries=1, stage="merged"),
+    ),
+}
+
+
+def as_reference_rules(rules):
+    return [dict(first=r.layers[0], last=r.layers[1], region=r.region, size=r.region_size, threshold=r.threshold,
+                 last_queries=r.last_queries, stage=r.stage) for r in rules]
+
+
+@pytest.mark.parametrize("case", sorted(CALIBRATION_CASES))
+def test_calibration_matches_numpy_reference(hf_checkpoints, case):
+    path, _ = hf_checkpoints("llama_gqa_untied")
+    model = pcomp_jax.load_model(path)
+    rules = CALIBRATION_CASES[case]
+    config = dataclasses.replace(CASES["evict"], calibration=rules)
+    context, question = make_context(70, seed=8), "what ran in the sun?"
+    parts = encode_parts(model.tokenizer, context, question, config.instruction, config.answer_prefix, config.chat)
+    expected = ref.reference_parallelcomp(
+        ref.load_reference_model(path), parts.prefix, parts.context, parts.question, config.chunk_len,
+        config.top_k_chunks, config.capacity, config.obs_window, config.pool_kernel, 10, stop_token_ids(model),
+        calibration=as_reference_rules(rules),
+    )
+    fired = sum(len(h) for c in expected["chunk_masked"] for layer in c for h in layer)
+    fired += sum(len(h) for layer in expected["merged_masked"] for h in layer)
+    assert fired > 0, "the rules must remove something, or this test proves nothing"
+    ours = answer(model, context, question, config, max_new_tokens=10)
+    np.testing.assert_allclose(ours.chunk_scores, expected["chunk_scores"], atol=1e-4)
+    assert ours.selected_chunks == expected["selected"]
+    assert ours.token_ids == expected["tokens"]
+
+    # The merged-stage removals, rank by rank, from the cache the question prefill leaves.
+    merged = tuple(r for r in rules if r.stage == "merged")
+    if not merged:
+        return
+    rows = build_rows(parts, config.chunk_len, model.config.window, num_rows=8)
+    chunk_rules = tuple(r for r in rules if r.stage == "chunk")
+    scored = prefill_group(
+        model.params, model.config, rows.tokens, rows.positions, rows.row_lengths, rows.chunk_lengths,
+        np.arange(8, dtype=np.int32), rows.question_targets, rows.question_mask, rows.score_at,
+        prefix_len=rows.prefix_len, capacity=config.capacity, obs_window=config.obs_window,
+        pool_kernel=config.pool_kernel, chunk_rules=chunk_rules,
+    )
+    state = keep_best_chunks(empty_selection(model.config, 2, config.capacity, model.dtype), scored, 2)
+    prefix_k, prefix_v = prefill_prefix(model.params, model.config, jnp.asarray(parts.prefix))
+    question_ids = np.zeros(64, np.int32)
+    question_ids[: len(parts.question)] = parts.question
+    before, _ = merge_selection(prefix_k, prefix_v, state, room=64 + 16)
+    after, _, _ = question_prefill(model.params, model.config, prefix_k, prefix_v, state, jnp.asarray(question_ids),
+                                   jnp.int32(len(parts.question)), 16, merged_rules=merged)
+    content = np.asarray(before.valid[:, 0])  # [L, S, KVH]
+    kept = np.asarray(after.valid[:, 0])
+    for layer, heads in enumerate(expected["merged_masked"]):
+        for head, ranks in enumerate(heads):
+            valid_slots = np.flatnonzero(content[layer, :, head])
+            removed = [i for i, s in enumerate(valid_slots) if not kept[layer, s, head]]
+            assert removed == ranks, f"layer {layer}, KV head {head}"
