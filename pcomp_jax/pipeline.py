@@ -143,7 +143,30 @@ def _answer_one_row(model, parts: PromptParts, config, max_new_tokens, timings, 
     return Answer(gen.text, gen.token_ids, [], [], timings, config.method, len(parts.context), 1)
 
 
-def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, rules, max_new_tokens, timings, t, progress) -> Answer:
+@dataclasses.dataclass
+class ContextPrefill:
+    """Stage 1 done once for an input: what every question-prefill variant starts from.
+
+    selection: the kept chunks (``prefill.ChunkSelection``); prefix_keys/values: P's KV;
+    chunk_scores: NLL of every chunk in document order; weights: the (sharded) weights.
+    """
+
+    parts: PromptParts
+    selection: ChunkSelection
+    prefix_keys: jax.Array
+    prefix_values: jax.Array
+    chunk_scores: list[float]
+    weights: object
+
+    @property
+    def selected_chunks(self) -> list[int]:
+        ids = np.asarray(self.selection.chunk_ids)[np.asarray(self.selection.chunk_valid)]
+        return sorted(int(c) for c in ids)
+
+
+def prefill_context(model: Model, parts: PromptParts, config: ParallelCompConfig, chunk_rules=(), progress=False) -> ContextPrefill:
+    """Stage 1 (+1b, and stage-1c ``chunk`` rules): chunk groups through the sharded prefill,
+    running top-k selection. Needs ``config.method`` in (parallelcomp, pcw)."""
     cfg = model.config
     mesh = make_mesh(config.num_devices)
     if config.group_size % mesh.size:
@@ -161,41 +184,51 @@ def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, rules
     prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
     state = empty_selection(cfg, top_k, capacity, model.dtype)
     chunk_ids = np.arange(rows.tokens.shape[0], dtype=np.int32)
+    attention = causal_attention(config.attention, rows.tokens.shape[1])
     scores = []
-    t = _timed(timings, "chunk", t)
     for g in tqdm(range(num_groups), desc="chunk groups", unit="group", disable=not progress):
         rows_g = slice(g * group, (g + 1) * group)
         arrays = [rows.tokens, rows.positions, rows.row_lengths, rows.chunk_lengths, chunk_ids,
                   rows.question_targets, rows.question_mask, rows.score_at]
         sharded = [jax.device_put(a[rows_g], chunk_sharding(mesh, a.ndim)) for a in arrays]
         scored = prefill_group(
-            weights, cfg, *sharded, prefix_len=rows.prefix_len, capacity=capacity,
-            obs_window=config.obs_window, pool_kernel=config.pool_kernel,
-            attention=causal_attention(config.attention, rows.tokens.shape[1]),
-            chunk_rules=tuple(r for r in rules if r.stage == "chunk"),
+            weights, cfg, *sharded, prefix_len=rows.prefix_len, capacity=capacity, obs_window=config.obs_window,
+            pool_kernel=config.pool_kernel, attention=attention, chunk_rules=tuple(chunk_rules),
         )
         scores.append(np.asarray(scored.scores))
         state = keep_best_chunks(state, scored, top_k)
     jax.block_until_ready(state)
-    t = _timed(timings, "prefill", t)
-    q_len = len(parts.question)
+    chunk_scores = [float(s) for s in np.concatenate(scores)[:num_chunks]]
+    return ContextPrefill(parts, state, prefix_keys, prefix_values, chunk_scores, weights)
+
+
+def answer_from_prefill(model: Model, pre: ContextPrefill, max_new_tokens: int, merged_rules=(), timings=None):
+    """Stage 2 and 3 on a ``ContextPrefill``: merge, question prefill (with stage-1c ``merged``
+    rules), greedy decoding. Returns a ``decode.Generation``."""
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
+    q_len = len(pre.parts.question)
     question = np.zeros(bucket_length(q_len, minimum=16), np.int32)
-    question[:q_len] = parts.question
+    question[:q_len] = pre.parts.question
     steps = decode_budget(max_new_tokens)
     cache, first, position = question_prefill(
-        weights, cfg, prefix_keys, prefix_values, state, jnp.asarray(question), jnp.int32(q_len), steps,
-        merged_rules=tuple(r for r in rules if r.stage == "merged"),
+        pre.weights, model.config, pre.prefix_keys, pre.prefix_values, pre.selection, jnp.asarray(question),
+        jnp.int32(q_len), steps, merged_rules=tuple(merged_rules),
     )
     jax.block_until_ready(cache)
     t = _timed(timings, "question_prefill", t)
     stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
-    out = decode_jit(weights, cfg, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
+    out = decode_jit(pre.weights, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
     gen = finish(model, out, stops)
     _timed(timings, "decode", t)
-    selected = np.asarray(state.chunk_ids)[np.asarray(state.chunk_valid)]
+    return gen
+
+
+def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, rules, max_new_tokens, timings, t, progress) -> Answer:
+    pre = prefill_context(model, parts, config, tuple(r for r in rules if r.stage == "chunk"), progress)
+    _timed(timings, "prefill", t)
+    gen = answer_from_prefill(model, pre, max_new_tokens, tuple(r for r in rules if r.stage == "merged"), timings)
     return Answer(
-        text=gen.text, token_ids=gen.token_ids,
-        chunk_scores=[float(s) for s in np.concatenate(scores)[:num_chunks]],
-        selected_chunks=sorted(int(c) for c in selected), timings=timings, method=config.method,
-        context_tokens=len(parts.context), num_chunks=num_chunks,
+        text=gen.text, token_ids=gen.token_ids, chunk_scores=pre.chunk_scores, selected_chunks=pre.selected_chunks,
+        timings=timings, method=config.method, context_tokens=len(parts.context), num_chunks=len(pre.chunk_scores),
     )

@@ -43,3 +43,36 @@ def passkey_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
     at = round(depth * repeats)
     context = PASSKEY_INTRO + PASSKEY_FILLER * at + needle + PASSKEY_FILLER * (repeats - at)
     return Task(context=context, question=PASSKEY_QUESTION, answer=key)
+
+
+NEEDLE_FACTS = (
+    ("The name of the ship's cat was {x}.", "What was the name of the ship's cat?"),
+    ("The colonel kept his savings in a tin marked {x}.", "What was the tin with the colonel's savings marked?"),
+    ("The old gardener's favourite word was {x}.", "What was the old gardener's favourite word?"),
+    ("The secret password of the club was {x}.", "What was the secret password of the club?"),
+)
+NEEDLE_WORDS = ("Marmalade", "Copperfield", "Zanzibar", "Pemberton", "Quixotic", "Blueberry", "Ravensworth",
+                "Tangerine", "Wolverhampton", "Lighthouse", "Saffron", "Thimble")
+
+
+def needle_task(text: str, tokenizer, length: int, depth: float, seed: int = 0) -> Task:
+    """A fact planted in natural ``text`` (e.g. a novel) of about ``length`` tokens, at ``depth``.
+
+    A seed-chosen span of the text is cut to ``length`` tokens; the fact sentence goes in at
+    the sentence boundary nearest to ``depth``; the question asks for the planted word.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be between 0 and 1, got {depth}")
+    rng = np.random.default_rng(seed)
+    fact, question = NEEDLE_FACTS[rng.integers(len(NEEDLE_FACTS))]
+    word = NEEDLE_WORDS[rng.integers(len(NEEDLE_WORDS))]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < length:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than the {length} asked for")
+    start = int(rng.integers(0, len(ids) - length + 1))
+    span = tokenizer.decode(ids[start : start + length])
+    cut = round(depth * len(span))
+    boundary = span.rfind(". ", 0, cut)
+    cut = boundary + 2 if boundary >= 0 else cut
+    context = span[:cut] + fact.format(x=word) + " " + span[cut:]
+    return Task(context=context, question=question, answer=word)
