@@ -6,7 +6,8 @@ Public API (a contract): ``load_model``, ``forward``, ``generate_full``, ``answe
 """
 
 from . import chunking, compress, prefill
-from .checkpoints import DEFAULT_MODEL, Model, load_model
+from .calibrate import CalibrationRule
+from .checkpoints import DEFAULT_MODEL, Model, load_model, save_model
 from .decode import Generation, forward, generate_full
 from .errors import CheckpointError, InputTooLongError, PcompError
 from .config import ConfigError, ParallelCompConfig, load_config
@@ -15,6 +16,7 @@ from .pipeline import Answer, answer
 
 __all__ = [
     "Answer",
+    "CalibrationRule",
     "ConfigError",
     "ParallelCompConfig",
     "answer",
@@ -22,6 +24,7 @@ __all__ = [
     "compress",
     "load_config",
     "prefill",
+    "save_model",
     "DEFAULT_MODEL",
     "CheckpointError",
     "Generation",

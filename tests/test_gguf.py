@@ -71,3 +71,19 @@ def test_gguf_with_unsupported_architecture(tmp_path):
     with pytest.raises(pcomp_jax.CheckpointError, match="architecture 'gpt2' is not supported; supported: llama, qwen2"):
         pcomp_jax.load_model(path)
     assert os.path.exists(path)
+
+
+def test_orbax_save_and_restore(gguf_models, tmp_path):
+    """A dequantized model saved with orbax loads back to the same weights, tokenizer and logits."""
+    path, _ = gguf_models["qwen2_bias"]
+    model = pcomp_jax.load_model(path)
+    saved = tmp_path / "saved"
+    pcomp_jax.save_model(model, str(saved))
+    again = pcomp_jax.load_model(str(saved))
+    assert again.config == model.config
+    ids = np.random.default_rng(1).integers(0, tiny.VOCAB_SIZE, size=(1, 40))
+    np.testing.assert_array_equal(pcomp_jax.forward(again, ids), pcomp_jax.forward(model, ids))
+    assert again.tokenizer("the cat 42")["input_ids"] == model.tokenizer("the cat 42")["input_ids"]
+    assert pcomp_jax.load_model(str(saved), dtype="bfloat16").params.layers.wq.dtype == np.dtype("bfloat16")
+    with pytest.raises(pcomp_jax.CheckpointError, match="already exists"):
+        pcomp_jax.save_model(model, str(saved))

