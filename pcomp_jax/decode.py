@@ -1,7 +1,8 @@
-"""Full-attention forward and greedy generation with a static-shape KV cache.
+"""Question prefill on the merged cache, greedy decoding, and the full-attention baseline.
 
-``forward`` and ``generate_full`` are the baseline that ParallelComp is compared
-against; ``greedy_decode`` is the decoding loop that every method shares.
+``question_prefill`` is stage 2 of ParallelComp (the question run after the kept chunks);
+``greedy_decode`` is the decoding loop that every method shares; ``forward`` and
+``generate_full`` are the full-attention baseline.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import numpy as np
 
 from .attention import causal_attention
 from .buckets import bucket_length
+from .calibrate import merged_drop_fn
 from .cache import KVCache, cache_from_prefill
 from .checkpoints import Model
 from .errors import InputTooLongError, PcompError
 from .model.config import ModelConfig
 from .model.llama import Weights, cached_forward, prefill_forward
+from .prefill import ChunkSelection, merge_selection
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "</s>")
 
@@ -140,6 +143,29 @@ def greedy_decode(
     )
     *_, out = jax.lax.while_loop(cond, body, state)
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "merged_rules"))
+def question_prefill(
+    weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, question, question_len, num_steps,
+    merged_rules: tuple = (),
+):
+    """Stage 2: merge the selection and run the question on top of it.
+
+    question: ``[Qb]`` padded ids; question_len: real length. ``merged_rules``: stage-``merged``
+    calibration rules (removed entries leave that layer's cache). Returns the cache ready
+    for decoding, the first answer token ``[1]`` and its position ``[1]``.
+    """
+    qb = question.shape[0]
+    cache, start = merge_selection(prefix_keys, prefix_values, selection, room=qb + num_steps)
+    positions = (start + jnp.arange(qb, dtype=jnp.int32))[None]
+    drop = merged_drop_fn(merged_rules, question_len) if merged_rules else None
+    logits, cache = cached_forward(weights, cfg, question[None], positions, cache, drop_from_cache=drop)
+    end = cache.end - qb + question_len  # drop the question's padding from the cache
+    valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[None, :, :, None]
+    cache = cache.replace(valid=valid, end=end)
+    first = jnp.argmax(logits[0, question_len - 1]).astype(jnp.int32)
+    return cache, first[None], (start + question_len)[None]
 
 
 decode_jit = jax.jit(greedy_decode, static_argnames=("cfg", "num_steps"))

@@ -11,7 +11,6 @@ baselines on one row.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 
@@ -22,14 +21,21 @@ from tqdm.auto import tqdm
 
 from .attention import causal_attention
 from .buckets import bucket_length
-from .calibrate import check_rules_fit, merged_drop_fn, preset_rules
+from .calibrate import check_rules_fit, preset_rules
 from .chunking import PromptParts, build_rows, chunk_bounds, encode_parts
 from .checkpoints import Model
 from .config import ConfigError, ParallelCompConfig
-from .decode import check_max_new_tokens, decode_budget, decode_jit, finish, generate_ids, stop_token_ids
+from .decode import (
+    check_max_new_tokens,
+    decode_budget,
+    decode_jit,
+    finish,
+    generate_ids,
+    question_prefill,
+    stop_token_ids,
+)
 from .errors import InputTooLongError, PcompError
-from .model.llama import cached_forward
-from .prefill import ChunkSelection, empty_selection, keep_best_chunks, merge_selection, prefill_group, prefill_prefix
+from .prefill import ChunkSelection, empty_selection, keep_best_chunks, prefill_group, prefill_prefix
 from .sharding import chunk_sharding, make_mesh, shard_weights
 
 
@@ -50,29 +56,6 @@ class Answer:
     method: str
     context_tokens: int
     num_chunks: int
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "merged_rules"))
-def question_prefill(
-    weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, question, question_len, num_steps,
-    merged_rules: tuple = (),
-):
-    """Stage 2: merge the selection and run the question on top of it.
-
-    question: ``[Qb]`` padded ids; question_len: real length. ``merged_rules``: stage-``merged``
-    calibration rules (removed entries leave that layer's cache). Returns the cache ready
-    for decoding, the first answer token ``[1]`` and its position ``[1]``.
-    """
-    qb = question.shape[0]
-    cache, start = merge_selection(prefix_keys, prefix_values, selection, room=qb + num_steps)
-    positions = (start + jnp.arange(qb, dtype=jnp.int32))[None]
-    drop = merged_drop_fn(merged_rules, question_len) if merged_rules else None
-    logits, cache = cached_forward(weights, cfg, question[None], positions, cache, drop_from_cache=drop)
-    end = cache.end - qb + question_len  # drop the question's padding from the cache
-    valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[None, :, :, None]
-    cache = cache.replace(valid=valid, end=end)
-    first = jnp.argmax(logits[0, question_len - 1]).astype(jnp.int32)
-    return cache, first[None], (start + question_len)[None]
 
 
 def _timed(timings: dict, stage: str, start: float) -> float:

@@ -8,7 +8,6 @@ one line per run and a markdown table (found / runs).
 """
 
 import argparse
-import dataclasses
 
 import pcomp_jax
 from pcomp_jax.calibrate import PRESETS, preset_rules

@@ -13,7 +13,7 @@ from pcomp_jax import ParallelCompConfig, answer
 from pcomp_jax.chunking import build_rows, encode_parts
 from pcomp_jax.decode import stop_token_ids
 from pcomp_jax.calibrate import CalibrationRule
-from pcomp_jax.pipeline import question_prefill
+from pcomp_jax.decode import question_prefill
 from pcomp_jax.prefill import (
     document_order,
     empty_selection,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pcomp_jax
-from pcomp_jax import ParallelCompConfig, answer
+from pcomp_jax import answer
 from pcomp_jax.attention import blockwise_causal_attention, dense_causal_attention
 from pcomp_jax.calibrate import (
     CalibrationRule,

