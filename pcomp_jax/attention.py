@@ -136,14 +136,43 @@ def blockwise_causal_attention(
     return out.astype(q.dtype)
 
 
-CAUSAL_BACKENDS = {"dense": dense_causal_attention, "blockwise": blockwise_causal_attention}
-AUTO_DENSE_MAX_LEN = 2048  # longer rows go blockwise: dense scores grow as T^2
+def pallas_causal(q, k, v, key_keep=None):
+    """The Pallas kernel (``kernels.pallas_attention``); interpreted where there is no GPU."""
+    from .kernels.pallas_attention import pallas_causal_attention
+
+    return pallas_causal_attention(q, k, v, key_keep, interpret=jax.default_backend() != "gpu")
 
 
-def causal_attention(name: str, row_len: int):
-    """The causal prefill backend called ``name`` (``auto``: dense up to 2048 tokens, then blockwise)."""
+def cudnn_causal_attention(q, k, v, key_keep=None):
+    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU only, no key masks)."""
+    if key_keep is not None:
+        raise ValueError("the cudnn attention backend takes no calibration keep-mask; use blockwise or pallas")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+CAUSAL_BACKENDS = {
+    "dense": dense_causal_attention,
+    "blockwise": blockwise_causal_attention,
+    "pallas": pallas_causal,
+    "cudnn": cudnn_causal_attention,
+}
+AUTO_DENSE_MAX_LEN = 2048  # on the CPU, longer rows go blockwise: dense scores grow as T^2
+
+
+def causal_attention(name: str, row_len: int, needs_key_mask: bool = False, dtype=None):
+    """The causal prefill backend called ``name``.
+
+    ``auto`` picks per platform: on GPU cuDNN for 16-bit inputs without a calibration
+    key-mask, otherwise Pallas; elsewhere dense up to 2048-token rows, then blockwise.
+    """
     if name == "auto":
-        name = "dense" if row_len <= AUTO_DENSE_MAX_LEN else "blockwise"
+        if jax.default_backend() == "gpu":
+            half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            name = "cudnn" if half and not needs_key_mask else "pallas"
+        else:
+            name = "dense" if row_len <= AUTO_DENSE_MAX_LEN else "blockwise"
     if name not in CAUSAL_BACKENDS:
         raise ValueError(f"attention backend {name!r} is not available; choose one of: auto, {', '.join(CAUSAL_BACKENDS)}")
+    if name == "cudnn" and needs_key_mask:
+        raise ValueError("the cudnn attention backend takes no calibration keep-mask; use blockwise or pallas")
     return CAUSAL_BACKENDS[name]

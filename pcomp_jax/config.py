@@ -17,7 +17,7 @@ from .calibrate import PRESETS, STAGES, CalibrationRule
 from .errors import ConfigError
 
 METHODS = ("parallelcomp", "pcw", "full", "truncate")
-ATTENTION_BACKENDS = ("auto", "dense", "blockwise")
+ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "pallas", "cudnn")
 
 
 def _check_choice(name, value, allowed):
@@ -47,8 +47,9 @@ class ParallelCompConfig:
     calibration: stage-1c rules (``CalibrationRule``; YAML: a list of mappings).
     calibration_preset: a named preset (``calibrate.PRESETS``) added to the rules, with layer
       ranges scaled to the model's depth, applied at ``calibration_preset_stage``.
-    attention: causal prefill backend, ``auto`` (dense up to 2048-token rows, then blockwise),
-      ``dense`` or ``blockwise``. num_devices: devices on the ``chunk`` mesh axis (None: all).
+    attention: causal prefill backend: ``auto`` (GPU: cuDNN, or Pallas with chunk-stage
+      calibration; CPU: dense up to 2048-token rows, then blockwise), ``dense``,
+      ``blockwise``, ``pallas`` or ``cudnn``. num_devices: devices on the ``chunk`` mesh axis (None: all).
     """
 
     method: str = "parallelcomp"

@@ -54,7 +54,7 @@ def _forward_jit(weights: Weights, cfg: ModelConfig, tokens: jax.Array, length: 
     so that it cannot change a position-dependent rope (dynamic NTK looks at the largest)."""
     steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.where(steps < length, steps, 0), tokens.shape)
-    logits, _ = prefill_forward(weights, cfg, tokens, positions, attention=causal_attention("auto", tokens.shape[1]))
+    logits, _ = prefill_forward(weights, cfg, tokens, positions, attention=causal_attention("auto", tokens.shape[1], dtype=weights.embed.dtype))
     return logits
 
 
@@ -176,7 +176,7 @@ def _prefill_prompt(weights, cfg, tokens, length, num_steps):
     """tokens: ``[1, Tb]`` padded prompt; length: real prompt length (traced).
     Returns the cache (room for ``num_steps`` more tokens) and the first new token."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    attention = causal_attention("auto", tokens.shape[1])
+    attention = causal_attention("auto", tokens.shape[1], dtype=weights.embed.dtype)
     logits, (keys, values) = prefill_forward(
         weights, cfg, tokens, positions, logits_at=(length - 1)[None, None], attention=attention
     )

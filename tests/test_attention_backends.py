@@ -1,0 +1,60 @@
+"""Every attention backend agrees with the dense reference (GPU-only ones skip on the CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcomp_jax.attention import CAUSAL_BACKENDS, causal_attention, dense_causal_attention
+from pcomp_jax.kernels.pallas_attention import pallas_causal_attention
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def qkv(t, heads=6, kv_heads=2, d=16, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    make = lambda h: jnp.asarray(rng.normal(size=(2, t, h, d)), dtype)
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+@pytest.mark.parametrize("t,block_q,block_k", [(40, 16, 32), (64, 32, 16), (100, 32, 32), (16, 16, 16)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_pallas_kernel_interpreted_matches_dense(t, block_q, block_k, with_mask):
+    q, k, v = qkv(t, seed=t)
+    keep = jnp.asarray(np.random.default_rng(1).random((2, 2, t)) > 0.3) if with_mask else None
+    out = pallas_causal_attention(q, k, v, keep, block_q=block_q, block_k=block_k, interpret=True)
+    np.testing.assert_allclose(out, dense_causal_attention(q, k, v, keep), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["blockwise", "pallas"])
+def test_backends_by_name_match_dense(name):
+    q, k, v = qkv(48, seed=3)
+    np.testing.assert_allclose(causal_attention(name, 48)(q, k, v), dense_causal_attention(q, k, v), atol=1e-5)
+
+
+def test_auto_and_bad_names():
+    if not ON_GPU:
+        assert causal_attention("auto", 2048) is CAUSAL_BACKENDS["dense"]
+        assert causal_attention("auto", 4096) is CAUSAL_BACKENDS["blockwise"]
+    with pytest.raises(ValueError, match="backend 'flash9' is not available; choose one of: auto, dense"):
+        causal_attention("flash9", 10)
+    with pytest.raises(ValueError, match="cudnn attention backend takes no calibration keep-mask"):
+        causal_attention("cudnn", 10, needs_key_mask=True)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs an NVIDIA GPU (jax.nn.dot_product_attention, implementation='cudnn')")
+def test_cudnn_matches_dense_on_gpu():
+    q, k, v = qkv(256, heads=8, kv_heads=2, d=64, dtype=jnp.bfloat16)
+    out = causal_attention("cudnn", 256)(q, k, v).astype(jnp.float32)
+    ref = dense_causal_attention(q, k, v).astype(jnp.float32)
+    np.testing.assert_allclose(out, ref, atol=2e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the compiled (Triton) Pallas kernel needs a GPU; the interpreted one is tested above")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_compiled_on_gpu(dtype):
+    q, k, v = qkv(1000, heads=8, kv_heads=2, d=64, dtype=dtype)
+    keep = jnp.asarray(np.random.default_rng(2).random((2, 2, 1000)) > 0.2)
+    out = pallas_causal_attention(q, k, v, keep).astype(jnp.float32)
+    ref = dense_causal_attention(q, k, v, keep).astype(jnp.float32)
+    np.testing.assert_allclose(out, ref, atol=1e-4 if dtype == jnp.float32 else 2e-2)
