@@ -116,3 +116,14 @@ def test_blockwise_backend_in_the_model(hf_checkpoints):
     attention = lambda q, k, v, keep: blockwise_causal_attention(q, k, v, keep, block=32)
     logits, _ = prefill_forward(model.params, model.config, ids, pos, attention=attention)
     np.testing.assert_allclose(logits, tiny.hf_logits(reference, np.asarray(ids)), atol=1e-4, rtol=1e-4)
+
+
+def test_bucket_lengths():
+    from pcomp_jax.buckets import bucket_length
+
+    assert [bucket_length(n) for n in (1, 64, 65, 500, 512, 513)] == [64, 64, 128, 512, 512, 576]
+    assert bucket_length(16400) == 18432 and bucket_length(32768) == 32768
+    for n in range(1, 100000, 997):
+        size = bucket_length(n)
+        assert n <= size <= max(64, n * 1.125 + 1)
+    assert len({bucket_length(n) for n in range(1, 70000)}) < 80  # few buckets: few compilations
