@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from .analysis.attention_stats import attention_profiles, classify_layer
-from .calibrate import preset_rules
+from .calibrate import check_rules_fit, preset_rules
 from .checkpoints import load_model
 from .chunking import build_rows, encode_parts
 from .config import load_config
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
         rules = tuple(r for r in pc.calibration if r.stage == "chunk")
         if pc.calibration_preset:
             rules += preset_rules(pc.calibration_preset, cfg.num_layers, "chunk")
+        check_rules_fit(rules, cfg.num_layers)
         results = {}
         if "parallel" in args.methods:
             n = math.ceil(len(parts.context) / pc.chunk_len)

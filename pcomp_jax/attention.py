@@ -5,9 +5,10 @@ Queries have ``H`` heads and keys/values ``KVH`` heads; each KV head serves
 ``dense_attention`` is the XLA reference: it materialises the ``[T, S]`` scores.
 
 Prefill needs only causal attention inside each row (padding sits after the real tokens,
-where causality hides it), so its backends share the signature ``(q, k, v) -> out``:
-``dense_causal_attention`` and the flash-style ``blockwise_causal_attention``, whose
-memory grows linearly with the row length. ``causal_attention(name, row_len)`` picks one.
+where causality hides it), so its backends share the signature
+``(q, k, v, key_keep=None) -> out`` (``key_keep``: calibration's per-KV-head key mask):
+``dense_causal_attention``, the flash-style ``blockwise_causal_attention`` (memory linear
+in the row length), the Pallas kernel and cuDNN. ``causal_attention(name, ...)`` picks one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from .errors import ConfigError
 
 NEG_INF = -1e30  # finite, so that a fully masked row gives zeros rather than NaN
 
@@ -46,6 +49,18 @@ def grouped_scores(q: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
     qg = q.reshape(b, t, kvh, h // kvh, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     return scores * (d**-0.5)
+
+
+def query_probs(q: jnp.ndarray, k: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
+    """Attention probabilities of a few queries, zero where a key is not visible.
+
+    q: ``[B, r, H, D]``; k: ``[B, S, KVH, D]``; visible: ``[B, r, S]`` or per KV head
+    ``[B, KVH, r, S]``. Returns ``[B, KVH, G, r, S]`` float32. Used for the small O(r x S)
+    products of SnapKV scores, calibration and the analyzer, apart from the attention kernels.
+    """
+    scores = grouped_scores(q, k)
+    visible = visible[:, None, None] if visible.ndim == 3 else visible[:, :, None]
+    return jnp.where(visible, jax.nn.softmax(jnp.where(visible, scores, NEG_INF), axis=-1), 0.0)
 
 
 def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -172,7 +187,9 @@ def causal_attention(name: str, row_len: int, needs_key_mask: bool = False, dtyp
         else:
             name = "dense" if row_len <= AUTO_DENSE_MAX_LEN else "blockwise"
     if name not in CAUSAL_BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not available; choose one of: auto, {', '.join(CAUSAL_BACKENDS)}")
+        raise ConfigError(f"attention backend {name!r} is not available; choose one of: auto, {', '.join(CAUSAL_BACKENDS)}")
     if name == "cudnn" and needs_key_mask:
-        raise ValueError("the cudnn attention backend takes no calibration keep-mask; use blockwise or pallas")
+        raise ConfigError("the cudnn attention backend takes no calibration keep-mask; use blockwise or pallas")
+    if name == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"the cudnn attention backend needs an NVIDIA GPU (this run is on {jax.default_backend()})")
     return CAUSAL_BACKENDS[name]

@@ -20,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .attention import NEG_INF, grouped_scores
+from .attention import query_probs
 from .errors import ConfigError, PcompError
 
 REGIONS = ("sink", "recent", "middle", "all")
@@ -113,11 +113,7 @@ def mean_last_query_attention(q_last: jax.Array, k: jax.Array, visible: jax.Arra
     Returns ``[B, KVH, S]``: the softmax probabilities averaged over the r queries and the
     query heads of each KV head.
     """
-    scores = grouped_scores(q_last, k)  # [B, KVH, G, r, S]
-    visible = visible[:, None, None] if visible.ndim == 3 else visible[:, :, None]
-    probs = jax.nn.softmax(jnp.where(visible, scores, NEG_INF), axis=-1)
-    probs = jnp.where(visible, probs, 0.0)
-    return probs.mean(axis=(2, 3))
+    return query_probs(q_last, k, visible).mean(axis=(2, 3))
 
 
 def in_region(rank: jax.Array, count: jax.Array, region: str, size: int) -> jax.Array:

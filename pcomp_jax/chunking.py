@@ -91,9 +91,9 @@ class Rows:
         return int((self.chunk_lengths > 0).sum())
 
 
-def row_length(prefix_len: int, chunk_len: int, question_bucket: int) -> int:
-    """Static row length R for a config: prefix, one full chunk and the bucketed question, rounded to 64."""
-    return 64 * math.ceil((prefix_len + chunk_len + question_bucket) / 64)
+def row_length(prefix_len: int, longest_chunk: int, question_bucket: int) -> int:
+    """Static row length R: prefix, the longest chunk and the bucketed question, bucketed."""
+    return bucket_length(prefix_len + longest_chunk + question_bucket)
 
 
 def build_rows(
@@ -121,7 +121,7 @@ def build_rows(
     if n < len(bounds):
         raise ValueError(f"num_rows={n} is fewer than the {len(bounds)} chunks")
     q_bucket = bucket_length(q, minimum=16)
-    r = row_length(p, chunk_len, q_bucket)
+    r = row_length(p, longest, q_bucket)
     tokens = np.zeros((n, r), np.int32)
     positions = np.zeros((n, r), np.int32)
     row_lengths = np.zeros(n, np.int32)

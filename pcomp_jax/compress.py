@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .attention import NEG_INF, grouped_scores
+from .attention import query_probs
 
 
 def question_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
@@ -60,10 +60,8 @@ def snapkv_token_scores(
     t = k.shape[1]
     obs_pos = jnp.clip(obs_end[:, None] - obs_window + jnp.arange(obs_window)[None, :], 0, t - 1)  # [B, w]
     q_obs = jnp.take_along_axis(q, obs_pos[:, :, None, None], axis=1)  # [B, w, H, D]
-    scores = grouped_scores(q_obs, k)  # [B, KVH, G, w, T]
     visible = jnp.arange(t)[None, None, :] <= obs_pos[:, :, None]  # [B, w, T]
-    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, NEG_INF), axis=-1)
-    summed = probs.sum(axis=(2, 3))  # [B, KVH, T]
+    summed = query_probs(q_obs, k, visible).sum(axis=(2, 3))  # [B, KVH, T]
     summed = jnp.where(content[:, None, :], summed, -jnp.inf)
     pooled = jax.lax.reduce_window(
         summed, -jnp.inf, jax.lax.max, (1, 1, pool_kernel), (1, 1, 1), "SAME"

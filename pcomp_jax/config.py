@@ -47,8 +47,8 @@ class ParallelCompConfig:
     calibration: stage-1c rules (``CalibrationRule``; YAML: a list of mappings).
     calibration_preset: a named preset (``calibrate.PRESETS``) added to the rules, with layer
       ranges scaled to the model's depth, applied at ``calibration_preset_stage``.
-    attention: causal prefill backend: ``auto`` (GPU: cuDNN, or Pallas with chunk-stage
-      calibration; CPU: dense up to 2048-token rows, then blockwise), ``dense``,
+    attention: causal prefill backend: ``auto`` (GPU: cuDNN for bfloat16 without chunk-stage
+      calibration, else Pallas; CPU: dense up to 2048-token rows, then blockwise), ``dense``,
       ``blockwise``, ``pallas`` or ``cudnn``. num_devices: devices on the ``chunk`` mesh axis (None: all).
     """
 
@@ -70,6 +70,12 @@ class ParallelCompConfig:
     num_devices: int | None = None
 
     def __post_init__(self):
+        rules = self.calibration if isinstance(self.calibration, (list, tuple)) else None
+        if rules is not None:  # mappings from Python code become rules, as from YAML
+            rules = tuple(from_dict(CalibrationRule, r, f"calibration[{i}].") if isinstance(r, dict) else r
+                          for i, r in enumerate(rules))
+            object.__setattr__(self, "calibration", rules)
+        check_field_types(self)
         _check_choice("method", self.method, METHODS)
         _check_choice("attention", self.attention, ATTENTION_BACKENDS)
         _check_min("chunk_len", self.chunk_len, 1)
@@ -86,7 +92,6 @@ class ParallelCompConfig:
         if self.calibration_preset is not None:
             _check_choice("calibration_preset", self.calibration_preset, tuple(PRESETS))
         _check_choice("calibration_preset_stage", self.calibration_preset_stage, STAGES)
-        object.__setattr__(self, "calibration", tuple(self.calibration))
         if self.capacity is not None:
             if self.capacity > self.chunk_len:
                 raise ConfigError(
@@ -116,6 +121,7 @@ class TaskConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_field_types(self, "task.")
         _check_choice("task.kind", self.kind, TASK_KINDS)
         _check_min("task.length", self.length, 64)
         if not 0.0 <= self.depth <= 1.0:
@@ -133,6 +139,7 @@ class RunConfig:
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
 
     def __post_init__(self):
+        check_field_types(self)
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_min("max_new_tokens", self.max_new_tokens, 1)
 
@@ -159,6 +166,21 @@ def _type_name(hint) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def check_field_types(obj, where: str = "") -> None:
+    """Raises ``ConfigError`` naming the first field whose value does not match its type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            ok = isinstance(value, hint)
+        elif typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            ok = isinstance(value, tuple) and all(isinstance(v, typing.get_args(hint)[0]) for v in value)
+        else:
+            ok = _type_ok(value, hint)
+        if not ok:
+            raise ConfigError(f"config field {where + f.name!r} must be {_type_name(hint)}, got {value!r}")
 
 
 def from_dict(cls, data: dict, where: str = ""):

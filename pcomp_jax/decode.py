@@ -117,7 +117,8 @@ def greedy_decode(
     first_token, first_position: ``[B]``, the token predicted by the prefill and its position.
     stop_ids: ``[K]`` int32; a row stops after emitting one of them (it is recorded).
     num_steps: static buffer size; max_new_tokens: traced limit ``<= num_steps``.
-    Returns ``(tokens [B, num_steps] int32, -1 after a row stopped; counts [B])``.
+    Returns ``tokens [B, num_steps]`` int32: the emitted tokens (a stop token included),
+    -1 after a row stopped and in unused steps.
     """
     batch = first_token.shape[0]
 
@@ -158,7 +159,8 @@ def question_prefill(
     """
     qb = question.shape[0]
     cache, start = merge_selection(prefix_keys, prefix_values, selection, room=qb + num_steps)
-    positions = (start + jnp.arange(qb, dtype=jnp.int32))[None]
+    steps = jnp.arange(qb, dtype=jnp.int32)
+    positions = (start + jnp.where(steps < question_len, steps, 0))[None]  # padding: no new largest position
     drop = merged_drop_fn(merged_rules, question_len) if merged_rules else None
     logits, cache = cached_forward(weights, cfg, question[None], positions, cache, drop_from_cache=drop)
     end = cache.end - qb + question_len  # drop the question's padding from the cache
@@ -175,7 +177,8 @@ decode_jit = jax.jit(greedy_decode, static_argnames=("cfg", "num_steps"))
 def _prefill_prompt(weights, cfg, tokens, length, num_steps):
     """tokens: ``[1, Tb]`` padded prompt; length: real prompt length (traced).
     Returns the cache (room for ``num_steps`` more tokens) and the first new token."""
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    positions = jnp.where(steps < length, steps, 0)[None, :]  # padding at position 0 (see _forward_jit)
     attention = causal_attention("auto", tokens.shape[1], dtype=weights.embed.dtype)
     logits, (keys, values) = prefill_forward(
         weights, cfg, tokens, positions, logits_at=(length - 1)[None, None], attention=attention

@@ -67,7 +67,9 @@ def read_context_file(path: str, record: int, question: str | None) -> Task:
         expected = ""
     if not question:
         raise PcompError("no question: pass --question (or a 'question' field in the JSONL record)")
-    return Task(context=text, question=question, answer=str(expected) if expected else "")
+    if isinstance(expected, list):
+        expected = [str(a) for a in expected]
+    return Task(context=text, question=question, answer=expected if isinstance(expected, list) else str(expected or ""))
 
 
 def _overrides(args) -> list[str]:

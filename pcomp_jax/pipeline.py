@@ -58,6 +58,15 @@ class Answer:
     num_chunks: int
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """A possibly sharded array as NumPy on every host (``process_allgather`` when it spans hosts)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _timed(timings: dict, stage: str, start: float) -> float:
     now = time.perf_counter()
     timings[stage] = timings.get(stage, 0.0) + now - start
@@ -143,7 +152,7 @@ class ContextPrefill:
 
     @property
     def selected_chunks(self) -> list[int]:
-        ids = np.asarray(self.selection.chunk_ids)[np.asarray(self.selection.chunk_valid)]
+        ids = to_host(self.selection.chunk_ids)[to_host(self.selection.chunk_valid)]
         return sorted(int(c) for c in ids)
 
 
@@ -158,10 +167,14 @@ def prefill_context(model: Model, parts: PromptParts, config: ParallelCompConfig
             "so that every device gets the same number of chunk rows"
         )
     num_chunks = len(chunk_bounds(len(parts.context), config.chunk_len))
-    group = config.group_size
+    # A group never holds more rows than the input needs (rounded up to the device count).
+    group = min(config.group_size, mesh.size * math.ceil(num_chunks / mesh.size))
     num_groups = math.ceil(num_chunks / group)
     rows = build_rows(parts, config.chunk_len, cfg.window, num_groups * group, config.score_last_tokens)
-    capacity = config.chunk_len if config.capacity is None else config.capacity
+    no_eviction = config.capacity is None or config.method == "pcw"
+    # Keeping as many tokens as a row holds keeps them all; the row length is a bucket, so
+    # this does not add compilations.
+    capacity = min(config.chunk_len if no_eviction else config.capacity, rows.tokens.shape[1])
     top_k = config.top_k_chunks if config.method == "parallelcomp" else bucket_length(num_chunks, minimum=1)
     weights = shard_weights(model.params, mesh)
     prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
@@ -178,10 +191,10 @@ def prefill_context(model: Model, parts: PromptParts, config: ParallelCompConfig
             weights, cfg, *sharded, prefix_len=rows.prefix_len, capacity=capacity, obs_window=config.obs_window,
             pool_kernel=config.pool_kernel, attention=attention, chunk_rules=tuple(chunk_rules),
         )
-        scores.append(np.asarray(scored.scores))
+        scores.append(scored.scores)
         state = keep_best_chunks(state, scored, top_k)
     jax.block_until_ready(state)
-    chunk_scores = [float(s) for s in np.concatenate(scores)[:num_chunks]]
+    chunk_scores = [float(s) for s in np.concatenate([to_host(s) for s in scores])[:num_chunks]]
     return ContextPrefill(parts, state, prefix_keys, prefix_values, chunk_scores, weights)
 
 

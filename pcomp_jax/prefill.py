@@ -4,12 +4,14 @@ Stage 1 (parallel chunk prefill and query-NLL chunk scores), 1b (SnapKV eviction
 every chunk, layer and KV head) and the merge of stage 2, as pure jittable functions:
 
     rows = chunking.build_rows(parts, chunk_len, window, num_rows)
-    prefix = prefill_prefix(weights, cfg, parts.prefix)
+    prefix_keys, prefix_values = prefill_prefix(weights, cfg, parts.prefix)
     state = empty_selection(cfg, top_k, capacity, dtype)
-    for group in groups(rows):                       # streaming: bounded memory
-        scored = prefill_group(weights, cfg, group, ...)   # chunk axis sharded over devices
+    for each group of group_size rows:                     # streaming: bounded memory
+        scored = prefill_group(weights, cfg, *group_arrays, prefix_len=..., capacity=..., ...)
         state = keep_best_chunks(state, scored, top_k)     # running top-k, static shapes
-    cache, question_start = merge_selection(prefix, state, room)
+    cache, question_start = merge_selection(prefix_keys, prefix_values, state, room)
+
+(``pipeline.prefill_context`` is exactly this loop, with the rows sharded over devices.)
 
 Stage 1c (calibration): ``chunk`` rules act inside ``prefill_group`` through the model's
 per-layer ``key_keep`` hook; ``merged`` rules act in the question prefill

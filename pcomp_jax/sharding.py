@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .errors import ConfigError
 from .model.llama import Weights, logical_axes
 
 CHUNK_AXIS = "chunk"
@@ -37,7 +38,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
-        raise ValueError(f"num_devices must be between 1 and {len(devices)} (devices available), got {n}")
+        raise ConfigError(f"num_devices must be between 1 and {len(devices)} (the devices available), got {n}")
     return Mesh(np.asarray(devices[:n]), (CHUNK_AXIS,))
 
 

@@ -20,15 +20,17 @@ PASSKEY_QUESTION = "What is the pass key?"
 
 @dataclasses.dataclass
 class Task:
-    """A context, a question about it, and the expected answer (a substring of a right reply)."""
+    """A context, a question about it, and the expected answer (a substring of a right reply;
+    several accepted answers may be given as a list)."""
 
     context: str
     question: str
-    answer: str
+    answer: str | list[str]
 
     def is_correct(self, reply: str) -> bool:
-        """Whether ``reply`` contains the expected answer."""
-        return self.answer in reply
+        """Whether ``reply`` contains the expected answer (any of them, for a list)."""
+        answers = self.answer if isinstance(self.answer, list) else [self.answer]
+        return any(a and a in reply for a in answers)
 
 
 def passkey_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:

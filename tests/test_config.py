@@ -84,3 +84,14 @@ def test_bad_calibration_rules(value, message):
         load_config(overrides=[f"pipeline.calibration={value}"])
     with pytest.raises(ConfigError, match="calibration_preset='magic' is not allowed"):
         load_config(overrides=["pipeline.calibration_preset=magic"])
+
+
+def test_python_api_checks_types_and_builds_rules():
+    with pytest.raises(ConfigError, match="config field 'chunk_len' must be int, got '512'"):
+        ParallelCompConfig(chunk_len="512")
+    with pytest.raises(ConfigError, match="config field 'chat' must be bool"):
+        ParallelCompConfig(chat="yes")
+    cfg = ParallelCompConfig(calibration=[{"layers": [1, 2], "region": "sink"}])
+    assert cfg.calibration[0].layers == (1, 2) and cfg.calibration[0].region == "sink"
+    with pytest.raises(ConfigError, match=r"calibration\[0\].region 'x' is not allowed"):
+        ParallelCompConfig(calibration=[{"layers": [1, 2], "region": "x"}])

@@ -101,3 +101,28 @@ def test_bad_inputs(model):
         answer(model, make_context(20), "q?", {"chunk_len": 4})
     with pytest.raises(pcomp_jax.PcompError, match="max_new_tokens must be a positive integer"):
         answer(model, make_context(20), "q?", BASE, max_new_tokens=0)
+
+
+def test_pcw_never_evicts_and_small_inputs_use_small_groups(model):
+    context, question = make_context(60, seed=9), "who ran?"
+    pcw = dataclasses.replace(BASE, method="pcw", capacity=16)
+    no_cap = dataclasses.replace(BASE, method="pcw", capacity=None)
+    a, b = answer(model, context, question, pcw, 5), answer(model, context, question, no_cap, 5)
+    assert a.token_ids == b.token_ids and a.selected_chunks == b.selected_chunks == list(range(a.num_chunks))
+    big_group = answer(model, context, question, dataclasses.replace(BASE, group_size=64), 5)
+    assert big_group.token_ids == answer(model, context, question, BASE, 5).token_ids
+
+
+def test_device_and_backend_errors_are_config_errors(model):
+    with pytest.raises(pcomp_jax.ConfigError, match="num_devices must be between 1 and 4"):
+        answer(model, make_context(20), "q?", dataclasses.replace(BASE, num_devices=9, group_size=9))
+    with pytest.raises(pcomp_jax.ConfigError, match="cudnn attention backend needs an NVIDIA GPU"):
+        answer(model, make_context(20), "q?", dataclasses.replace(BASE, attention="cudnn"))
+
+
+def test_tasks_accept_several_answers():
+    from pcomp_jax.tasks import Task
+
+    task = Task("ctx", "q", ["Paris", "paris"])
+    assert task.is_correct("it is paris") and not task.is_correct("Lyon")
+    assert not Task("ctx", "q", "").is_correct("anything")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..attention import NEG_INF, causal_attention, grouped_scores
+from ..attention import causal_attention, query_probs
 from ..calibrate import chunk_keep_fn
 from ..model.config import ModelConfig
 from ..model.llama import Weights, prefill_forward
@@ -33,12 +33,11 @@ def last_query_attention(q: jax.Array, k: jax.Array, row_lengths: jax.Array, r: 
     """
     b, t, h, _ = q.shape
     q_pos = jnp.clip(row_lengths[:, None] - r + jnp.arange(r)[None, :], 0, t - 1)  # [B, r]
-    scores = grouped_scores(jnp.take_along_axis(q, q_pos[:, :, None, None], axis=1), k)  # [B, KVH, G, r, T]
     keys = jnp.arange(t)
-    visible = (keys[None, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, r, T]
+    visible = keys[None, None, :] <= q_pos[:, :, None]  # [B, r, T]
     if key_keep is not None:
-        visible = (visible & key_keep[:, :, None, None, :]) | (keys[None, None, :] == q_pos[:, :, None])[:, None, None]
-    probs = jnp.where(visible, jax.nn.softmax(jnp.where(visible, scores, NEG_INF), axis=-1), 0.0)
+        visible = (visible[:, None] & key_keep[:, :, None, :]) | (keys[None, None, :] == q_pos[:, :, None])[:, None]
+    probs = query_probs(jnp.take_along_axis(q, q_pos[:, :, None, None], axis=1), k, visible)  # [B, KVH, G, r, T]
     return probs.mean(axis=3).reshape(b, h, t)
 
 

@@ -40,8 +40,11 @@ def safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"cannot read the shard index {index}: {err}") from err
         missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
         if missing:
             raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")

@@ -1,7 +1,7 @@
 """Our own checkpoint format: weights saved with orbax, config as JSON, tokenizer beside them.
 
 A GGUF model is dequantized once with ``save_model(model, path)``; ``load_model(path)``
-then restores the float weights directly (optionally straight into a sharding).
+then restores the float weights directly.
 
     path/pcomp_model.json   ModelConfig and the weight dtype
     path/params/            orbax StandardCheckpointer directory of the Weights pytree
@@ -60,9 +60,12 @@ def save_model(model, path: str) -> None:
 
 
 def read_config(path: str) -> tuple[ModelConfig, str]:
-    with open(os.path.join(path, MARKER)) as f:
-        record = json.load(f)
-    raw = record["config"]
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            record = json.load(f)
+        raw = record["config"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{os.path.join(path, MARKER)} is not a readable pcomp_jax model record: {err}") from err
     rope = raw.pop("rope")
     if rope.get("freq_factors") is not None:
         rope["freq_factors"] = tuple(rope["freq_factors"])
