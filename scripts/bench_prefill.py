@@ -88,6 +88,20 @@ def random_model(shape: str, dtype: str):
     return Model(cfg, params, None, "random llama3-8b shape")
 
 
+def timed_calls(call, repeats: int) -> dict:
+    """One warm-up call (compiles), then ``repeats`` timed calls: median, all times, warm-up overhead."""
+    t = time.perf_counter()
+    call()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    return {"median_s": median, "times_s": times, "compile_s": first - median}
+
+
 def run_one(args) -> dict:
     """One (method, length) in this process; prints a JSON record."""
     import numpy as np
@@ -128,17 +142,8 @@ def run_one(args) -> dict:
         row_len = 16 + math.ceil(length / rows) + 24
         flops = layer_flops(cfg, rows * row_len, row_len)
         compiled = lambda: prefill_group._cache_size()
-    t = time.perf_counter()
-    call()
-    compile_s = time.perf_counter() - t
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return {"method": method, "length": length, "median_s": statistics.median(times), "times_s": times,
-            "compile_s": compile_s - statistics.median(times), "compilations": compiled(), "flops": flops,
-            "peak_memory_bytes": peak_memory_bytes(), "device": str(jax.devices()[0].device_kind)}
+    return {"method": method, "length": length, **timed_calls(call, args.repeats), "compilations": compiled(),
+            "flops": flops, "peak_memory_bytes": peak_memory_bytes(), "device": str(jax.devices()[0].device_kind)}
 
 
 def run_hf(args, length, rng) -> dict:
@@ -159,20 +164,12 @@ def run_hf(args, length, rng) -> dict:
         with torch.no_grad():
             model(ids, logits_to_keep=1, use_cache=True)
 
-    t = time.perf_counter()
-    call()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
+    timings = timed_calls(call, args.repeats)
     import pcomp_jax
 
     cfg = pcomp_jax.load_model().config
-    return {"method": "hf_full", "length": length, "median_s": statistics.median(times), "times_s": times,
-            "compile_s": first - statistics.median(times), "compilations": 0, "flops": layer_flops(cfg, length, length),
-            "peak_memory_bytes": peak_memory_bytes(), "device": "cpu (torch)"}
+    return {"method": "hf_full", "length": length, **timings, "compilations": 0,
+            "flops": layer_flops(cfg, length, length), "peak_memory_bytes": peak_memory_bytes(), "device": "cpu (torch)"}
 
 
 def report(records: list[dict], peak: float, args) -> str:
