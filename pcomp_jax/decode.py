@@ -192,13 +192,13 @@ def decode_budget(max_new_tokens: int) -> int:
     return bucket_length(max_new_tokens, minimum=16)
 
 
-def finish(model: Model, out, stops) -> Generation:
+def finish(model: Model, out, stops, prompt_length: int) -> Generation:
     """Turns a decode buffer ``[1, num_steps]`` into ids (stop token dropped) and text."""
     new = [int(t) for t in np.asarray(out)[0] if t >= 0]
     if new and new[-1] in set(np.asarray(stops).tolist()):
         new = new[:-1]
     text = model.tokenizer.decode(new, skip_special_tokens=True) if model.tokenizer is not None else ""
-    return Generation(text=text, token_ids=new, prompt_length=0)
+    return Generation(text=text, token_ids=new, prompt_length=prompt_length)
 
 
 def generate_ids(model: Model, ids: np.ndarray, max_new_tokens: int) -> Generation:
@@ -210,9 +210,7 @@ def generate_ids(model: Model, ids: np.ndarray, max_new_tokens: int) -> Generati
     cache, first = _prefill_prompt(model.params, model.config, jnp.asarray(padded), jnp.int32(len(ids)), steps)
     position = jnp.array([len(ids)], jnp.int32)
     out = decode_jit(model.params, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
-    result = finish(model, out, stops)
-    result.prompt_length = len(ids)
-    return result
+    return finish(model, out, stops, len(ids))
 
 
 def check_max_new_tokens(max_new_tokens) -> None:

@@ -215,7 +215,7 @@ def answer_from_prefill(model: Model, pre: ContextPrefill, max_new_tokens: int, 
     t = _timed(timings, "question_prefill", t)
     stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
     out = decode_jit(pre.weights, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
-    gen = finish(model, out, stops)
+    gen = finish(model, out, stops, len(pre.parts.prefix) + len(pre.parts.question))
     _timed(timings, "decode", t)
     return gen
 
