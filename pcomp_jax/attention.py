@@ -99,6 +99,11 @@ def blockwise_causal_attention(
     Key blocks past a query block's diagonal are skipped, so work is about half of dense
     and memory is ``O(T x block)`` instead of ``O(T^2)``. key_keep: as in
     ``dense_causal_attention``. Returns ``[B, T, H, D]``.
+
+    Layout, chosen for XLA's CPU matmuls: the G query heads of a KV head are stacked along
+    the query axis, so each block product is one ``[G*block, D] x [D, block]`` matmul per
+    KV head; keys are stored transposed; only the diagonal block carries the causal mask
+    (blocks below it see every key, up to calibration's additive key bias).
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -109,45 +114,43 @@ def blockwise_causal_attention(
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
-    keep = jnp.ones((b, kvh, n * block), bool) if key_keep is None else jnp.pad(key_keep, ((0, 0), (0, 0), (0, pad)))
-    keep = keep.reshape(b, kvh, n, block)
-    qb = q.reshape(b, n, block, kvh, g, d)
-    kb = k.reshape(b, n, block, kvh, d)
-    vb = v.reshape(b, n, block, kvh, d)
-    scale = d**-0.5
-    offsets = jnp.arange(block)
+    q_blocks = (q * d**-0.5).reshape(b, n, block, kvh, g, d).transpose(1, 0, 3, 4, 2, 5)
+    q_blocks = q_blocks.reshape(n, b, kvh, g * block, d)  # query index = group * block + offset
+    k_blocks = k.reshape(b, n, block, kvh, d).transpose(1, 0, 3, 4, 2)  # [n, B, KVH, D, blk]
+    v_blocks = v.reshape(b, n, block, kvh, d).transpose(1, 0, 3, 2, 4)  # [n, B, KVH, blk, D]
+    if key_keep is None:
+        key_bias = jnp.zeros((n, b, kvh, 1, block), jnp.float32)
+    else:
+        keep = jnp.pad(key_keep, ((0, 0), (0, 0), (0, pad))).reshape(b, kvh, n, 1, block)
+        key_bias = jnp.moveaxis(jnp.where(keep, 0.0, NEG_INF).astype(jnp.float32), 2, 0)
+    causal = jnp.tile(jnp.where(causal_mask(block), 0.0, NEG_INF), (g, 1))  # [G*blk, blk]
+    own_key = jnp.tile(jnp.eye(block, dtype=bool), (g, 1))
+
+    def accumulate(carry, qi, kj, vj, bias):
+        m, l, acc = carry
+        s = jnp.einsum("bkqd,bkds->bkqs", qi, kj, preferred_element_type=jnp.float32) + bias
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkqs,bksd->bkqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+        return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
 
     def query_block(i):
-        qi = qb[:, i]  # [B, blk, KVH, G, D]
-        q_idx = i * block + offsets
-
-        def key_block(j, carry):
-            m, l, acc = carry
-            kj = jax.lax.dynamic_index_in_dim(kb, j, axis=1, keepdims=False)
-            vj = jax.lax.dynamic_index_in_dim(vb, j, axis=1, keepdims=False)
-            s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-            k_idx = j * block + offsets
-            keep_j = jax.lax.dynamic_index_in_dim(keep, j, axis=2, keepdims=False)  # [B, KVH, blk]
-            visible = (k_idx[None, :] <= q_idx[:, None])[None, None, None] & keep_j[:, :, None, None, :]
-            visible = visible | (k_idx[None, :] == q_idx[:, None])[None, None, None]
-            s = jnp.where(visible, s, NEG_INF)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.exp(s - m_new[..., None])
-            correction = jnp.exp(m - m_new)
-            l = l * correction + p.sum(axis=-1)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-            return m_new, l, acc * correction[..., None] + pv
-
+        qi = q_blocks[i]
         init = (
-            jnp.full((b, kvh, g, block), NEG_INF, jnp.float32),
-            jnp.zeros((b, kvh, g, block), jnp.float32),
-            jnp.zeros((b, kvh, g, block, d), jnp.float32),
+            jnp.full((b, kvh, g * block), NEG_INF, jnp.float32),
+            jnp.zeros((b, kvh, g * block), jnp.float32),
+            jnp.zeros((b, kvh, g * block, d), jnp.float32),
         )
-        _, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
-        return jnp.moveaxis(acc / l[..., None], 3, 1)  # [B, blk, KVH, G, D]
+        below = jax.lax.fori_loop(
+            0, i, lambda j, carry: accumulate(carry, qi, k_blocks[j], v_blocks[j], key_bias[j]), init
+        )
+        diagonal_bias = jnp.where(own_key, 0.0, key_bias[i] + causal)
+        _, l, acc = accumulate(below, qi, k_blocks[i], v_blocks[i], diagonal_bias)
+        return acc / l[..., None]  # [B, KVH, G*blk, D]
 
-    out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, blk, KVH, G, D]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :t]
+    out = jax.lax.map(query_block, jnp.arange(n)).reshape(n, b, kvh, g, block, d)
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * block, h, d)[:, :t]
     return out.astype(q.dtype)
 
 
