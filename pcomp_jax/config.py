@@ -16,7 +16,7 @@ import yaml
 from .calibrate import PRESETS, STAGES, CalibrationRule
 from .errors import ConfigError
 
-METHODS = ("parallelcomp", "pcw", "full", "truncate")
+METHODS = ("parallelcomp", "pcw", "full", "truncate", "snapkv", "streaming")
 ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "pallas", "cudnn")
 
 
@@ -36,7 +36,11 @@ class ParallelCompConfig:
 
     method: ``parallelcomp`` (chunks, top-k chunk selection, optional KV eviction),
       ``pcw`` (every chunk kept, no eviction), ``full`` (the whole input, full attention),
-      ``truncate`` (the first and last halves of the window).
+      ``truncate`` (the first and last halves of the window); two KV-compression
+      baselines on the truncated input, prefilled as one row with full attention:
+      ``snapkv`` (SnapKV keeps ``kv_budget`` context tokens per layer and KV head) and
+      ``streaming`` (StreamingLLM: the prefix P as attention sinks + the ``kv_budget``
+      most recent context tokens).
     chunk_len: most context tokens per chunk (C). top_k_chunks: chunks kept (k).
     capacity: tokens kept per chunk, layer and KV head by SnapKV; None keeps all.
     obs_window: observation queries (w) for SnapKV scores; pool_kernel: max-pool width.
@@ -50,6 +54,8 @@ class ParallelCompConfig:
     attention: causal prefill backend: ``auto`` (GPU: cuDNN for bfloat16 without chunk-stage
       calibration, else Pallas; CPU: dense up to 2048-token rows, then blockwise), ``dense``,
       ``blockwise``, ``pallas`` or ``cudnn``. num_devices: devices on the ``chunk`` mesh axis (None: all).
+    kv_budget: context tokens the snapkv and streaming baselines keep (None: as many as
+      ParallelComp keeps, ``top_k_chunks x (capacity or chunk_len)``).
     """
 
     method: str = "parallelcomp"
@@ -68,6 +74,7 @@ class ParallelCompConfig:
     calibration_preset_stage: str = "merged"
     attention: str = "auto"
     num_devices: int | None = None
+    kv_budget: int | None = None
 
     def __post_init__(self):
         rules = self.calibration if isinstance(self.calibration, (list, tuple)) else None
@@ -89,6 +96,8 @@ class ParallelCompConfig:
             _check_min("score_last_tokens", self.score_last_tokens, 1)
         if self.num_devices is not None:
             _check_min("num_devices", self.num_devices, 1)
+        if self.kv_budget is not None:
+            _check_min("kv_budget", self.kv_budget, 1)
         if self.calibration_preset is not None:
             _check_choice("calibration_preset", self.calibration_preset, tuple(PRESETS))
         _check_choice("calibration_preset_stage", self.calibration_preset_stage, STAGES)
@@ -103,6 +112,14 @@ class ParallelCompConfig:
                     f"capacity={self.capacity} is smaller than obs_window={self.obs_window}; "
                     "capacity must be >= obs_window"
                 )
+
+
+    @property
+    def baseline_kv_budget(self) -> int:
+        """Context tokens kept by the snapkv and streaming baselines."""
+        if self.kv_budget is not None:
+            return self.kv_budget
+        return self.top_k_chunks * (self.capacity if self.capacity is not None else self.chunk_len)
 
 
 TASK_KINDS = ("passkey",)

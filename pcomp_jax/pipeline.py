@@ -90,6 +90,21 @@ def truncate_middle(context: np.ndarray, budget: int) -> np.ndarray:
     return np.concatenate([context[:head], context[len(context) - (budget - head):]])
 
 
+def fit_to_window(parts: PromptParts, window: int, room: int) -> PromptParts:
+    """``parts`` with the context cut by ``truncate_middle`` so that P + context + Q + ``room``
+    new tokens fit in ``window`` (the input of truncate, snapkv and streaming)."""
+    budget = window - len(parts.prefix) - len(parts.question) - room
+    if budget < 1:
+        raise InputTooLongError(
+            f"prefix ({len(parts.prefix)}) + question ({len(parts.question)}) + {room} new tokens "
+            f"leave no room for context in the window of {window} tokens"
+        )
+    return dataclasses.replace(parts, context=truncate_middle(parts.context, budget))
+
+
+ONE_WINDOW_COMPRESSED = ("snapkv", "streaming")  # KV compression of the truncated input
+
+
 def answer(
     model: Model,
     context: str,
@@ -112,24 +127,21 @@ def answer(
     parts = encode_parts(model.tokenizer, context, question, config.instruction, config.answer_prefix, config.chat)
     t = _timed(timings, "tokenize", t)
     rules = calibration_rules(config, model.config.num_layers)
+    check_rules_apply(rules, config.method)
     if config.method in ("full", "truncate"):
-        if rules:
-            raise ConfigError(f"calibration applies to the chunked methods (parallelcomp, pcw), not {config.method!r}")
         return _answer_one_row(model, parts, config, max_new_tokens, timings, t)
     return _answer_chunked(model, parts, config, rules, max_new_tokens, timings, t, progress)
 
 
+def check_rules_apply(rules, method: str) -> None:
+    """Calibration is defined for the chunked methods only."""
+    if rules and method not in ("parallelcomp", "pcw"):
+        raise ConfigError(f"calibration applies to the chunked methods (parallelcomp, pcw), not {method!r}")
+
+
 def _answer_one_row(model, parts: PromptParts, config, max_new_tokens, timings, t) -> Answer:
-    context = parts.context
-    if config.method == "truncate":
-        budget = model.config.window - len(parts.prefix) - len(parts.question) - max_new_tokens
-        if budget < 1:
-            raise InputTooLongError(
-                f"prefix ({len(parts.prefix)}) + question ({len(parts.question)}) + max_new_tokens ({max_new_tokens}) "
-                f"leave no room for context in the window of {model.config.window} tokens"
-            )
-        context = truncate_middle(context, budget)
-    ids = np.concatenate([parts.prefix, context, parts.question])
+    row = fit_to_window(parts, model.config.window, max_new_tokens) if config.method == "truncate" else parts
+    ids = np.concatenate([row.prefix, row.context, row.question])
     gen = generate_ids(model, ids, max_new_tokens)
     _timed(timings, "generate", t)
     return Answer(gen.text, gen.token_ids, [], [], timings, config.method, len(parts.context), 1)
@@ -158,8 +170,13 @@ class ContextPrefill:
 
 def prefill_context(model: Model, parts: PromptParts, config: ParallelCompConfig, chunk_rules=(), progress=False) -> ContextPrefill:
     """Stage 1 (+1b, and stage-1c ``chunk`` rules): chunk groups through the sharded prefill,
-    running top-k selection. Needs ``config.method`` in (parallelcomp, pcw)."""
+    running top-k selection. ``config.method``: parallelcomp or pcw; or snapkv / streaming,
+    which take ``parts`` already cut to the window (``fit_to_window``) as one chunk."""
     cfg = model.config
+    if config.method not in ("parallelcomp", "pcw", *ONE_WINDOW_COMPRESSED):
+        raise ConfigError(f"prefill_context runs parallelcomp, pcw, snapkv or streaming, not {config.method!r}")
+    if config.method in ONE_WINDOW_COMPRESSED:
+        config = dataclasses.replace(config, chunk_len=len(parts.context), capacity=None)
     mesh = make_mesh(config.num_devices)
     if config.group_size % mesh.size:
         raise ConfigError(
@@ -176,6 +193,9 @@ def prefill_context(model: Model, parts: PromptParts, config: ParallelCompConfig
     # this does not add compilations.
     capacity = min(config.chunk_len if no_eviction else config.capacity, rows.tokens.shape[1])
     top_k = config.top_k_chunks if config.method == "parallelcomp" else bucket_length(num_chunks, minimum=1)
+    token_scoring = "recent" if config.method == "streaming" else "snapkv"
+    if config.method in ONE_WINDOW_COMPRESSED:
+        capacity, top_k = min(config.baseline_kv_budget, rows.tokens.shape[1]), 1
     weights = shard_weights(model.params, mesh)
     prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
     state = empty_selection(cfg, top_k, capacity, model.dtype)
@@ -190,6 +210,7 @@ def prefill_context(model: Model, parts: PromptParts, config: ParallelCompConfig
         scored = prefill_group(
             weights, cfg, *sharded, prefix_len=rows.prefix_len, capacity=capacity, obs_window=config.obs_window,
             pool_kernel=config.pool_kernel, attention=attention, chunk_rules=tuple(chunk_rules),
+            token_scoring=token_scoring,
         )
         scores.append(scored.scores)
         state = keep_best_chunks(state, scored, top_k)
@@ -221,10 +242,13 @@ def answer_from_prefill(model: Model, pre: ContextPrefill, max_new_tokens: int, 
 
 
 def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, rules, max_new_tokens, timings, t, progress) -> Answer:
+    context_tokens = len(parts.context)
+    if config.method in ONE_WINDOW_COMPRESSED:
+        parts = fit_to_window(parts, model.config.window, max_new_tokens)
     pre = prefill_context(model, parts, config, tuple(r for r in rules if r.stage == "chunk"), progress)
     _timed(timings, "prefill", t)
     gen = answer_from_prefill(model, pre, max_new_tokens, tuple(r for r in rules if r.stage == "merged"), timings)
     return Answer(
         text=gen.text, token_ids=gen.token_ids, chunk_scores=pre.chunk_scores, selected_chunks=pre.selected_chunks,
-        timings=timings, method=config.method, context_tokens=len(parts.context), num_chunks=len(pre.chunk_scores),
+        timings=timings, method=config.method, context_tokens=context_tokens, num_chunks=len(pre.chunk_scores),
     )

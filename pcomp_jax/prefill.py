@@ -96,7 +96,9 @@ def prefill_prefix(weights: Weights, cfg: ModelConfig, prefix: jax.Array):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "prefix_len", "capacity", "obs_window", "pool_kernel", "attention", "chunk_rules"),
+    static_argnames=(
+        "cfg", "prefix_len", "capacity", "obs_window", "pool_kernel", "attention", "chunk_rules", "token_scoring"
+    ),
 )
 def prefill_group(
     weights: Weights,
@@ -116,20 +118,27 @@ def prefill_group(
     pool_kernel: int,
     attention=dense_causal_attention,
     chunk_rules: tuple = (),
+    token_scoring: str = "snapkv",
 ) -> ChunkSelection:
     """Stage 1 + 1b for a group of G rows (arrays as in ``chunking.Rows``, G leading).
 
     Runs the rows in parallel (causal inside each row), scores each chunk by the mean NLL
     of its question tokens, and keeps ``capacity`` content tokens per layer and KV head
     by SnapKV. ``chunk_rules``: stage-``chunk`` calibration rules (the SnapKV scores still
-    use plain causal attention). Returns a ``ChunkSelection`` of the G chunks (padding rows invalid).
+    use plain causal attention). ``token_scoring``: ``snapkv`` (ALGORITHM.md stage 1b) or
+    ``recent`` (StreamingLLM's window: the last ``capacity`` content tokens; P stays as the
+    sinks). Returns a ``ChunkSelection`` of the G chunks (padding rows invalid).
     """
     r = tokens.shape[1]
     slot = jnp.arange(r)[None, :]
     content = (slot >= prefix_len) & (slot < prefix_len + chunk_lengths[:, None])  # [G, R]
+    recent_scores = jnp.where(content, slot.astype(jnp.float32), -jnp.inf)  # later = higher
 
     def emit(q, k, v, layer_index):
-        token_scores = snapkv_token_scores(q, k, row_lengths, obs_window, pool_kernel, content)
+        if token_scoring == "recent":
+            token_scores = jnp.broadcast_to(recent_scores[:, None, :], (k.shape[0], k.shape[2], r))
+        else:
+            token_scores = snapkv_token_scores(q, k, row_lengths, obs_window, pool_kernel, content)
         idx, _ = keep_top_tokens(token_scores, capacity)
         return gather_tokens(k, idx), gather_tokens(v, idx), idx
 

@@ -1,12 +1,25 @@
-"""Synthetic long-context inputs made deterministically from a seed.
+"""Synthetic long-context tasks made offline and deterministically from a seed.
 
-``passkey``: InfiniteBench's passkey retrieval, a number hidden at a chosen depth of
-repetitive filler text, sized in tokens of the model's own tokenizer.
+Every generator takes the model's tokenizer, a context ``length`` in tokens of that
+tokenizer, and a ``depth`` in [0, 1]: the fraction of the context's tokens that come
+before the hidden item. The same (length, depth, seed) always gives the same task.
+
+- ``passkey``, ``number_string``, ``kv_retrieval``: InfiniteBench's retrieval formats
+  (a 5-digit pass key or a 10-digit number hidden in repetitive filler text; a JSON
+  object of UUID pairs and one key to look up).
+- ``needle``: a fact sentence planted in natural text (any text file, e.g. a novel) at
+  a sentence boundary, and a question about it.
+
+Context lengths land within a few tokens of the target (the pieces are cut at token
+boundaries and re-tokenised together); ``kv_retrieval`` is made of whole key-value
+pairs, so its length is within half a pair (about 30 tokens) of the target.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import uuid
 
 import numpy as np
 
@@ -16,6 +29,8 @@ PASSKEY_INTRO = (
 )
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "What is the pass key?"
+NUMBER_STRING_QUESTION = "What is the sequence number?"
+KV_INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n"
 
 
 @dataclasses.dataclass
@@ -33,18 +48,82 @@ class Task:
         return any(a and a in reply for a in answers)
 
 
-def passkey_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
-    """A passkey task of about ``length`` context tokens with the key at ``depth`` in [0, 1]."""
+def count_tokens(tokenizer, text: str) -> int:
+    """Number of tokens of ``text`` without special tokens."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check(length: int, depth: float) -> None:
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive number of tokens, got {length!r}")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be between 0 and 1, got {depth}")
+
+
+def filler_text(tokenizer, filler: str, num_tokens: int) -> str:
+    """``filler`` repeated and cut to exactly ``num_tokens`` tokens (decoded back to text)."""
+    if num_tokens <= 0:
+        return ""
+    repeats = num_tokens // max(1, count_tokens(tokenizer, filler)) + 2
+    ids = tokenizer(filler * repeats, add_special_tokens=False)["input_ids"]
+    while len(ids) < num_tokens:  # repeated text can tokenise shorter than the pieces alone
+        repeats *= 2
+        ids = tokenizer(filler * repeats, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:num_tokens])
+
+
+def hidden_in_filler(tokenizer, intro: str, needle: str, length: int, depth: float) -> str:
+    """``intro`` + filler + ``needle`` + filler, ``length`` tokens long, needle at ``depth``.
+
+    The filler before the needle makes ``depth`` of the tokens around the needle
+    (the intro counts as filler before it).
+    """
+    free = max(0, length - count_tokens(tokenizer, intro) - count_tokens(tokenizer, needle))
+    before = max(0, round(depth * (length - count_tokens(tokenizer, needle))) - count_tokens(tokenizer, intro))
+    before = min(before, free)
+    after = filler_text(tokenizer, PASSKEY_FILLER, free - before)
+    before = filler_text(tokenizer, PASSKEY_FILLER, before)
+    joint = " " if before and not before.endswith(" ") else ""
+    return intro + before + joint + needle + after
+
+
+def passkey_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
+    """InfiniteBench passkey: a 5-digit key in ``length`` tokens of filler, at ``depth``."""
+    _check(length, depth)
     key = str(np.random.default_rng(seed).integers(10000, 100000))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])
-    per_filler = count(PASSKEY_FILLER * 8) / 8
-    repeats = max(0, round((length - count(PASSKEY_INTRO) - count(needle)) / per_filler))
-    at = round(depth * repeats)
-    context = PASSKEY_INTRO + PASSKEY_FILLER * at + needle + PASSKEY_FILLER * (repeats - at)
+    context = hidden_in_filler(tokenizer, PASSKEY_INTRO, needle, length, depth)
     return Task(context=context, question=PASSKEY_QUESTION, answer=key)
+
+
+def number_string_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
+    """InfiniteBench number_string: a 10-digit number in ``length`` tokens of filler, at ``depth``."""
+    _check(length, depth)
+    rng = np.random.default_rng(seed)
+    number = str(rng.integers(1, 10)) + "".join(str(d) for d in rng.integers(0, 10, size=9))
+    needle = f"The sequence of digits is {number}. Remember it. {number} is the sequence of digits. "
+    context = hidden_in_filler(tokenizer, PASSKEY_INTRO, needle, length, depth)
+    return Task(context=context, question=NUMBER_STRING_QUESTION, answer=number)
+
+
+def kv_retrieval_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
+    """InfiniteBench kv_retrieval: a JSON object of random UUID pairs; the question asks for
+    the value of the key at ``depth`` of the object. Length: whole pairs (see the module)."""
+    _check(length, depth)
+    rng = np.random.default_rng(seed)
+    new_uuid = lambda: str(uuid.UUID(bytes=rng.bytes(16), version=4))
+    as_text = lambda pairs: KV_INTRO + json.dumps(dict(pairs), indent=0)
+    pairs = [(new_uuid(), new_uuid()) for _ in range(8)]
+    per_pair = count_tokens(tokenizer, as_text(pairs)) / 8
+    pairs += [(new_uuid(), new_uuid()) for _ in range(int(1.2 * length / per_pair) + 8)]
+    count = max(1, round(length / per_pair))
+    for _ in range(3):  # correct the estimate with the real count of the whole object
+        count = max(1, min(len(pairs), count + round((length - count_tokens(tokenizer, as_text(pairs[:count]))) / per_pair)))
+    pairs = pairs[:count]
+    context = as_text(pairs)
+    key, value = pairs[round(depth * (len(pairs) - 1))]
+    question = f'Key: "{key}"\nThe value associated with the specified key is:'
+    return Task(context=context, question=question, answer=value)
 
 
 NEEDLE_FACTS = (
@@ -60,21 +139,41 @@ NEEDLE_WORDS = ("Marmalade", "Copperfield", "Zanzibar", "Pemberton", "Quixotic",
 def needle_task(text: str, tokenizer, length: int, depth: float, seed: int = 0) -> Task:
     """A fact planted in natural ``text`` (e.g. a novel) of about ``length`` tokens, at ``depth``.
 
-    A seed-chosen span of the text is cut to ``length`` tokens; the fact sentence goes in at
-    the sentence boundary nearest to ``depth``; the question asks for the planted word.
+    A seed-chosen span of the text is cut so that span + fact make ``length`` tokens; the
+    fact sentence goes in at the sentence boundary nearest before ``depth`` of the span;
+    the question asks for the planted word.
     """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be between 0 and 1, got {depth}")
+    _check(length, depth)
     rng = np.random.default_rng(seed)
     fact, question = NEEDLE_FACTS[rng.integers(len(NEEDLE_FACTS))]
     word = NEEDLE_WORDS[rng.integers(len(NEEDLE_WORDS))]
+    fact = fact.format(x=word) + " "
+    span_len = max(1, length - count_tokens(tokenizer, fact))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < length:
+    if len(ids) < span_len:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than the {length} asked for")
-    start = int(rng.integers(0, len(ids) - length + 1))
-    span = tokenizer.decode(ids[start : start + length])
+    start = int(rng.integers(0, len(ids) - span_len + 1))
+    span = tokenizer.decode(ids[start : start + span_len])
     cut = round(depth * len(span))
     boundary = span.rfind(". ", 0, cut)
     cut = boundary + 2 if boundary >= 0 else cut
-    context = span[:cut] + fact.format(x=word) + " " + span[cut:]
-    return Task(context=context, question=question, answer=word)
+    return Task(context=span[:cut] + fact + span[cut:], question=question, answer=word)
+
+
+SYNTHETIC_TASKS = {
+    "passkey": passkey_task,
+    "number_string": number_string_task,
+    "kv_retrieval": kv_retrieval_task,
+    "needle": needle_task,
+}
+
+
+def make_task(kind: str, tokenizer, length: int, depth: float, seed: int = 0, text: str | None = None) -> Task:
+    """The task ``kind`` (one of ``SYNTHETIC_TASKS``); ``needle`` needs the haystack ``text``."""
+    if kind not in SYNTHETIC_TASKS:
+        raise ValueError(f"unknown task {kind!r}; choose one of: {', '.join(SYNTHETIC_TASKS)}")
+    if kind == "needle":
+        if text is None:
+            raise ValueError("the needle task needs a text to hide the fact in (e.g. a book from ../shared/data)")
+        return needle_task(text, tokenizer, length, depth, seed)
+    return SYNTHETIC_TASKS[kind](tokenizer, length, depth, seed)

@@ -1,0 +1,154 @@
+"""Perplexity past the trained window: the NLL of M continuation tokens after a T-token prefix.
+
+Every method reads the same tokens: the prefix ``x[:T]`` and the continuation ``x[T:T+M]``
+of one text. The continuation is scored, never used to choose what is kept:
+
+- ``full``: one causal row ``x[:T+M]`` (positions past the window when T + M > W);
+- ``truncate``, ``snapkv``, ``streaming``: the prefix cut to the window as for question
+  answering (``pipeline.fit_to_window``, room left for the M scored tokens);
+- ``parallelcomp`` / ``pcw``: the prefix split into P (its first token: the attention sink
+  every row shares), the context ``x[1:T-q]`` that is chunked, and a query ``x[T-q:T]``
+  (its last ``query_len`` tokens) that plays the question's part in stage 1: the chunks
+  are scored by the query's NLL. Stage 2 then runs query + continuation on the merged
+  cache, and the continuation's logits are scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .attention import causal_attention
+from .buckets import bucket_length
+from .calibrate import merged_drop_fn
+from .checkpoints import Model
+from .chunking import PromptParts
+from .config import ParallelCompConfig
+from .errors import PcompError
+from .model.config import ModelConfig
+from .model.llama import Weights, cached_forward, prefill_forward
+from .pipeline import ONE_WINDOW_COMPRESSED, calibration_rules, check_rules_apply, fit_to_window, prefill_context
+from .prefill import ChunkSelection, merge_selection
+
+
+@dataclasses.dataclass
+class ContinuationScore:
+    """token_nll: ``[M]`` NLL (nats) of each continuation token; chunks: kept chunks (chunked methods)."""
+
+    token_nll: np.ndarray
+    selected_chunks: list[int]
+
+    @property
+    def mean_nll(self) -> float:
+        return float(np.mean(self.token_nll))
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.mean_nll))
+
+
+def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """logits ``[N, V]``, targets ``[N]``, mask ``[N]`` -> per-token NLL ``[N]`` (0 where masked)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets) * mask
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _row_nll(weights: Weights, cfg: ModelConfig, tokens, length, predict_at, targets, mask):
+    """tokens ``[1, Tb]`` (real up to ``length``); predict_at ``[M]``: rows whose logits predict
+    ``targets`` ``[M]``. Returns the NLL ``[M]``."""
+    steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    positions = jnp.where(steps < length, steps, 0)[None]
+    attention = causal_attention("auto", tokens.shape[1], dtype=weights.embed.dtype)
+    logits, _ = prefill_forward(
+        weights, cfg, tokens, positions, logits_at=predict_at[None], attention=attention, emit=lambda *_: ()
+    )
+    return token_nll(logits[0], targets, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "merged_rules"))
+def _merged_tail_nll(
+    weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, tail, tail_len, query_len, targets, mask,
+    merged_rules=(),
+):
+    """Stage 2 with a scored tail: ``tail`` ``[Tb]`` = query + continuation (real up to
+    ``tail_len``, then padding) run on the merged cache; the logits at tail index i predict
+    ``targets[i]``. Returns the NLL ``[Tb]`` (0 where ``mask`` is)."""
+    cache, start = merge_selection(prefix_keys, prefix_values, selection, room=tail.shape[0])
+    steps = jnp.arange(tail.shape[0], dtype=jnp.int32)
+    positions = (start + jnp.where(steps < tail_len, steps, 0))[None]  # padding: no new largest position
+    drop = merged_drop_fn(merged_rules, query_len) if merged_rules else None
+    logits, _ = cached_forward(weights, cfg, tail[None], positions, cache, drop_from_cache=drop)
+    return token_nll(logits[0], targets, mask)
+
+
+def _padded(ids: np.ndarray, length: int) -> np.ndarray:
+    out = np.zeros(length, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+def check_split(prefix_ids: np.ndarray, continuation_ids: np.ndarray, query_len: int) -> None:
+    if len(continuation_ids) < 1:
+        raise PcompError("the continuation has no tokens to score")
+    if query_len < 1:
+        raise PcompError(f"query_len must be >= 1, got {query_len}")
+    if len(prefix_ids) < query_len + 2:
+        raise PcompError(
+            f"the prefix has {len(prefix_ids)} tokens; it needs at least query_len + 2 = {query_len + 2} "
+            "(a sink token, some context and the query)"
+        )
+
+
+def continuation_nll(
+    model: Model,
+    prefix_ids,
+    continuation_ids,
+    config: ParallelCompConfig | None = None,
+    query_len: int = 64,
+) -> ContinuationScore:
+    """NLL of ``continuation_ids`` after ``prefix_ids`` (1-D token ids) with ``config.method``."""
+    config = ParallelCompConfig() if config is None else config
+    prefix_ids = np.asarray(prefix_ids, np.int32)
+    continuation_ids = np.asarray(continuation_ids, np.int32)
+    check_split(prefix_ids, continuation_ids, query_len)
+    m = len(continuation_ids)
+    rules = calibration_rules(config, model.config.num_layers)
+    check_rules_apply(rules, config.method)
+    parts = PromptParts(prefix=prefix_ids[:1], context=prefix_ids[1:-query_len], question=prefix_ids[-query_len:])
+    if config.method in ("truncate", *ONE_WINDOW_COMPRESSED):
+        parts = fit_to_window(parts, model.config.window, m)
+    if config.method in ("full", "truncate"):
+        ids = np.concatenate([parts.prefix, parts.context, parts.question, continuation_ids])
+        tb = bucket_length(len(ids))
+        predict_at = np.arange(len(ids) - m - 1, len(ids) - 1, dtype=np.int32)
+        nll = _row_nll(model.params, model.config, jnp.asarray(_padded(ids, tb))[None], jnp.int32(len(ids)),
+                       jnp.asarray(predict_at), jnp.asarray(continuation_ids), jnp.ones(m, jnp.float32))
+        return ContinuationScore(np.asarray(nll), [])
+    pre = prefill_context(model, parts, config, tuple(r for r in rules if r.stage == "chunk"))
+    tail = np.concatenate([parts.question, continuation_ids])
+    tb = bucket_length(len(tail), minimum=16)
+    q = len(parts.question)
+    targets = _padded(tail[1:], tb)  # logits at tail index i predict tail[i + 1]
+    mask = ((np.arange(tb) >= q - 1) & (np.arange(tb) < len(tail) - 1)).astype(np.float32)
+    nll = _merged_tail_nll(
+        pre.weights, model.config, pre.prefix_keys, pre.prefix_values, pre.selection, jnp.asarray(_padded(tail, tb)),
+        jnp.int32(len(tail)), jnp.int32(q), jnp.asarray(targets), jnp.asarray(mask), tuple(r for r in rules if r.stage == "merged"),
+    )
+    return ContinuationScore(np.asarray(nll)[q - 1 : len(tail) - 1], pre.selected_chunks)
+
+
+def text_windows(ids: np.ndarray, prefix_len: int, continuation_len: int, samples: int, seed: int = 0):
+    """``samples`` (prefix, continuation) pairs cut from token ids ``[N]`` at seed-chosen,
+    evenly spread starts. Raises ``PcompError`` when the text is too short."""
+    need = prefix_len + continuation_len
+    if len(ids) < need:
+        raise PcompError(f"the text has {len(ids)} tokens; prefix {prefix_len} + continuation {continuation_len} need {need}")
+    rng = np.random.default_rng(seed)
+    span = len(ids) - need
+    starts = [int(rng.integers(i * span // samples, (i + 1) * span // samples + 1)) for i in range(samples)]
+    return [(ids[s : s + prefix_len], ids[s + prefix_len : s + need]) for s in starts]
