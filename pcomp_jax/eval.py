@@ -35,11 +35,14 @@ ANSWER_TOKENS = {"passkey": 16, "number_string": 24, "kv_retrieval": 64, "needle
 class MethodSpec:
     """One column of the comparison: a name and the pipeline fields it changes.
 
-    Unset (null) fields keep the run's ``pipeline`` value.
+    Unset (null) fields keep the run's ``pipeline`` value. max_length: synthetic inputs
+    longer than this many tokens are not run for this method (e.g. full attention at
+    lengths where it is known to fail or too slow); they show as "-" in the summary.
     """
 
     name: str
     method: str
+    max_length: int | None = None
     capacity: int | None = None
     top_k_chunks: int | None = None
     chunk_len: int | None = None
@@ -52,9 +55,14 @@ class MethodSpec:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"method name {self.name!r} must be a non-empty directory name without '/'")
 
+    def runs(self, item: Item) -> bool:
+        """Whether this method runs ``item`` (see max_length)."""
+        length = item.fields.get("length") if item.kind == "synthetic" else None
+        return self.max_length is None or length is None or length <= self.max_length
+
     def pipeline(self, base: ParallelCompConfig) -> ParallelCompConfig:
         """``base`` with this method's fields applied (validated)."""
-        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("name", "max_length")}
         return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -170,7 +178,8 @@ def longbench_items(config: EvalConfig) -> list[Item]:
     from .longbench import load_longbench
 
     examples = load_longbench(config.longbench, limit=config.longbench_limit)
-    return [Item(f"longbench/{ex.dataset}/{ex.id}", "longbench", {"example": ex}) for ex in examples]
+    return [Item(f"longbench/{ex.dataset}/{ex.id}", "longbench", {"example": ex, "dataset": ex.dataset})
+            for ex in examples]
 
 
 def perplexity_items(config: EvalConfig) -> list[Item]:
@@ -218,7 +227,7 @@ class Runner:
 
     def run(self, item: Item, pipeline: ParallelCompConfig) -> dict:
         start = time.perf_counter()
-        record = {"id": item.id, "kind": item.kind}
+        record = {"id": item.id, "kind": item.kind, **{k: v for k, v in item.fields.items() if k != "example"}}
         try:
             record.update(getattr(self, f"_{item.kind}")(item, pipeline))
         except PcompError as err:  # e.g. an input that does not fit a method: recorded, scored 0
@@ -470,8 +479,9 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
     runner = Runner(model, config)
     done = {spec.name: read_predictions(os.path.join(config.output_dir, spec.name, "predictions.jsonl"))
             for spec in config.methods}
-    pending = [(spec, item) for item in items for spec in config.methods if item.id not in done[spec.name]]
-    skipped = len(items) * len(config.methods) - len(pending)
+    wanted = [(spec, item) for item in items for spec in config.methods if spec.runs(item)]
+    pending = [(spec, item) for spec, item in wanted if item.id not in done[spec.name]]
+    skipped = len(wanted) - len(pending)
     if skipped:
         print(f"resuming: {skipped} finished predictions kept, {len(pending)} to run", file=sys.stderr)
     bar = tqdm(pending, desc="eval", unit="item", disable=not progress)

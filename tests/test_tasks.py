@@ -1,0 +1,76 @@
+"""Synthetic task generators: the answer is in the context, at the asked depth, and the
+context has the asked length; the same seed gives the same task; bad input is refused."""
+
+import json
+
+import pytest
+
+import pcomp_jax
+import tiny
+from pcomp_jax.tasks import PASSKEY_INTRO, count_tokens, make_task
+
+TEXT = " ".join(
+    f"Sentence number {i} tells of the weather, the road and the people on it." for i in range(3000)
+)
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+def tokenizer(request):
+    if request.param == "tiny":
+        return tiny.tiny_hf_tokenizer()
+    return pcomp_jax.load_model(None).tokenizer  # the real default model's tokenizer
+
+
+def answer_depth(tok, task) -> tuple[int, float]:
+    """(context tokens, fraction of them before the first occurrence of the answer)."""
+    n = count_tokens(tok, task.context)
+    return n, count_tokens(tok, task.context[: task.context.index(task.answer)]) / n
+
+
+@pytest.mark.parametrize("kind", ["passkey", "number_string", "needle"])
+@pytest.mark.parametrize("length", [600, 3000])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_hidden_item_at_depth_and_length(tokenizer, kind, length, depth):
+    task = make_task(kind, tokenizer, length, depth, seed=5, text=TEXT)
+    assert task.answer in task.context and task.is_correct(f"It is {task.answer}.")
+    n, where = answer_depth(tokenizer, task)
+    assert abs(n - length) <= 3, (n, length)
+    needle_share = 100 / length  # the hidden sentence's own tokens sit between "before" and "after"
+    intro_share = count_tokens(tokenizer, PASSKEY_INTRO) / n if kind != "needle" else 0.0  # the intro comes first
+    expected = max(depth * (1 - needle_share), intro_share)
+    assert expected - 0.02 <= where <= expected + needle_share + 0.02, (where, depth)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_kv_retrieval_asks_a_key_at_depth(tokenizer, depth):
+    length = 2000
+    task = make_task("kv_retrieval", tokenizer, length, depth, seed=2)
+    pairs = json.loads(task.context[task.context.index("{"):])
+    key = task.question.split('"')[1]
+    assert pairs[key] == task.answer
+    keys = list(pairs)
+    assert keys.index(key) == round(depth * (len(keys) - 1))
+    per_pair = count_tokens(tokenizer, task.context) / len(keys)
+    assert abs(count_tokens(tokenizer, task.context) - length) <= per_pair / 2 + 1
+
+
+@pytest.mark.parametrize("kind", ["passkey", "number_string", "kv_retrieval", "needle"])
+def test_same_seed_same_task_other_seed_other_answer(tokenizer, kind):
+    a = make_task(kind, tokenizer, 500, 0.5, seed=1, text=TEXT)
+    assert a == make_task(kind, tokenizer, 500, 0.5, seed=1, text=TEXT)
+    answers = {make_task(kind, tokenizer, 500, 0.5, seed=s, text=TEXT).answer for s in range(4)}
+    assert len(answers) > 1
+
+
+def test_bad_task_inputs():
+    tok = tiny.tiny_hf_tokenizer()
+    with pytest.raises(ValueError, match="depth must be between 0 and 1"):
+        make_task("passkey", tok, 500, 1.5)
+    with pytest.raises(ValueError, match="length must be a positive"):
+        make_task("number_string", tok, 0, 0.5)
+    with pytest.raises(ValueError, match="unknown task 'math'.*passkey"):
+        make_task("math", tok, 500, 0.5)
+    with pytest.raises(ValueError, match="needs a text"):
+        make_task("needle", tok, 500, 0.5)
+    with pytest.raises(ValueError, match="fewer than the 5000 asked for"):
+        make_task("needle", tok, 5000, 0.5, text="A short text. Only two sentences.")
