@@ -122,20 +122,22 @@ class ParallelCompConfig:
         return self.top_k_chunks * (self.capacity if self.capacity is not None else self.chunk_len)
 
 
-TASK_KINDS = ("passkey",)
+TASK_KINDS = ("passkey", "number_string", "kv_retrieval", "needle")  # pcomp_jax.tasks
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """The built-in input when no context file is given: a passkey hidden in filler text.
+    """The built-in input when no context file is given: a synthetic task (``pcomp_jax.tasks``).
 
-    length: context length in tokens; depth: where the passkey sits (0 = start, 1 = end).
+    kind: passkey, number_string, kv_retrieval or needle; length: context length in tokens;
+    depth: where the hidden item sits (0 = start, 1 = end); text_file: the needle's haystack.
     """
 
     kind: str = "passkey"
     length: int = 16384
     depth: float = 0.5
     seed: int = 0
+    text_file: str = "../shared/data/war_and_peace.txt"
 
     def __post_init__(self):
         check_field_types(self, "task.")

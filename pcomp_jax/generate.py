@@ -5,7 +5,7 @@
     python -m pcomp_jax.generate --prompt "What is the capital of France?" --method full
 
 With ``--config`` (or without ``--prompt``) the input is ``--context-file`` (plain text,
-or JSONL with ``context`` and ``question`` fields) or, by default, the config's passkey
+or JSONL with ``context`` and ``question`` fields) or, by default, the config's synthetic
 task; it prints the answer, whether it is right when known, the selected chunks and
 the time of each stage. ``--prompt`` runs one prompt with full attention.
 """
@@ -21,8 +21,9 @@ from .checkpoints import DTYPES, load_model
 from .config import METHODS, RunConfig, load_config, to_dict
 from .decode import generate_full
 from .errors import PcompError
+from .eval import read_text
 from .pipeline import answer
-from .tasks import Task, passkey_task
+from .tasks import Task, make_task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +103,8 @@ def run(args) -> dict:
     if args.context_file:
         task = read_context_file(args.context_file, args.record, args.question)
     else:
-        task = passkey_task(model.tokenizer, config.task.length, config.task.depth, config.task.seed)
+        text = read_text(config.task.text_file, "the needle task's") if config.task.kind == "needle" else None
+        task = make_task(config.task.kind, model.tokenizer, config.task.length, config.task.depth, config.task.seed, text)
         if args.question:
             task = Task(task.context, args.question, "")
     result = answer(model, task.context, task.question, config.pipeline, config.max_new_tokens, progress=True)
