@@ -31,6 +31,21 @@ class LongBenchFormatError(PcompError):
 
 # LongBench's prompt templates (config/dataset2prompt.json), English datasets. Each has one {context}
 # field, and at most one {input} field, after it.
+# hotpotqa, 2wikimqa and musique share one template.
+_MULTI_PASSAGE_QA = (
+    "Answer the question based on the given passages. Only give me the answer and do not output "
+    "any other words.\n"
+    "\n"
+    "The following are given passages.\n"
+    "{context}\n"
+    "\n"
+    "Answer the question based on the given passages. Only give me the answer and do not output "
+    "any other words.\n"
+    "\n"
+    "Question: {input}\n"
+    "Answer:"
+)
+
 PROMPT_TEMPLATES: dict[str, str] = {
     "narrativeqa": (
         "You are given a story, which can be either a novel or a movie script, and a question. "
@@ -74,45 +89,9 @@ PROMPT_TEMPLATES: dict[str, str] = {
         "Question: {input}\n"
         "Answer:"
     ),
-    "hotpotqa": (
-        "Answer the question based on the given passages. Only give me the answer and do not output "
-        "any other words.\n"
-        "\n"
-        "The following are given passages.\n"
-        "{context}\n"
-        "\n"
-        "Answer the question based on the given passages. Only give me the answer and do not output "
-        "any other words.\n"
-        "\n"
-        "Question: {input}\n"
-        "Answer:"
-    ),
-    "2wikimqa": (
-        "Answer the question based on the given passages. Only give me the answer and do not output "
-        "any other words.\n"
-        "\n"
-        "The following are given passages.\n"
-        "{context}\n"
-        "\n"
-        "Answer the question based on the given passages. Only give me the answer and do not output "
-        "any other words.\n"
-        "\n"
-        "Question: {input}\n"
-        "Answer:"
-    ),
-    "musique": (
-        "Answer the question based on the given passages. Only give me the answer and do not output "
-        "any other words.\n"
-        "\n"
-        "The following are given passages.\n"
-        "{context}\n"
-        "\n"
-        "Answer the question based on the given passages. Only give me the answer and do not output "
-        "any other words.\n"
-        "\n"
-        "Question: {input}\n"
-        "Answer:"
-    ),
+    "hotpotqa": _MULTI_PASSAGE_QA,
+    "2wikimqa": _MULTI_PASSAGE_QA,
+    "musique": _MULTI_PASSAGE_QA,
     "gov_report": (
         "You are given a report by a government agency. Write a one-page summary of the report.\n"
         "\n"
