@@ -175,6 +175,7 @@ def prefill_context(model: Model, parts: PromptParts, config: ParallelCompConfig
     cfg = model.config
     if config.method not in ("parallelcomp", "pcw", *ONE_WINDOW_COMPRESSED):
         raise ConfigError(f"prefill_context runs parallelcomp, pcw, snapkv or streaming, not {config.method!r}")
+    kv_budget = config.baseline_kv_budget  # from the config as given, before the one-chunk layout below
     if config.method in ONE_WINDOW_COMPRESSED:
         config = dataclasses.replace(config, chunk_len=len(parts.context), capacity=None)
     mesh = make_mesh(config.num_devices)
@@ -195,7 +196,7 @@ def prefill_context(model: Model, parts: PromptParts, config: ParallelCompConfig
     top_k = config.top_k_chunks if config.method == "parallelcomp" else bucket_length(num_chunks, minimum=1)
     token_scoring = "recent" if config.method == "streaming" else "snapkv"
     if config.method in ONE_WINDOW_COMPRESSED:
-        capacity, top_k = min(config.baseline_kv_budget, rows.tokens.shape[1]), 1
+        capacity, top_k = min(kv_budget, rows.tokens.shape[1]), 1
     weights = shard_weights(model.params, mesh)
     prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
     state = empty_selection(cfg, top_k, capacity, model.dtype)

@@ -49,6 +49,11 @@ def test_snapkv_baseline_is_one_chunk_with_snapkv_eviction(model):
     one_chunk = dataclasses.replace(base, method="parallelcomp", chunk_len=512, top_k_chunks=1, capacity=20)
     assert snap.token_ids == answer(model, context, question, one_chunk, 8).token_ids
     assert snap.num_chunks == 1
+    # The default budget is what ParallelComp keeps: top_k_chunks (2) x capacity (16).
+    default = answer(model, context, question, dataclasses.replace(base, method="snapkv"), 8)
+    kept_32 = answer(model, context, question, dataclasses.replace(one_chunk, capacity=32), 8)
+    no_eviction = answer(model, context, question, dataclasses.replace(one_chunk, capacity=None), 8)
+    assert default.token_ids == kept_32.token_ids != no_eviction.token_ids
 
 
 def test_window_baselines_cut_long_inputs_and_keep_the_budget(model):
