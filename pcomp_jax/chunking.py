@@ -28,17 +28,26 @@ class PromptParts:
     question: np.ndarray
 
 
-def encode_parts(tokenizer, context: str, question: str, instruction: str, answer_prefix: str, chat: bool) -> PromptParts:
+def encode_parts(
+    tokenizer, context: str, question: str, instruction: str, answer_prefix: str, chat: bool, verbatim: bool = False
+) -> PromptParts:
     """Splits the full prompt into P, context and Q token ids.
 
-    With ``chat`` the user turn is ``instruction + context + question`` inside the model's
-    chat template, and Q ends with the assistant cue and ``answer_prefix``.
+    The user turn is ``instruction``, the context and ``"Question: " + question``, separated
+    by blank lines (``verbatim``: the three strings joined as they are, for a benchmark's
+    own template). With ``chat`` it goes inside the model's chat template, and Q ends with
+    the assistant cue and ``answer_prefix``.
     """
     if not context.strip():
         raise PcompError("the context is empty; give some text to answer the question about")
     if not question.strip():
         raise PcompError("the question is empty")
-    user = f"{instruction}\n\n{CONTEXT_MARK}\n\nQuestion: {question}" if instruction else f"{CONTEXT_MARK}\n\nQuestion: {question}"
+    if verbatim:
+        user = f"{instruction}{CONTEXT_MARK}{question}"
+    elif instruction:
+        user = f"{instruction}\n\n{CONTEXT_MARK}\n\nQuestion: {question}"
+    else:
+        user = f"{CONTEXT_MARK}\n\nQuestion: {question}"
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise PcompError("the model has no chat template; set chat: false")

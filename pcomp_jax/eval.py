@@ -1,7 +1,7 @@
 """Evaluation runner: every method side by side on synthetic tasks, LongBench data and perplexity.
 
     python -m pcomp_jax.eval --config configs/eval_retrieval.yaml
-    python -m pcomp_jax.eval --config configs/eval_perplexity.yaml --set lengths=[8192]
+    python -m pcomp_jax.eval --config configs/eval_perplexity.yaml --set perplexity.prefix_lengths=[8192]
 
 One run sweeps methods x (tasks x lengths x depths x seeds, the LongBench examples, the
 perplexity windows). Per method it writes ``<output_dir>/<method>/predictions.jsonl`` (one
@@ -36,7 +36,7 @@ class MethodSpec:
     """One column of the comparison: a name and the pipeline fields it changes.
 
     Unset (null) fields keep the run's ``pipeline`` value. max_length: synthetic inputs
-    longer than this many tokens are not run for this method (e.g. full attention at
+    and perplexity prefixes longer than this many tokens are not run for this method (e.g. full attention at
     lengths where it is known to fail or too slow); they show as "-" in the summary.
     """
 
@@ -57,7 +57,7 @@ class MethodSpec:
 
     def runs(self, item: Item) -> bool:
         """Whether this method runs ``item`` (see max_length)."""
-        length = item.fields.get("length") if item.kind == "synthetic" else None
+        length = item.fields.get("length", item.fields.get("prefix_len"))
         return self.max_length is None or length is None or length <= self.max_length
 
     def pipeline(self, base: ParallelCompConfig) -> ParallelCompConfig:
@@ -124,6 +124,12 @@ class EvalConfig:
 
     def __post_init__(self):
         check_field_types(self)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r} is not allowed; choose one of: float32, bfloat16")
+        for name in ("tasks", "lengths", "depths", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name} has repeated values: {list(values)}")
         for task in self.tasks:
             if task not in SYNTHETIC_TASKS:
                 raise ConfigError(f"unknown task {task!r} in tasks; choose from: {', '.join(SYNTHETIC_TASKS)}")
@@ -230,7 +236,9 @@ class Runner:
         record = {"id": item.id, "kind": item.kind, **{k: v for k, v in item.fields.items() if k != "example"}}
         try:
             record.update(getattr(self, f"_{item.kind}")(item, pipeline))
-        except PcompError as err:  # e.g. an input that does not fit a method: recorded, scored 0
+        except ConfigError:  # a setting, not this input: stop (checked up front, so rare)
+            raise
+        except PcompError as err:  # this input does not suit this method (e.g. too long): recorded, scored 0
             record.update({"error": f"{type(err).__name__}: {err}", "score": 0.0})
         record["seconds"] = round(time.perf_counter() - start, 2)
         return record
@@ -248,14 +256,12 @@ class Runner:
                 "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
 
     def _longbench(self, item: Item, pipeline) -> dict:
-        from .longbench import MAX_NEW_TOKENS, score_example, split_prompt
-        from .pipeline import answer
+        from .longbench import MAX_NEW_TOKENS, encode_prompt, score_example
+        from .pipeline import answer_parts
 
         ex = item.fields["example"]
-        prompt = split_prompt(ex)
-        pipeline = dataclasses.replace(pipeline, instruction=prompt.instruction.strip(), answer_prefix="")
-        result = answer(self.model, prompt.context, prompt.question.strip(), pipeline,
-                        self.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset])
+        parts = encode_prompt(self.model.tokenizer, ex, pipeline.chat)
+        result = answer_parts(self.model, parts, pipeline, self.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset])
         return {"dataset": ex.dataset, "example_id": ex.id, "length": ex.length, "prediction": result.text,
                 "answers": ex.answers, "score": score_example(ex, result.text),
                 "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
@@ -277,6 +283,12 @@ def read_predictions(path: str) -> dict[str, dict]:
     done = {}
     if not os.path.exists(path):
         return done
+    with open(path, "rb+") as f:  # drop a last line cut short by a kill, so appends start on a fresh line
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            print(f"warning: {path} ended in a record cut short (an interrupted run?); that item runs again",
+                  file=sys.stderr)
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -301,16 +313,24 @@ def append_record(path: str, record: dict) -> None:
 
 def method_settings(config: EvalConfig, spec: MethodSpec) -> dict:
     """What makes a method's predictions comparable across resumed runs."""
-    return {"model": config.model, "dtype": config.dtype, "max_new_tokens": config.max_new_tokens,
-            "pipeline": to_dict(spec.pipeline(config.pipeline)), "perplexity": to_dict(config.perplexity),
-            "text_file": config.text_file}
+    settings = {"model": config.model, "dtype": config.dtype, "max_new_tokens": config.max_new_tokens,
+                "pipeline": to_dict(spec.pipeline(config.pipeline))}
+    if "needle" in config.tasks:
+        settings["text_file"] = config.text_file
+    if config.perplexity.prefix_lengths:  # the lengths themselves are in the item ids
+        settings["perplexity"] = {k: v for k, v in to_dict(config.perplexity).items() if k != "prefix_lengths"}
+    if config.longbench is not None:
+        settings["longbench"] = os.path.abspath(config.longbench)
+    return settings
 
 
 def check_or_write_settings(directory: str, settings: dict) -> None:
     """Refuses to resume a method directory whose results came from other settings."""
     path = os.path.join(directory, "settings.json")
     normal = json.loads(json.dumps(settings))
-    if os.path.exists(path):
+    predictions = os.path.join(directory, "predictions.jsonl")
+    has_results = os.path.exists(predictions) and os.path.getsize(predictions) > 0
+    if os.path.exists(path) and has_results:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         if old != normal:
@@ -415,7 +435,7 @@ def plot_heatmaps(metrics: dict[str, dict], output_dir: str) -> list[str]:
                         grid[i, j] = cell["by_depth"][f"{d:g}"]
             image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             ax.set_title(name, fontsize=9)
-            ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths], fontsize=7)
+            ax.set_xticks(range(len(lengths)), [f"{n / 1024:g}K" if n >= 1024 else str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
             ax.set_xlabel("context tokens", fontsize=7)
         axes[0][0].set_ylabel("depth", fontsize=8)
@@ -459,6 +479,36 @@ def plot_perplexity(metrics: dict[str, dict], output_dir: str, window: int | Non
 # ---- the run -------------------------------------------------------------------------------
 
 
+def check_method_fits(model, pipeline: ParallelCompConfig, name: str) -> None:
+    """The checks ``answer`` makes of the settings alone (calibration against the method and
+    the model's depth, the attention backend), made once before any item runs."""
+    from .attention import causal_attention
+    from .pipeline import calibration_rules, check_rules_apply
+
+    try:
+        check_rules_apply(calibration_rules(pipeline, model.config.num_layers), pipeline.method)
+        causal_attention(pipeline.attention, 4096, needs_key_mask=False, dtype=model.dtype)
+    except ConfigError as err:
+        raise ConfigError(f"method {name!r}: {err}") from None
+
+
+def write_results(config: EvalConfig, items: list[Item], done: dict[str, dict], window: int | None) -> dict[str, dict]:
+    """Writes every method's ``metrics.json``, ``summary.md``/``.json`` and the plots; returns the metrics."""
+    metrics = {}
+    for spec in config.methods:
+        wanted = {item.id for item in items if spec.runs(item)}
+        metrics[spec.name] = method_metrics([r for i, r in done[spec.name].items() if i in wanted])
+        with open(os.path.join(config.output_dir, spec.name, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics[spec.name], f, indent=1)
+    with open(os.path.join(config.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=1)
+    with open(os.path.join(config.output_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(summary_markdown(metrics))
+    plot_heatmaps(metrics, config.output_dir)
+    plot_perplexity(metrics, config.output_dir, window)
+    return metrics
+
+
 def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str, dict]:
     """Runs (or resumes) the whole sweep; returns the metrics per method and writes the files."""
     items = synthetic_items(config) + longbench_items(config) + perplexity_items(config)
@@ -476,6 +526,8 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
         from .checkpoints import load_model
 
         model = load_model(config.model, dtype=config.dtype)
+    for spec in config.methods:
+        check_method_fits(model, spec.pipeline(config.pipeline), spec.name)
     runner = Runner(model, config)
     done = {spec.name: read_predictions(os.path.join(config.output_dir, spec.name, "predictions.jsonl"))
             for spec in config.methods}
@@ -485,25 +537,15 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
     if skipped:
         print(f"resuming: {skipped} finished predictions kept, {len(pending)} to run", file=sys.stderr)
     bar = tqdm(pending, desc="eval", unit="item", disable=not progress)
-    for spec, item in bar:
-        bar.set_postfix_str(f"{spec.name} {item.id}")
-        record = runner.run(item, spec.pipeline(config.pipeline))
-        record["method"] = spec.name
-        append_record(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), record)
-        done[spec.name][item.id] = record
-    wanted = {item.id for item in items}
-    metrics = {}
-    for spec in config.methods:
-        records = [r for i, r in done[spec.name].items() if i in wanted]
-        metrics[spec.name] = method_metrics(records)
-        with open(os.path.join(config.output_dir, spec.name, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics[spec.name], f, indent=1)
-    with open(os.path.join(config.output_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1)
-    with open(os.path.join(config.output_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(summary_markdown(metrics))
-    plot_heatmaps(metrics, config.output_dir)
-    plot_perplexity(metrics, config.output_dir, getattr(model.config, "window", None))
+    try:
+        for spec, item in bar:
+            bar.set_postfix_str(f"{spec.name} {item.id}")
+            record = runner.run(item, spec.pipeline(config.pipeline))
+            record["method"] = spec.name
+            append_record(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), record)
+            done[spec.name][item.id] = record
+    finally:  # metrics, summary and plots of what is finished, also when a run stops early
+        metrics = write_results(config, items, done, getattr(model.config, "window", None))
     return metrics
 
 

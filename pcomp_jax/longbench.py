@@ -388,3 +388,17 @@ def split_prompt(example: LongBenchExample) -> LongBenchPrompt:
 def score_example(example: LongBenchExample, prediction: str) -> float:
     """The LongBench score in [0, 1] of ``prediction`` for ``example`` (best over its answers)."""
     return metrics.score_prediction(example.dataset, prediction, example.answers, example.all_classes)
+
+
+def encode_prompt(tokenizer, example: LongBenchExample, chat: bool = True):
+    """The example's LongBench prompt as ``chunking.PromptParts`` (P, context, Q token ids).
+
+    The template's head, the context and the filled-in tail are joined verbatim (no
+    ``Question:`` label, nothing stripped), inside the chat template when ``chat`` and the
+    dataset is not one LongBench prompts without it (``RAW_PROMPT_DATASETS``).
+    """
+    from .chunking import encode_parts
+
+    prompt = split_prompt(example)
+    use_chat = chat and example.dataset not in RAW_PROMPT_DATASETS
+    return encode_parts(tokenizer, prompt.context, prompt.question, prompt.instruction, "", use_chat, verbatim=True)

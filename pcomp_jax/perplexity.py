@@ -32,7 +32,7 @@ from .config import ParallelCompConfig
 from .errors import PcompError
 from .model.config import ModelConfig
 from .model.llama import Weights, cached_forward, prefill_forward
-from .pipeline import ONE_WINDOW_COMPRESSED, calibration_rules, check_rules_apply, fit_to_window, prefill_context
+from .pipeline import calibration_rules, check_rules_apply, prefill_context, window_input
 from .prefill import ChunkSelection, merge_selection
 
 
@@ -120,8 +120,7 @@ def continuation_nll(
     rules = calibration_rules(config, model.config.num_layers)
     check_rules_apply(rules, config.method)
     parts = PromptParts(prefix=prefix_ids[:1], context=prefix_ids[1:-query_len], question=prefix_ids[-query_len:])
-    if config.method in ("truncate", *ONE_WINDOW_COMPRESSED):
-        parts = fit_to_window(parts, model.config.window, m)
+    parts = window_input(parts, config.method, model.config.window, m)
     if config.method in ("full", "truncate"):
         ids = np.concatenate([parts.prefix, parts.context, parts.question, continuation_ids])
         tb = bucket_length(len(ids))

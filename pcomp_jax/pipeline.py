@@ -90,16 +90,28 @@ def truncate_middle(context: np.ndarray, budget: int) -> np.ndarray:
     return np.concatenate([context[:head], context[len(context) - (budget - head):]])
 
 
-def fit_to_window(parts: PromptParts, window: int, room: int) -> PromptParts:
-    """``parts`` with the context cut by ``truncate_middle`` so that P + context + Q + ``room``
-    new tokens fit in ``window`` (the input of truncate, snapkv and streaming)."""
+def fit_to_window(parts: PromptParts, window: int, room: int, keep: str = "middle") -> PromptParts:
+    """``parts`` with the context cut so that P + context + Q + ``room`` new tokens fit in
+    ``window``: ``keep="middle"`` drops the middle (``truncate_middle``; truncate, snapkv),
+    ``keep="tail"`` keeps the most recent tokens (streaming)."""
     budget = window - len(parts.prefix) - len(parts.question) - room
     if budget < 1:
         raise InputTooLongError(
             f"prefix ({len(parts.prefix)}) + question ({len(parts.question)}) + {room} new tokens "
             f"leave no room for context in the window of {window} tokens"
         )
-    return dataclasses.replace(parts, context=truncate_middle(parts.context, budget))
+    context = truncate_middle(parts.context, budget) if keep == "middle" else parts.context[-budget:]
+    return dataclasses.replace(parts, context=context)
+
+
+def window_input(parts: PromptParts, method: str, window: int, room: int) -> PromptParts:
+    """What the one-window methods read: truncate and snapkv the first and last halves of the
+    window, streaming its most recent tokens; other methods read ``parts`` unchanged."""
+    if method in ("truncate", "snapkv"):
+        return fit_to_window(parts, window, room, "middle")
+    if method == "streaming":
+        return fit_to_window(parts, window, room, "tail")
+    return parts
 
 
 ONE_WINDOW_COMPRESSED = ("snapkv", "streaming")  # KV compression of the truncated input
@@ -122,10 +134,26 @@ def answer(
         raise PcompError(f"{model.source!r} has no tokenizer; answer() needs one to read text")
     if not isinstance(context, str) or not isinstance(question, str):
         raise PcompError("context and question must be strings")
-    timings: dict[str, float] = {}
     t = time.perf_counter()
     parts = encode_parts(model.tokenizer, context, question, config.instruction, config.answer_prefix, config.chat)
-    t = _timed(timings, "tokenize", t)
+    return answer_parts(model, parts, config, max_new_tokens, progress, {"tokenize": time.perf_counter() - t})
+
+
+def answer_parts(
+    model: Model,
+    parts: PromptParts,
+    config: ParallelCompConfig,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+    timings: dict | None = None,
+) -> Answer:
+    """``answer`` for a prompt already split into token ids P, context and Q (e.g. by a
+    benchmark's own template, ``longbench.encode_prompt``)."""
+    if not isinstance(config, ParallelCompConfig):
+        raise ConfigError(f"config must be a pcomp_jax.ParallelCompConfig, got {type(config).__name__}")
+    check_max_new_tokens(max_new_tokens)
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
     rules = calibration_rules(config, model.config.num_layers)
     check_rules_apply(rules, config.method)
     if config.method in ("full", "truncate"):
@@ -140,7 +168,7 @@ def check_rules_apply(rules, method: str) -> None:
 
 
 def _answer_one_row(model, parts: PromptParts, config, max_new_tokens, timings, t) -> Answer:
-    row = fit_to_window(parts, model.config.window, max_new_tokens) if config.method == "truncate" else parts
+    row = window_input(parts, config.method, model.config.window, max_new_tokens)
     ids = np.concatenate([row.prefix, row.context, row.question])
     gen = generate_ids(model, ids, max_new_tokens)
     _timed(timings, "generate", t)
@@ -244,8 +272,7 @@ def answer_from_prefill(model: Model, pre: ContextPrefill, max_new_tokens: int, 
 
 def _answer_chunked(model, parts: PromptParts, config: ParallelCompConfig, rules, max_new_tokens, timings, t, progress) -> Answer:
     context_tokens = len(parts.context)
-    if config.method in ONE_WINDOW_COMPRESSED:
-        parts = fit_to_window(parts, model.config.window, max_new_tokens)
+    parts = window_input(parts, config.method, model.config.window, max_new_tokens)
     pre = prefill_context(model, parts, config, tuple(r for r in rules if r.stage == "chunk"), progress)
     _timed(timings, "prefill", t)
     gen = answer_from_prefill(model, pre, max_new_tokens, tuple(r for r in rules if r.stage == "merged"), timings)

@@ -23,6 +23,8 @@ import uuid
 
 import numpy as np
 
+from .errors import PcompError
+
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n\n"
@@ -55,9 +57,9 @@ def count_tokens(tokenizer, text: str) -> int:
 
 def _check(length: int, depth: float) -> None:
     if not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be a positive number of tokens, got {length!r}")
+        raise PcompError(f"length must be a positive number of tokens, got {length!r}")
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be between 0 and 1, got {depth}")
+        raise PcompError(f"depth must be between 0 and 1, got {depth}")
 
 
 def filler_text(tokenizer, filler: str, num_tokens: int) -> str:
@@ -151,7 +153,7 @@ def needle_task(text: str, tokenizer, length: int, depth: float, seed: int = 0) 
     span_len = max(1, length - count_tokens(tokenizer, fact))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < span_len:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than the {length} asked for")
+        raise PcompError(f"the text has {len(ids)} tokens, fewer than the {length} asked for")
     start = int(rng.integers(0, len(ids) - span_len + 1))
     span = tokenizer.decode(ids[start : start + span_len])
     cut = round(depth * len(span))
@@ -171,9 +173,9 @@ SYNTHETIC_TASKS = {
 def make_task(kind: str, tokenizer, length: int, depth: float, seed: int = 0, text: str | None = None) -> Task:
     """The task ``kind`` (one of ``SYNTHETIC_TASKS``); ``needle`` needs the haystack ``text``."""
     if kind not in SYNTHETIC_TASKS:
-        raise ValueError(f"unknown task {kind!r}; choose one of: {', '.join(SYNTHETIC_TASKS)}")
+        raise PcompError(f"unknown task {kind!r}; choose one of: {', '.join(SYNTHETIC_TASKS)}")
     if kind == "needle":
         if text is None:
-            raise ValueError("the needle task needs a text to hide the fact in (e.g. a book from ../shared/data)")
+            raise PcompError("the needle task needs a text to hide the fact in (e.g. a book from ../shared/data)")
         return needle_task(text, tokenizer, length, depth, seed)
     return SYNTHETIC_TASKS[kind](tokenizer, length, depth, seed)

@@ -145,6 +145,9 @@ def test_runner_writes_resumes_and_refuses_changed_settings(model, eval_config, 
         f.write(text[: len(text) - len(last) // 2 - 1])  # the last record half written
     evaluate(eval_config, model, progress=False)
     assert calls == [json.loads(last)["id"]]
+    assert len(lines(f"{out}/pc/predictions.jsonl")) == len(pc)  # every line whole again, none lost
+    evaluate(eval_config, model, progress=False)
+    assert calls == [json.loads(last)["id"]]
 
     # Changed settings for an existing method: refused, files untouched.
     before = open(f"{out}/pc/predictions.jsonl").read()
@@ -185,7 +188,31 @@ def test_metrics_and_summary_by_hand():
     assert "| a | 0.50 (1/2) | 1.00 (1/1) |" in table and "| a | 37.5 |" in table and "| a | 7.39 |" in table
 
 
+def test_settings_problems_stop_before_any_item(model, eval_config):
+    config = dataclasses.replace(eval_config, pipeline=dataclasses.replace(
+        eval_config.pipeline, calibration_preset="remove_shallow_sink"))  # calibration on method full: refused
+    with pytest.raises(ConfigError, match="method 'full': calibration applies to the chunked methods"):
+        evaluate(config, model, progress=False)
+    assert not os.path.exists(f"{config.output_dir}/full/predictions.jsonl")
+    evaluate(eval_config, model, progress=False)  # settings written by the refused run do not block a fixed one
+
+
+def test_longbench_prompt_is_the_template_verbatim(model):
+    from pcomp_jax.longbench import PROMPT_TEMPLATES, encode_prompt, load_longbench
+
+    fixture = os.path.join(os.path.dirname(__file__), "data", "longbench_fixture.jsonl")
+    for ex in load_longbench(fixture):
+        parts = encode_prompt(model.tokenizer, ex, chat=False)
+        text = model.tokenizer.decode(np.concatenate([parts.prefix, parts.context, parts.question]))
+        expected = PROMPT_TEMPLATES[ex.dataset].replace("{context}", ex.context).replace("{input}", ex.input)
+        assert text == expected + "\n"
+
+
 def test_eval_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="depths has repeated values"):
+        EvalConfig(depths=(0.5, 0.5))
+    with pytest.raises(ConfigError, match="dtype='bf16' is not allowed"):
+        EvalConfig(dtype="bf16")
     with pytest.raises(ConfigError, match="unknown task 'math'"):
         EvalConfig(tasks=("math",))
     with pytest.raises(ConfigError, match="depths must lie in"):
