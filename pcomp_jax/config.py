@@ -52,7 +52,7 @@ class ParallelCompConfig:
     calibration_preset: a named preset (``calibrate.PRESETS``) added to the rules, with layer
       ranges scaled to the model's depth, applied at ``calibration_preset_stage``.
     attention: causal prefill backend: ``auto`` (GPU: cuDNN for bfloat16 without chunk-stage
-      calibration, else Pallas; CPU: dense up to 2048-token rows, then blockwise), ``dense``,
+      calibration, else Pallas; CPU: blockwise), ``dense``,
       ``blockwise``, ``pallas`` or ``cudnn``. num_devices: devices on the ``chunk`` mesh axis (None: all).
     kv_budget: context tokens the snapkv and streaming baselines keep (None: as many as
       ParallelComp keeps, ``top_k_chunks x (capacity or chunk_len)``).

@@ -54,7 +54,7 @@ def _forward_jit(weights: Weights, cfg: ModelConfig, tokens: jax.Array, length: 
     so that it cannot change a position-dependent rope (dynamic NTK looks at the largest)."""
     steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.where(steps < length, steps, 0), tokens.shape)
-    logits, _ = prefill_forward(weights, cfg, tokens, positions, attention=causal_attention("auto", tokens.shape[1], dtype=weights.embed.dtype))
+    logits, _ = prefill_forward(weights, cfg, tokens, positions, attention=causal_attention("auto", dtype=weights.embed.dtype))
     return logits
 
 
@@ -179,7 +179,7 @@ def _prefill_prompt(weights, cfg, tokens, length, num_steps):
     Returns the cache (room for ``num_steps`` more tokens) and the first new token."""
     steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     positions = jnp.where(steps < length, steps, 0)[None, :]  # padding at position 0 (see _forward_jit)
-    attention = causal_attention("auto", tokens.shape[1], dtype=weights.embed.dtype)
+    attention = causal_attention("auto", dtype=weights.embed.dtype)
     logits, (keys, values) = prefill_forward(
         weights, cfg, tokens, positions, logits_at=(length - 1)[None, None], attention=attention
     )

@@ -487,7 +487,7 @@ def check_method_fits(model, pipeline: ParallelCompConfig, name: str) -> None:
 
     try:
         check_rules_apply(calibration_rules(pipeline, model.config.num_layers), pipeline.method)
-        causal_attention(pipeline.attention, 4096, needs_key_mask=False, dtype=model.dtype)
+        causal_attention(pipeline.attention, needs_key_mask=False, dtype=model.dtype)
     except ConfigError as err:
         raise ConfigError(f"method {name!r}: {err}") from None
 

@@ -63,7 +63,7 @@ def _row_nll(weights: Weights, cfg: ModelConfig, tokens, length, predict_at, tar
     ``targets`` ``[M]``. Returns the NLL ``[M]``."""
     steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     positions = jnp.where(steps < length, steps, 0)[None]
-    attention = causal_attention("auto", tokens.shape[1], dtype=weights.embed.dtype)
+    attention = causal_attention("auto", dtype=weights.embed.dtype)
     logits, _ = prefill_forward(
         weights, cfg, tokens, positions, logits_at=predict_at[None], attention=attention, emit=lambda *_: ()
     )

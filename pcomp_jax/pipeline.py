@@ -229,7 +229,7 @@ def prefill_context(model: Model, parts: PromptParts, config: ParallelCompConfig
     prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
     state = empty_selection(cfg, top_k, capacity, model.dtype)
     chunk_ids = np.arange(rows.tokens.shape[0], dtype=np.int32)
-    attention = causal_attention(config.attention, rows.tokens.shape[1], needs_key_mask=bool(chunk_rules), dtype=model.dtype)
+    attention = causal_attention(config.attention, needs_key_mask=bool(chunk_rules), dtype=model.dtype)
     scores = []
     for g in tqdm(range(num_groups), desc="chunk groups", unit="group", disable=not progress):
         rows_g = slice(g * group, (g + 1) * group)

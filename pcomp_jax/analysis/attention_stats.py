@@ -50,7 +50,7 @@ def _layer_attention(weights: Weights, cfg: ModelConfig, tokens, positions, row_
         keep = None if keep_fn is None else keep_fn(q, k, layer_index)
         return last_query_attention(q, k, row_lengths, r, keep)
 
-    attention = causal_attention("auto", tokens.shape[1], needs_key_mask=bool(rules), dtype=weights.embed.dtype)
+    attention = causal_attention("auto", needs_key_mask=bool(rules), dtype=weights.embed.dtype)
     _, per_layer = prefill_forward(
         weights, cfg, tokens, positions, logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32),
         attention=attention, emit=emit, key_keep=keep_fn,
