@@ -16,6 +16,7 @@ from pcomp_jax.decode import forward
 from pcomp_jax.eval import EvalConfig, MethodSpec, Runner, evaluate, method_metrics, summary_markdown
 from pcomp_jax.perplexity import continuation_nll, text_windows
 from pcomp_jax.prefill import prefill_group
+from pcomp_jax.tasks import make_task
 from pcomp_jax.errors import PcompError
 
 WORDS = "the cat sat on a mat and then ran in the sun as the other one slept there".split()
@@ -166,6 +167,20 @@ def test_runner_records_item_errors_and_scores_them_zero(model, eval_config):
     (record,) = lines(f"{config.output_dir}/t/predictions.jsonl")
     assert record["error"].startswith("InputTooLongError") and record["score"] == 0.0
     assert metrics["t"]["errors"] == 1
+
+
+def test_calibrated_method_runs_its_preset(model, eval_config):
+    spec = MethodSpec("pc_calib", "parallelcomp", calibration_preset="remove_shallow_middle",
+                      calibration_preset_stage="merged")
+    config = dataclasses.replace(eval_config, methods=(spec,), tasks=("passkey",), lengths=(150,), depths=(0.5,))
+    metrics = evaluate(config, model, progress=False)
+    with open(f"{config.output_dir}/pc_calib/settings.json") as f:
+        assert json.load(f)["pipeline"]["calibration_preset"] == "remove_shallow_middle"
+    synthetic, ppl = lines(f"{config.output_dir}/pc_calib/predictions.jsonl")
+    task = make_task("passkey", model.tokenizer, 150, 0.5, 0)
+    direct = answer(model, task.context, task.question, spec.pipeline(config.pipeline), config.max_new_tokens)
+    assert synthetic["prediction"] == direct.text and synthetic["selected_chunks"] == direct.selected_chunks
+    assert np.isfinite(ppl["perplexity"]) and metrics["pc_calib"]["errors"] == 0
 
 
 def test_metrics_and_summary_by_hand():
