@@ -1,5 +1,7 @@
 """Every attention backend agrees with the dense reference (GPU-only ones skip on the CPU)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,25 @@ def test_auto_and_bad_names():
         causal_attention("flash9")
     with pytest.raises(ValueError, match="cudnn attention backend takes no calibration keep-mask"):
         causal_attention("cudnn", needs_key_mask=True)
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,dtype,with_mask", [(9, 3, 64, jnp.float32, True), (32, 8, 128, jnp.bfloat16, False)])
+def test_pallas_kernel_lowers_to_triton_for_cuda(heads, kv_heads, d, dtype, with_mask):
+    # Cross-platform lowering, no GPU needed: the compiled kernel must become one Triton
+    # custom call (pallas_call's default GPU backend, Mosaic GPU, would try to hold a
+    # whole row's K/V in shared memory and fail).
+    from jax import export
+
+    t = 1088  # a ParallelComp row: not a power of two
+    q = jax.ShapeDtypeStruct((2, t, heads, d), dtype)
+    kv = jax.ShapeDtypeStruct((2, t, kv_heads, d), dtype)
+    keep = jax.ShapeDtypeStruct((2, kv_heads, t), jnp.bool_) if with_mask else None
+    kernel = jax.jit(functools.partial(pallas_causal_attention, interpret=False))
+    exported = export.export(kernel, platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, kv, kv, keep)
+    module = exported.mlir_module()
+    assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+    assert exported.out_avals[0].shape == (2, t, heads, d) and exported.out_avals[0].dtype == dtype
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs an NVIDIA GPU (jax.nn.dot_product_attention, implementation='cudnn')")

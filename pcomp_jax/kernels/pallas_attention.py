@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from ..attention import NEG_INF
 
@@ -81,6 +82,7 @@ def pallas_causal_attention(q, k, v, key_keep=None, block_q: int = 64, block_k: 
         out_specs=pl.BlockSpec((squeezed, block_q, squeezed, d), lambda i, bi, hi: (bi, i, hi, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret,
+        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),  # Triton, not Mosaic GPU
         name="pcomp_causal_attention",
     )(q, k, v, keep)
     return out[:, :t]
