@@ -211,7 +211,7 @@ class Runner:
     def __init__(self, model, config: EvalConfig):
         self.model, self.config = model, config
         self._needle_text = None
-        self._ppl_windows = {}
+        self._ppl_windows = None
 
     def needle_text(self) -> str:
         if self._needle_text is None:
@@ -219,16 +219,14 @@ class Runner:
         return self._needle_text
 
     def ppl_window(self, prefix_len: int, sample: int):
+        """(prefix, continuation) token ids; every prefix length shares the continuations."""
         from .perplexity import text_windows
 
-        ppl = self.config.perplexity
-        if prefix_len not in self._ppl_windows:
-            if "ids" not in self._ppl_windows:
-                text = read_text(ppl.text_file, "the perplexity")
-                self._ppl_windows["ids"] = np.asarray(
-                    self.model.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-            self._ppl_windows[prefix_len] = text_windows(
-                self._ppl_windows["ids"], prefix_len, ppl.continuation, ppl.samples, seed=prefix_len)
+        if self._ppl_windows is None:
+            ppl = self.config.perplexity
+            text = read_text(ppl.text_file, "the perplexity")
+            ids = np.asarray(self.model.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+            self._ppl_windows = text_windows(ids, ppl.prefix_lengths, ppl.continuation, ppl.samples)
         return self._ppl_windows[prefix_len][sample]
 
     def run(self, item: Item, pipeline: ParallelCompConfig) -> dict:

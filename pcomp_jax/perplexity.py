@@ -141,13 +141,19 @@ def continuation_nll(
     return ContinuationScore(np.asarray(nll)[q - 1 : len(tail) - 1], pre.selected_chunks)
 
 
-def text_windows(ids: np.ndarray, prefix_len: int, continuation_len: int, samples: int, seed: int = 0):
-    """``samples`` (prefix, continuation) pairs cut from token ids ``[N]`` at seed-chosen,
-    evenly spread starts. Raises ``PcompError`` when the text is too short."""
-    need = prefix_len + continuation_len
+def text_windows(ids: np.ndarray, prefix_lengths, continuation_len: int, samples: int, seed: int = 0):
+    """``{T: [(prefix, continuation)] * samples}`` cut from token ids ``[N]``.
+
+    Each sample's continuation (``continuation_len`` tokens) is chosen once, at a
+    seed-chosen, evenly spread place, and every prefix length T takes the T tokens right
+    before it: perplexity at different T scores the same tokens, so a curve over T shows
+    the effect of the context alone. Raises ``PcompError`` when the text is too short.
+    """
+    longest = max(prefix_lengths)
+    need = longest + continuation_len
     if len(ids) < need:
-        raise PcompError(f"the text has {len(ids)} tokens; prefix {prefix_len} + continuation {continuation_len} need {need}")
+        raise PcompError(f"the text has {len(ids)} tokens; prefix {longest} + continuation {continuation_len} need {need}")
     rng = np.random.default_rng(seed)
     span = len(ids) - need
-    starts = [int(rng.integers(i * span // samples, (i + 1) * span // samples + 1)) for i in range(samples)]
-    return [(ids[s : s + prefix_len], ids[s + prefix_len : s + need]) for s in starts]
+    starts = [longest + int(rng.integers(i * span // samples, (i + 1) * span // samples + 1)) for i in range(samples)]
+    return {t: [(ids[s - t : s], ids[s : s + continuation_len]) for s in starts] for t in prefix_lengths}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
 
 import numpy as np
@@ -35,19 +36,40 @@ NUMBER_STRING_QUESTION = "What is the sequence number?"
 KV_INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n"
 
 
+SCORING = ("contains", "first_integer", "word")
+
+
 @dataclasses.dataclass
 class Task:
-    """A context, a question about it, and the expected answer (a substring of a right reply;
-    several accepted answers may be given as a list)."""
+    """A context, a question about it, and the expected answer (several accepted answers
+    may be given as a list), with how a reply is judged (``scoring``):
+
+    - ``contains``: the answer appears in the reply, ignoring case;
+    - ``first_integer``: the reply's first run of digits is the answer (InfiniteBench's
+      passkey and number_string scoring);
+    - ``word``: the answer is one of the reply's words once quotes and punctuation are
+      spaces (InfiniteBench's kv_retrieval scoring).
+    """
 
     context: str
     question: str
     answer: str | list[str]
+    scoring: str = "contains"
+
+    def __post_init__(self):
+        if self.scoring not in SCORING:
+            raise PcompError(f"scoring={self.scoring!r} is not allowed; choose one of: {', '.join(SCORING)}")
 
     def is_correct(self, reply: str) -> bool:
-        """Whether ``reply`` contains the expected answer (any of them, for a list)."""
-        answers = self.answer if isinstance(self.answer, list) else [self.answer]
-        return any(a and a in reply for a in answers)
+        """Whether ``reply`` is right for any of the accepted answers (see ``scoring``)."""
+        answers = [a for a in (self.answer if isinstance(self.answer, list) else [self.answer]) if a]
+        if self.scoring == "first_integer":
+            first = re.search(r"\d+", reply)
+            return first is not None and first.group() in answers
+        if self.scoring == "word":
+            words = re.sub(r"[\n:\"'.,?!{}]", " ", reply).split()
+            return any(a in words for a in answers)
+        return any(a.lower() in reply.lower() for a in answers)
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -95,7 +117,7 @@ def passkey_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
     key = str(np.random.default_rng(seed).integers(10000, 100000))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     context = hidden_in_filler(tokenizer, PASSKEY_INTRO, needle, length, depth)
-    return Task(context=context, question=PASSKEY_QUESTION, answer=key)
+    return Task(context=context, question=PASSKEY_QUESTION, answer=key, scoring="first_integer")
 
 
 def number_string_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
@@ -105,7 +127,7 @@ def number_string_task(tokenizer, length: int, depth: float, seed: int = 0) -> T
     number = str(rng.integers(1, 10)) + "".join(str(d) for d in rng.integers(0, 10, size=9))
     needle = f"The sequence of digits is {number}. Remember it. {number} is the sequence of digits. "
     context = hidden_in_filler(tokenizer, PASSKEY_INTRO, needle, length, depth)
-    return Task(context=context, question=NUMBER_STRING_QUESTION, answer=number)
+    return Task(context=context, question=NUMBER_STRING_QUESTION, answer=number, scoring="first_integer")
 
 
 def kv_retrieval_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
@@ -114,7 +136,7 @@ def kv_retrieval_task(tokenizer, length: int, depth: float, seed: int = 0) -> Ta
     _check(length, depth)
     rng = np.random.default_rng(seed)
     new_uuid = lambda: str(uuid.UUID(bytes=rng.bytes(16), version=4))
-    as_text = lambda pairs: KV_INTRO + json.dumps(dict(pairs), indent=0)
+    as_text = lambda pairs: KV_INTRO + json.dumps(dict(pairs))  # one line, as InfiniteBench writes it
     pairs = [(new_uuid(), new_uuid()) for _ in range(8)]
     per_pair = count_tokens(tokenizer, as_text(pairs)) / 8
     pairs += [(new_uuid(), new_uuid()) for _ in range(int(1.2 * length / per_pair) + 8)]
@@ -125,7 +147,7 @@ def kv_retrieval_task(tokenizer, length: int, depth: float, seed: int = 0) -> Ta
     context = as_text(pairs)
     key, value = pairs[round(depth * (len(pairs) - 1))]
     question = f'Key: "{key}"\nThe value associated with the specified key is:'
-    return Task(context=context, question=question, answer=value)
+    return Task(context=context, question=question, answer=value, scoring="word")
 
 
 NEEDLE_FACTS = (
@@ -134,6 +156,7 @@ NEEDLE_FACTS = (
     ("The old gardener's favourite word was {x}.", "What was the old gardener's favourite word?"),
     ("The secret password of the club was {x}.", "What was the secret password of the club?"),
 )
+SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)]*\s+")
 NEEDLE_WORDS = ("Marmalade", "Copperfield", "Zanzibar", "Pemberton", "Quixotic", "Blueberry", "Ravensworth",
                 "Tangerine", "Wolverhampton", "Lighthouse", "Saffron", "Thimble")
 
@@ -142,7 +165,8 @@ def needle_task(text: str, tokenizer, length: int, depth: float, seed: int = 0) 
     """A fact planted in natural ``text`` (e.g. a novel) of about ``length`` tokens, at ``depth``.
 
     A seed-chosen span of the text is cut so that span + fact make ``length`` tokens; the
-    fact sentence goes in at the sentence boundary nearest before ``depth`` of the span;
+    fact sentence goes in at the sentence end (``.``, ``!`` or ``?``, closing quotes, then
+    a space or line break) nearest to ``depth`` of the span, or at the span's start or end;
     the question asks for the planted word.
     """
     _check(length, depth)
@@ -156,10 +180,11 @@ def needle_task(text: str, tokenizer, length: int, depth: float, seed: int = 0) 
         raise PcompError(f"the text has {len(ids)} tokens, fewer than the {length} asked for")
     start = int(rng.integers(0, len(ids) - span_len + 1))
     span = tokenizer.decode(ids[start : start + span_len])
-    cut = round(depth * len(span))
-    boundary = span.rfind(". ", 0, cut)
-    cut = boundary + 2 if boundary >= 0 else cut
-    return Task(context=span[:cut] + fact + span[cut:], question=question, answer=word)
+    target = round(depth * len(span))
+    ends = [0, *(m.end() for m in SENTENCE_END.finditer(span)), len(span)]
+    cut = min(ends, key=lambda end: abs(end - target))
+    joint = " " if cut and not span[cut - 1].isspace() else ""  # only at the span's end, mid-sentence
+    return Task(context=span[:cut] + joint + fact + span[cut:], question=question, answer=word)
 
 
 SYNTHETIC_TASKS = {

@@ -80,7 +80,7 @@ def reference_nll(model, prefix, continuation) -> np.ndarray:
 
 def test_perplexity_methods_agree_where_nothing_is_dropped(model):
     ids = np.asarray(model.tokenizer(make_text(300, seed=5), add_special_tokens=False)["input_ids"], np.int32)
-    (prefix, continuation), = text_windows(ids, 120, 20, samples=1)
+    (prefix, continuation), = text_windows(ids, [120], 20, samples=1)[120]
     ref = reference_nll(model, prefix, continuation)
     for config in (ParallelCompConfig(method="full"), ParallelCompConfig(method="truncate"),
                    ParallelCompConfig(method="parallelcomp", chunk_len=512, top_k_chunks=1)):
@@ -97,7 +97,20 @@ def test_perplexity_bad_inputs(model):
     with pytest.raises(PcompError, match="needs at least query_len"):
         continuation_nll(model, np.arange(10), np.arange(5), query_len=16)
     with pytest.raises(PcompError, match="the text has 10 tokens"):
-        text_windows(np.arange(10), 8, 4, samples=1)
+        text_windows(np.arange(10), [4, 8], 4, samples=1)
+
+
+def test_perplexity_windows_share_the_continuation_across_prefix_lengths():
+    ids = np.arange(1000)
+    windows = text_windows(ids, [50, 200, 100], 30, samples=3, seed=1)
+    for s in range(3):
+        continuation = windows[200][s][1]
+        assert len(continuation) == 30
+        for t in (50, 100, 200):
+            prefix, cont = windows[t][s]
+            np.testing.assert_array_equal(cont, continuation)
+            np.testing.assert_array_equal(prefix, np.arange(continuation[0] - t, continuation[0]))  # right before it
+    assert len({int(windows[50][s][1][0]) for s in range(3)}) == 3  # three different places in the text
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 import pcomp_jax
 import tiny
-from pcomp_jax.tasks import PASSKEY_INTRO, count_tokens, make_task
+from pcomp_jax.tasks import PASSKEY_INTRO, Task, count_tokens, make_task
 
 TEXT = " ".join(
     f"Sentence number {i} tells of the weather, the road and the people on it." for i in range(3000)
@@ -39,6 +39,31 @@ def test_hidden_item_at_depth_and_length(tokenizer, kind, length, depth):
     intro_share = count_tokens(tokenizer, PASSKEY_INTRO) / n if kind != "needle" else 0.0  # the intro comes first
     expected = max(depth * (1 - needle_share), intro_share)
     assert expected - 0.02 <= where <= expected + needle_share + 0.02, (where, depth)
+
+
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_needle_depth_in_hard_wrapped_text(tokenizer, depth):
+    # Sentences end in ".\n", "!" or '?"' and never in ". ": the fact still lands at the asked depth.
+    endings = [".\n", "! ", '?" ']
+    wrapped = "".join(f"The {i}th carriage rolled past the gate in the cold morning air{endings[i % 3]}"
+                      for i in range(2000))
+    task = make_task("needle", tokenizer, 3000, depth, seed=4, text=wrapped)
+    fact_start = task.context.rindex("The ", 0, task.context.index(task.answer))  # every fact starts "The "
+    n, where = answer_depth(tokenizer, task)
+    assert abs(n - 3000) <= 3 and abs(where - depth) <= 0.03, (where, depth)
+    assert task.context[fact_start - 1] in "\n " and task.context[fact_start - 2] in '.!?"', task.context[fact_start - 3:]
+
+
+def test_infinitebench_scoring():
+    passkey = make_task("passkey", tiny.tiny_hf_tokenizer(), 200, 0.5, seed=0)
+    key = passkey.answer
+    assert passkey.is_correct(f"The pass key is {key}. Remember it.")
+    assert not passkey.is_correct(f"It is 1{key}.") and not passkey.is_correct(f"Maybe 123, or {key}")
+    kv = Task("ctx", "q", "ab-12", scoring="word")
+    assert kv.is_correct('The value is "ab-12".') and not kv.is_correct("ab-123") and not kv.is_correct("xab-12")
+    assert Task("ctx", "q", "Zanzibar").is_correct("the cat was called zanzibar")
+    with pytest.raises(ValueError, match="scoring='exact' is not allowed; choose one of: contains, first_integer, word"):
+        Task("ctx", "q", "a", scoring="exact")
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
