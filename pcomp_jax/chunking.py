@@ -53,7 +53,7 @@ def encode_parts(
             raise PcompError("the model has no chat template; set chat: false")
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
     else:
-        text = user + "\n"
+        text = user if verbatim else user + "\n"  # a benchmark's template ends where the answer starts
     before, after = text.split(CONTEXT_MARK)
     after = after + answer_prefix
     encode = lambda s, special: np.asarray(tokenizer(s, add_special_tokens=special)["input_ids"], np.int32)

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -238,6 +239,10 @@ class Runner:
             raise
         except PcompError as err:  # this input does not suit this method (e.g. too long): recorded, scored 0
             record.update({"error": f"{type(err).__name__}: {err}", "score": 0.0})
+        except jax.errors.JaxRuntimeError as err:  # out of memory at this length: recorded, the sweep goes on
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            record.update({"error": f"out of memory: {str(err).splitlines()[0]}", "score": 0.0})
         record["seconds"] = round(time.perf_counter() - start, 2)
         return record
 
@@ -294,8 +299,10 @@ def read_predictions(path: str) -> dict[str, dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                print(f"warning: {path}:{number} is not complete JSON (an interrupted write?); that item runs again",
-                      file=sys.stderr)
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                print(f"warning: {path}:{number} is not a complete prediction record (an interrupted or foreign "
+                      "write?); it is ignored and its item runs again", file=sys.stderr)
                 continue
             done[record["id"]] = record
     return done
@@ -323,7 +330,10 @@ def method_settings(config: EvalConfig, spec: MethodSpec) -> dict:
 
 
 def check_or_write_settings(directory: str, settings: dict) -> None:
-    """Refuses to resume a method directory whose results came from other settings."""
+    """Refuses to resume a method directory whose results came from other settings.
+
+    Only settings both runs have are compared: adding a part to a sweep (the needle task and
+    its text, perplexity, a LongBench file) resumes, and the record keeps every part seen."""
     path = os.path.join(directory, "settings.json")
     normal = json.loads(json.dumps(settings))
     predictions = os.path.join(directory, "predictions.jsonl")
@@ -331,13 +341,13 @@ def check_or_write_settings(directory: str, settings: dict) -> None:
     if os.path.exists(path) and has_results:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
-        if old != normal:
-            changed = sorted(k for k in set(old) | set(normal) if old.get(k) != normal.get(k))
+        changed = sorted(k for k in set(old) & set(normal) if old[k] != normal[k])
+        if changed:
             raise ConfigError(
                 f"{directory} holds results made with other settings ({', '.join(changed)} differ); "
                 "use another output_dir or method name, or delete that directory to start it again"
             )
-        return
+        normal = {**old, **normal}  # parts added since (a needle text, perplexity, LongBench) join the record
     os.makedirs(directory, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(normal, f, indent=1)

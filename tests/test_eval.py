@@ -196,6 +196,51 @@ def test_calibrated_method_runs_its_preset(model, eval_config):
     assert np.isfinite(ppl["perplexity"]) and metrics["pc_calib"]["errors"] == 0
 
 
+def test_adding_parts_to_a_sweep_resumes_and_changed_texts_are_refused(model, eval_config, tmp_path):
+    out = eval_config.output_dir
+    no_ppl = dataclasses.replace(eval_config.perplexity, prefix_lengths=())
+    first = dataclasses.replace(eval_config, tasks=("passkey",), lengths=(150,), depths=(0.5,), perplexity=no_ppl)
+    evaluate(first, model, progress=False)
+    more = dataclasses.replace(first, tasks=("passkey", "needle"), perplexity=eval_config.perplexity)
+    evaluate(more, model, progress=False)  # the needle and perplexity join the finished passkey item
+    assert [r["id"] for r in lines(f"{out}/pc/predictions.jsonl")] == ["passkey/L150/d0.5/s0", "needle/L150/d0.5/s0",
+                                                                      "ppl/T100/s0"]
+    with open(f"{out}/pc/settings.json") as f:
+        assert {"text_file", "perplexity", "pipeline"} <= set(json.load(f))
+    other = tmp_path / "other.txt"
+    other.write_text(open(eval_config.text_file).read())
+    evaluate(first, model, progress=False)  # leaving the needle out again is fine...
+    with pytest.raises(ConfigError, match="other settings \\(text_file differ\\)"):
+        evaluate(dataclasses.replace(more, text_file=str(other)), model, progress=False)  # ...another text is not
+
+
+def test_foreign_lines_and_out_of_memory_do_not_stop_a_sweep(model, eval_config, monkeypatch, capsys):
+    import jax
+
+    config = dataclasses.replace(eval_config, methods=(MethodSpec("pc", "parallelcomp", capacity=16),),
+                                 tasks=("passkey",), lengths=(150,), depths=(0.2, 0.8),
+                                 perplexity=dataclasses.replace(eval_config.perplexity, prefix_lengths=()))
+    os.makedirs(f"{config.output_dir}/pc")
+    with open(f"{config.output_dir}/pc/predictions.jsonl", "w") as f:
+        f.write('[1, 2]\n{"no_id": 1}\n')
+    original = Runner._synthetic
+
+    def out_of_memory_at_depth_02(self, item, pipeline):
+        if item.fields["depth"] == 0.2:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB.")
+        return original(self, item, pipeline)
+
+    monkeypatch.setattr(Runner, "_synthetic", out_of_memory_at_depth_02)
+    metrics = evaluate(config, model, progress=False)
+    assert capsys.readouterr().err.count("is not a complete prediction record") == 2
+    oom, fine = lines(f"{config.output_dir}/pc/predictions.jsonl")[2:]
+    assert oom["error"].startswith("out of memory: RESOURCE_EXHAUSTED") and oom["score"] == 0.0
+    assert "error" not in fine and metrics["pc"]["errors"] == 1
+    monkeypatch.setattr(Runner, "_synthetic", lambda *a: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: boom")))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="boom"):  # other runtime errors are not hidden
+        evaluate(dataclasses.replace(config, depths=(0.5,)), model, progress=False)
+
+
 def test_metrics_and_summary_by_hand():
     records = [
         {"kind": "synthetic", "task": "passkey", "length": 100, "depth": 0.1, "score": 1.0},
@@ -233,7 +278,7 @@ def test_longbench_prompt_is_the_template_verbatim(model):
         parts = encode_prompt(model.tokenizer, ex, chat=False)
         text = model.tokenizer.decode(np.concatenate([parts.prefix, parts.context, parts.question]))
         expected = PROMPT_TEMPLATES[ex.dataset].replace("{context}", ex.context).replace("{input}", ex.input)
-        assert text == expected + "\n"
+        assert text == expected  # e.g. ends in "Answer:", where the model goes on
 
 
 def test_eval_config_errors(tmp_path):
