@@ -1,6 +1,7 @@
 """One layer's causal attention at SmolLM2's shape: blockwise block sizes against dense.
 
     python scripts/bench_attention_blocks.py --lengths 8192 16384 --blocks 128 256 512 1024 2048
+    python scripts/bench_attention_blocks.py --lengths 1088 --batch 4 --blocks 512   # ParallelComp rows
 
 Prints, per length and variant, the time of one jitted call (after a warm-up) and the
 FLOP/s of its matmul work over the causal half (QK^T and PV; exp not counted).
@@ -25,13 +26,14 @@ def main():
     p.add_argument("--heads", type=int, default=9)
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1, help="rows per call")
     args = p.parse_args()
     for t in args.lengths:
         rng = np.random.default_rng(0)
-        q = jnp.asarray(rng.normal(size=(1, t, args.heads, args.head_dim)), jnp.float32)
-        k = jnp.asarray(rng.normal(size=(1, t, args.kv_heads, args.head_dim)), jnp.float32)
-        v = jnp.asarray(rng.normal(size=(1, t, args.kv_heads, args.head_dim)), jnp.float32)
-        flops = 2 * 2 * t * t / 2 * args.heads * args.head_dim
+        q = jnp.asarray(rng.normal(size=(args.batch, t, args.heads, args.head_dim)), jnp.float32)
+        k = jnp.asarray(rng.normal(size=(args.batch, t, args.kv_heads, args.head_dim)), jnp.float32)
+        v = jnp.asarray(rng.normal(size=(args.batch, t, args.kv_heads, args.head_dim)), jnp.float32)
+        flops = args.batch * 2 * 2 * t * t / 2 * args.heads * args.head_dim
         variants = [(f"blockwise {b}", lambda q, k, v, b=b: blockwise_causal_attention(q, k, v, None, b))
                     for b in args.blocks]
         if t <= args.dense_max:
