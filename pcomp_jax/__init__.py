@@ -1,16 +1,20 @@
 """pcomp_jax: ParallelComp long-context inference for Llama-family models in JAX.
 
 Public API (a contract): ``load_model``, ``forward``, ``generate_full``, ``answer``,
-``ParallelCompConfig``; the pipeline's pure functions live in ``pcomp_jax.prefill``,
-``pcomp_jax.compress`` and ``pcomp_jax.chunking``.
+``ParallelCompConfig``, and ``Method`` / ``register_method`` for methods of your own.
+The pipeline's pure functions, for composing your own, live in ``pcomp_jax.chunking``
+(rows), ``pcomp_jax.prefill`` (sharded chunk prefill, running top-k, merge),
+``pcomp_jax.compress`` (chunk and token scorers), ``pcomp_jax.decode`` (question prefill
+on the merged cache, greedy decoding) and ``pcomp_jax.sharding`` (mesh, logical axes).
 """
 
-from . import chunking, compress, prefill
+from . import chunking, compress, decode, methods, prefill, sharding
 from .calibrate import CalibrationRule
 from .checkpoints import DEFAULT_MODEL, Model, load_model, save_model
 from .decode import Generation, forward, generate_full
 from .errors import CheckpointError, InputTooLongError, PcompError
 from .config import ConfigError, ParallelCompConfig, load_config
+from .methods import Method, register_method
 from .model.config import ModelConfig, RopeConfig
 from .pipeline import Answer, answer
 
@@ -18,13 +22,18 @@ __all__ = [
     "Answer",
     "CalibrationRule",
     "ConfigError",
+    "Method",
     "ParallelCompConfig",
     "answer",
     "chunking",
     "compress",
+    "decode",
     "load_config",
+    "methods",
     "prefill",
+    "register_method",
     "save_model",
+    "sharding",
     "DEFAULT_MODEL",
     "CheckpointError",
     "Generation",

@@ -27,7 +27,7 @@ from .checkpoints import load_model
 from .chunking import build_rows, encode_parts
 from .config import load_config
 from .errors import PcompError
-from .generate import read_context_file
+from .io import read_context_file
 from .tasks import passkey_task
 
 
@@ -54,7 +54,8 @@ def build_parser():
     p.add_argument("--question")
     p.add_argument("--length", type=int, default=4096, help="passkey input length when no context file (default 4096)")
     p.add_argument("--depth", type=float, default=0.5)
-    p.add_argument("--methods", nargs="+", choices=("parallel", "full"), default=["parallel", "full"])
+    p.add_argument("--methods", nargs="+", choices=("parallel", "full"), default=["parallel", "full"],
+                   help="views to compute: the parallel chunk rows and/or the whole input with full attention")
     p.add_argument("--layers", default=None, help="layers to report, e.g. 0-7,12 (default: all)")
     p.add_argument("--last-queries", type=int, default=1, help="query tokens whose attention is averaged")
     p.add_argument("--bins", type=int, default=50, help="relative-position bins")
@@ -73,6 +74,28 @@ def profiles_by_group(model, rows, group: int, r: int, bins: int, rules) -> np.n
                                       rows.row_lengths[sl], r, bins, rules)
             total, count = total + prof * real, count + real
     return total / count
+
+
+def parallel_view(model, parts, pc, args, rules) -> dict:
+    """Profiles over the config's parallel chunk rows (and, with chunk-stage rules, calibrated)."""
+    n = math.ceil(len(parts.context) / pc.chunk_len)
+    rows = build_rows(parts, pc.chunk_len, model.config.window, num_rows=math.ceil(n / pc.group_size) * pc.group_size)
+    out = {f"parallel chunks ({n} x {pc.chunk_len})": profiles_by_group(
+        model, rows, pc.group_size, args.last_queries, args.bins, ())}
+    if rules:
+        out["parallel chunks, calibrated"] = profiles_by_group(
+            model, rows, pc.group_size, args.last_queries, args.bins, rules)
+    return out
+
+
+def full_view(model, parts, pc, args, rules) -> dict:
+    """Profiles over the whole input as one full-attention row."""
+    full = build_rows(parts, len(parts.context), 10**9)
+    return {f"full attention ({int(full.row_lengths[0])} tokens)": attention_profiles(
+        model.params, model.config, full.tokens, full.positions, full.row_lengths, args.last_queries, args.bins)}
+
+
+VIEWS = {"parallel": parallel_view, "full": full_view}  # --methods: which views to compute
 
 
 def plot(results: dict, layers: list[int], path: str) -> None:
@@ -116,18 +139,8 @@ def main(argv=None) -> int:
             rules += preset_rules(pc.calibration_preset, cfg.num_layers, "chunk")
         check_rules_fit(rules, cfg.num_layers)
         results = {}
-        if "parallel" in args.methods:
-            n = math.ceil(len(parts.context) / pc.chunk_len)
-            rows = build_rows(parts, pc.chunk_len, cfg.window, num_rows=math.ceil(n / pc.group_size) * pc.group_size)
-            results[f"parallel chunks ({n} x {pc.chunk_len})"] = profiles_by_group(
-                model, rows, pc.group_size, args.last_queries, args.bins, ())
-            if rules:
-                results["parallel chunks, calibrated"] = profiles_by_group(
-                    model, rows, pc.group_size, args.last_queries, args.bins, rules)
-        if "full" in args.methods:
-            full = build_rows(parts, len(parts.context), 10**9)
-            results[f"full attention ({int(full.row_lengths[0])} tokens)"] = attention_profiles(
-                model.params, cfg, full.tokens, full.positions, full.row_lengths, args.last_queries, args.bins)
+        for view in args.methods:  # in the order asked
+            results.update(VIEWS[view](model, parts, pc, args, rules))
     except PcompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from .errors import ConfigError
-
-NEG_INF = -1e30  # finite, so that a fully masked row gives zeros rather than NaN
+from .kernels import NEG_INF
 
 
 def causal_mask(num_queries: int, num_keys: int | None = None) -> jnp.ndarray:
@@ -182,7 +181,7 @@ def pallas_causal(q, k, v, key_keep=None):
 def cudnn_causal_attention(q, k, v, key_keep=None):
     """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU only, no key masks)."""
     if key_keep is not None:
-        raise ValueError("the cudnn attention backend takes no calibration keep-mask; use blockwise or pallas")
+        raise ConfigError("the cudnn attention backend takes no calibration keep-mask; use blockwise or pallas")
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import PcompError
+
 STEPS_PER_OCTAVE = 8  # bucket sizes between 2^k and 2^(k+1) are multiples of 2^k / 8
 
 
@@ -10,7 +12,7 @@ def bucket_length(n: int, minimum: int = 64) -> int:
     and beyond that a multiple of ``2^k / 8`` (``2^k <= n``), so padding wastes at most 12.5%
     while the number of buckets still grows as ``log(n)``."""
     if n < 0:
-        raise ValueError(f"length must be >= 0, got {n}")
+        raise PcompError(f"length must be >= 0, got {n}")
     size = minimum
     while size < n and size < STEPS_PER_OCTAVE * minimum:
         size *= 2

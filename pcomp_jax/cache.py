@@ -12,15 +12,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from .axes import axes_field
+from .errors import PcompError
+
 
 @flax.struct.dataclass
 class KVCache:
     """keys, values: ``[L, B, S, KVH, D]``; valid: ``[L, B, S, KVH]`` bool; end: ``[B]`` int32."""
 
-    keys: jax.Array
-    values: jax.Array
-    valid: jax.Array
-    end: jax.Array
+    keys: jax.Array = axes_field("layers", "batch", "cache_slots", "kv_heads", "head_dim")
+    values: jax.Array = axes_field("layers", "batch", "cache_slots", "kv_heads", "head_dim")
+    valid: jax.Array = axes_field("layers", "batch", "cache_slots", "kv_heads")
+    end: jax.Array = axes_field("batch")
 
     @property
     def capacity(self) -> int:
@@ -37,7 +40,7 @@ def cache_from_prefill(keys: jax.Array, values: jax.Array, lengths: jax.Array, c
     """
     num_layers, batch, t, kvh, d = keys.shape
     if capacity < t:
-        raise ValueError(f"cache capacity {capacity} is smaller than the prefill length {t}")
+        raise PcompError(f"cache capacity {capacity} is smaller than the prefill length {t}")
     pad = ((0, 0), (0, 0), (0, capacity - t), (0, 0), (0, 0))
     lengths = jnp.asarray(lengths, jnp.int32)
     valid = jnp.arange(capacity)[None, :] < lengths[:, None]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import query_probs
-from .errors import ConfigError, PcompError
+from .errors import ConfigError
 
 REGIONS = ("sink", "recent", "middle", "all")
 STAGES = ("chunk", "merged")
@@ -99,7 +99,7 @@ def check_rules_fit(rules, num_layers: int) -> None:
     """Rejects rules whose layer range lies outside a model of ``num_layers`` layers."""
     for i, rule in enumerate(rules):
         if rule.layers[1] >= num_layers:
-            raise PcompError(
+            raise ConfigError(
                 f"calibration rule {i}: layers {list(rule.layers)} lie outside the model's {num_layers} layers "
                 f"(allowed: 0 to {num_layers - 1})"
             )

@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import flax.struct
+import jax
 import numpy as np
 
+from .axes import axes_field, static_field
 from .buckets import bucket_length
 from .errors import InputTooLongError, PcompError
 
@@ -74,30 +77,64 @@ def chunk_bounds(num_tokens: int, chunk_len: int) -> list[tuple[int, int]]:
     return bounds
 
 
-@dataclasses.dataclass
+@flax.struct.dataclass
 class Rows:
-    """Padded chunk rows, NumPy, chunk axis first.
+    """Padded chunk rows ``P + chunk_i + Q``, chunk axis first (a pytree; NumPy on the host,
+    or device arrays once placed with ``sharding.shard``).
 
     tokens, positions: ``[N, R]``; row_lengths: ``[N]`` (``P + chunk_i + Q``, 0 for padding
-    rows); chunk_lengths: ``[N]``; question_targets: ``[N, Qb]`` Q token ids (0-padded);
-    question_mask: ``[N, Qb]`` which of them are real and scored; score_at: ``[N, Qb]`` the row
-    index whose logits predict each Q token. prefix_len and question_len are ints.
+    rows); chunk_lengths: ``[N]``; chunk_ids: ``[N]`` the chunk's index in the document
+    (padding rows continue the count and are never selected); question_targets: ``[N, Qb]``
+    Q token ids (0-padded); question_mask: ``[N, Qb]`` which of them are real and scored;
+    score_at: ``[N, Qb]`` the row index whose logits predict each Q token.
+    Static (part of the tree structure, so jit specialises on them): prefix_len, and
+    chunk_len, the most context tokens a chunk may hold. The question's length is not
+    static (it would compile once per question length): its bucket Qb is the static shape.
     """
 
-    tokens: np.ndarray
-    positions: np.ndarray
-    row_lengths: np.ndarray
-    chunk_lengths: np.ndarray
-    question_targets: np.ndarray
-    question_mask: np.ndarray
-    score_at: np.ndarray
-    prefix_len: int
-    question_len: int
+    tokens: np.ndarray = axes_field("chunk", "row")
+    positions: np.ndarray = axes_field("chunk", "row")
+    row_lengths: np.ndarray = axes_field("chunk")
+    chunk_lengths: np.ndarray = axes_field("chunk")
+    chunk_ids: np.ndarray = axes_field("chunk")
+    question_targets: np.ndarray = axes_field("chunk", "question")
+    question_mask: np.ndarray = axes_field("chunk", "question")
+    score_at: np.ndarray = axes_field("chunk", "question")
+    prefix_len: int = static_field()
+    chunk_len: int = static_field()
 
     @property
     def num_chunks(self) -> int:
-        """Number of real (non-padding) chunk rows."""
-        return int((self.chunk_lengths > 0).sum())
+        """Number of real (non-padding) chunk rows (on the host)."""
+        return int((np.asarray(self.chunk_lengths) > 0).sum())
+
+    @property
+    def row_len(self) -> int:
+        """The static row length R."""
+        return self.tokens.shape[1]
+
+    def slice(self, start: int, stop: int) -> "Rows":
+        """Rows ``start .. stop - 1`` (every array cut along the chunk axis)."""
+        return jax.tree.map(lambda a: a[start:stop], self)
+
+    def padded(self, num_rows: int) -> "Rows":
+        """The same rows followed by empty ones up to ``num_rows`` (never selected)."""
+        n = self.tokens.shape[0]
+        if num_rows < n:
+            raise PcompError(f"cannot pad {n} chunk rows to {num_rows}; ask for at least {n}")
+        extra = num_rows - n
+        grow = lambda a: np.concatenate([np.asarray(a), np.zeros((extra, *a.shape[1:]), a.dtype)])
+        rows = jax.tree.map(grow, self)
+        ids = np.concatenate([np.asarray(self.chunk_ids), np.arange(n, num_rows, dtype=np.int32)])
+        return rows.replace(chunk_ids=ids)
+
+    def groups(self, group_size: int) -> list["Rows"]:
+        """The rows in groups of exactly ``group_size`` (the last one padded with empty rows)."""
+        if group_size < 1:
+            raise PcompError(f"group_size must be >= 1, got {group_size}")
+        n = self.tokens.shape[0]
+        rows = self.padded(group_size * math.ceil(n / group_size))
+        return [rows.slice(g, g + group_size) for g in range(0, rows.tokens.shape[0], group_size)]
 
 
 def row_length(prefix_len: int, longest_chunk: int, question_bucket: int) -> int:
@@ -112,12 +149,15 @@ def build_rows(
     num_rows: int | None = None,
     score_last_tokens: int | None = None,
 ) -> Rows:
-    """Cuts the context into chunks and lays out one row per chunk.
+    """Cuts the context into chunks of at most ``chunk_len`` tokens and lays out one row per chunk.
 
     num_rows: pad the chunk axis to this many rows (padding rows have no content and
-    are never selected); default: the number of chunks.
+    are never selected); default: the number of chunks (``Rows.groups`` pads per group).
+    score_last_tokens: score chunks by only the last m question tokens (None: all).
     Raises ``InputTooLongError`` when P + chunk + Q does not fit in the model's ``window``.
     """
+    if not isinstance(chunk_len, (int, np.integer)) or chunk_len < 1:
+        raise PcompError(f"chunk_len must be a positive integer, got {chunk_len!r}")
     p, q = len(parts.prefix), len(parts.question)
     bounds = chunk_bounds(len(parts.context), chunk_len)
     longest = max(e - s for s, e in bounds)
@@ -128,7 +168,10 @@ def build_rows(
         )
     n = len(bounds) if num_rows is None else num_rows
     if n < len(bounds):
-        raise ValueError(f"num_rows={n} is fewer than the {len(bounds)} chunks")
+        raise PcompError(
+            f"num_rows={n} is fewer than the {len(bounds)} chunks of this input; leave num_rows out "
+            "(Rows.groups pads each group) or pass at least the number of chunks"
+        )
     q_bucket = bucket_length(q, minimum=16)
     r = row_length(p, longest, q_bucket)
     tokens = np.zeros((n, r), np.int32)
@@ -150,4 +193,25 @@ def build_rows(
         targets[i, :q] = parts.question
         mask[i] = scored
         score_at[i] = np.clip(q_start - 1 + np.arange(q_bucket), 0, r - 1)
-    return Rows(tokens, positions, row_lengths, chunk_lengths, targets, mask, score_at, p, q)
+    chunk_ids = np.arange(n, dtype=np.int32)
+    return Rows(tokens, positions, row_lengths, chunk_lengths, chunk_ids, targets, mask, score_at,
+                prefix_len=p, chunk_len=int(chunk_len))
+
+
+def truncate_middle(context: np.ndarray, budget: int) -> np.ndarray:
+    """First and last halves of a ``budget``-token window of ``context`` (unchanged when it fits)."""
+    if len(context) <= budget:
+        return context
+    head = budget // 2
+    return np.concatenate([context[:head], context[len(context) - (budget - head):]])
+
+
+def context_budget(parts: PromptParts, window: int, room: int) -> int:
+    """Context tokens that fit in ``window`` next to P, Q and ``room`` new tokens (>= 1)."""
+    budget = window - len(parts.prefix) - len(parts.question) - room
+    if budget < 1:
+        raise InputTooLongError(
+            f"prefix ({len(parts.prefix)}) + question ({len(parts.question)}) + {room} new tokens "
+            f"leave no room for context in the window of {window} tokens"
+        )
+    return budget

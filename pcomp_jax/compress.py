@@ -1,16 +1,25 @@
-"""Pure transforms that decide what is kept: chunk scores, chunk top-k, SnapKV eviction.
+"""Pure transforms that decide what is kept: chunk scores, chunk top-k, token eviction.
 
 All functions are jittable and static-shape: selections are ``lax.top_k`` plus
 gathers into fixed-size buffers, with validity masks where fewer items exist.
+
+Scorers are small frozen dataclasses (hashable, so that ``jax.jit`` takes them as static
+arguments, as it takes the attention backends): a ``ChunkScorer`` ranks chunks
+(``QueryNLL``: lower = better), a ``TokenScorer`` ranks the tokens of every row per KV
+head (``SnapKV``, ``RecentTokens``: higher = kept). A new scorer is one class; a
+``methods.Method`` names the ones it uses.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from .attention import query_probs
+from .errors import PcompError
 
 
 def question_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
@@ -77,7 +86,7 @@ def keep_top_tokens(token_scores: jax.Array, capacity: int) -> tuple[jax.Array, 
     """
     t = token_scores.shape[-1]
     if capacity > t:
-        raise ValueError(f"capacity {capacity} exceeds the row length {t}")
+        raise PcompError(f"capacity {capacity} exceeds the row length {t}; keep at most {t} tokens per row")
     values, idx = jax.lax.top_k(token_scores, capacity)
     valid = values > -jnp.inf
     order = jnp.argsort(jnp.where(valid, idx, t + idx), axis=-1)
@@ -89,3 +98,64 @@ def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
     xt = jnp.swapaxes(x, 1, 2)  # [B, KVH, T, D]
     picked = jnp.take_along_axis(xt, indices[..., None], axis=2)
     return jnp.swapaxes(picked, 1, 2)
+
+
+class ChunkScorer:
+    """How a chunk is scored from its row's logits at the question; lower = kept first.
+
+    ``__call__(logits [N, Qb, V], targets [N, Qb], mask [N, Qb] bool) -> [N]`` float32.
+    Subclasses are frozen dataclasses (static arguments of ``jax.jit``).
+    """
+
+    def __call__(self, logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryNLL(ChunkScorer):
+    """ALGORITHM.md stage 1: the mean NLL of the scored question tokens (``question_nll``)."""
+
+    def __call__(self, logits, targets, mask):
+        return question_nll(logits, targets, mask)
+
+
+class TokenScorer:
+    """How the tokens of a row are ranked for eviction, per KV head; higher = kept first.
+
+    ``__call__(q [B, T, H, D], k [B, T, KVH, D], row_lengths [B], content [B, T] bool)
+    -> [B, KVH, T]`` float32, ``-inf`` outside ``content`` (only the chunk's own tokens may
+    be kept; P and Q never are). q and k are one layer's rotated queries and keys.
+    ``for_config(config)`` returns the scorer with the knobs a ``ParallelCompConfig``
+    sets (default: itself). Subclasses are frozen dataclasses (static arguments of ``jax.jit``).
+    """
+
+    def for_config(self, config) -> "TokenScorer":
+        return self
+
+    def __call__(self, q: jax.Array, k: jax.Array, row_lengths: jax.Array, content: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV(TokenScorer):
+    """ALGORITHM.md stage 1b: attention of the last ``obs_window`` queries, max-pooled
+    (``snapkv_token_scores``). The config's ``obs_window`` and ``pool_kernel`` set it."""
+
+    obs_window: int = 8
+    pool_kernel: int = 7
+
+    def for_config(self, config) -> "SnapKV":
+        return SnapKV(config.obs_window, config.pool_kernel)
+
+    def __call__(self, q, k, row_lengths, content):
+        return snapkv_token_scores(q, k, row_lengths, self.obs_window, self.pool_kernel, content)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecentTokens(TokenScorer):
+    """StreamingLLM's window: later content tokens score higher, so the most recent are kept."""
+
+    def __call__(self, q, k, row_lengths, content):
+        slot = jnp.arange(content.shape[1], dtype=jnp.float32)[None, :]
+        scores = jnp.where(content, slot, -jnp.inf)  # [B, T]
+        return jnp.broadcast_to(scores[:, None, :], (k.shape[0], k.shape[2], content.shape[1]))

@@ -15,8 +15,7 @@ import yaml
 
 from .calibrate import PRESETS, STAGES, CalibrationRule
 from .errors import ConfigError
-
-METHODS = ("parallelcomp", "pcw", "full", "truncate", "snapkv", "streaming")
+from .methods import method_names
 ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "pallas", "cudnn")
 
 
@@ -34,13 +33,14 @@ def _check_min(name, value, minimum):
 class ParallelCompConfig:
     """How a long input is answered (see ALGORITHM.md for the stages).
 
-    method: ``parallelcomp`` (chunks, top-k chunk selection, optional KV eviction),
-      ``pcw`` (every chunk kept, no eviction), ``full`` (the whole input, full attention),
-      ``truncate`` (the first and last halves of the window); two KV-compression
-      baselines on the truncated input, prefilled as one row with full attention:
-      ``snapkv`` (SnapKV keeps ``kv_budget`` context tokens per layer and KV head) and
-      ``streaming`` (StreamingLLM: the prefix P as attention sinks + the ``kv_budget``
-      most recent context tokens).
+    method: the name of a registered ``methods.Method``: ``parallelcomp`` (chunks, top-k
+      chunk selection, optional KV eviction), ``pcw`` (every chunk kept, no eviction),
+      ``full`` (the whole input, full attention), ``truncate`` (the first and last halves
+      of the window); two KV-compression baselines on the truncated input, prefilled as one
+      row with full attention: ``snapkv`` (SnapKV keeps ``kv_budget`` context tokens per
+      layer and KV head) and ``streaming`` (StreamingLLM: the prefix P as attention sinks +
+      the ``kv_budget`` most recent context tokens); or one of your own
+      (``methods.register_method``).
     chunk_len: most context tokens per chunk (C). top_k_chunks: chunks kept (k).
     capacity: tokens kept per chunk, layer and KV head by SnapKV; None keeps all.
     obs_window: observation queries (w) for SnapKV scores; pool_kernel: max-pool width.
@@ -83,7 +83,7 @@ class ParallelCompConfig:
                           for i, r in enumerate(rules))
             object.__setattr__(self, "calibration", rules)
         check_field_types(self)
-        _check_choice("method", self.method, METHODS)
+        _check_choice("method", self.method, method_names())
         _check_choice("attention", self.attention, ATTENTION_BACKENDS)
         _check_min("chunk_len", self.chunk_len, 1)
         _check_min("top_k_chunks", self.top_k_chunks, 1)

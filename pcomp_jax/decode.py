@@ -1,14 +1,17 @@
 """Question prefill on the merged cache, greedy decoding, and the full-attention baseline.
 
-``question_prefill`` is stage 2 of ParallelComp (the question run after the kept chunks);
-``greedy_decode`` is the decoding loop that every method shares; ``forward`` and
-``generate_full`` are the full-attention baseline.
+``merged_forward`` is stage 2 of ParallelComp: the merge of a ``prefill.ChunkSelection``
+and a run of new tokens on top of it; ``question_prefill`` runs the question that way and
+``greedy_decode`` is the decoding loop that every method shares (``decode_selection`` does
+both from host-side ids). ``row_forward`` is the one padded full-attention row forward;
+``forward`` and ``generate_full`` are the full-attention baseline built on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +24,7 @@ from .cache import KVCache, cache_from_prefill
 from .checkpoints import Model
 from .errors import InputTooLongError, PcompError
 from .model.config import ModelConfig
-from .model.llama import Weights, cached_forward, prefill_forward
+from .model.llama import Weights, cached_forward, emit_keys_values, prefill_forward
 from .prefill import ChunkSelection, merge_selection
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "</s>")
@@ -48,14 +51,24 @@ def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
     return ids.astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _forward_jit(weights: Weights, cfg: ModelConfig, tokens: jax.Array, length: jax.Array) -> jax.Array:
-    """tokens: ``[B, Tb]`` with real tokens at ``0..length-1``; padding gets position 0
-    so that it cannot change a position-dependent rope (dynamic NTK looks at the largest)."""
+def row_forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, length: jax.Array, logits_at=None,
+                emit=emit_keys_values):
+    """Full causal attention over padded rows, positions from 0 (traceable; callers jit).
+
+    tokens: ``[B, Tb]`` with real tokens at ``0..length-1``; padding gets position 0 so that
+    it cannot change a position-dependent rope (dynamic NTK looks at the largest).
+    logits_at, emit: as in ``model.llama.prefill_forward``. Returns its ``(logits, emitted)``.
+    """
     steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.where(steps < length, steps, 0), tokens.shape)
-    logits, _ = prefill_forward(weights, cfg, tokens, positions, attention=causal_attention("auto", dtype=weights.embed.dtype))
-    return logits
+    attention = causal_attention("auto", dtype=weights.embed.dtype)
+    return prefill_forward(weights, cfg, tokens, positions, logits_at=logits_at, attention=attention, emit=emit)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _forward_jit(weights: Weights, cfg: ModelConfig, tokens: jax.Array, length: jax.Array) -> jax.Array:
+    """Logits of every position of ``tokens [B, Tb]`` (``row_forward``)."""
+    return row_forward(weights, cfg, tokens, length)[0]
 
 
 def forward(model: Model, token_ids) -> np.ndarray:
@@ -146,27 +159,47 @@ def greedy_decode(
     return out
 
 
+def merged_forward(
+    weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, tokens, length, room: int,
+    merged_rules: tuple = (), rule_queries=None,
+):
+    """Stage 2 (traceable; callers jit): merge the selection, then run ``tokens`` on top of it.
+
+    tokens: ``[Tb]`` padded ids, real up to ``length`` (traced); they take positions from the
+    longest kept row on, padding at that first position (no new largest position).
+    room: free cache slots after the kept chunks (``>= Tb``). merged_rules: stage-``merged``
+    calibration rules, whose queries are the last of the first ``rule_queries`` tokens
+    (default ``length``); removed entries leave that layer's cache.
+    Returns ``(logits [Tb, V] float32, cache, first_position)``.
+    """
+    cache, start = merge_selection(prefix_keys, prefix_values, selection, room=room)
+    steps = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    positions = (start + jnp.where(steps < length, steps, 0))[None]
+    rule_queries = length if rule_queries is None else rule_queries
+    drop = merged_drop_fn(merged_rules, rule_queries) if merged_rules else None
+    logits, cache = cached_forward(weights, cfg, tokens[None], positions, cache, drop_from_cache=drop)
+    return logits[0], cache, start
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "merged_rules"))
 def question_prefill(
     weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, question, question_len, num_steps,
     merged_rules: tuple = (),
 ):
-    """Stage 2: merge the selection and run the question on top of it.
+    """Stage 2: merge the selection and run the question on top of it (``merged_forward``).
 
     question: ``[Qb]`` padded ids; question_len: real length. ``merged_rules``: stage-``merged``
     calibration rules (removed entries leave that layer's cache). Returns the cache ready
-    for decoding, the first answer token ``[1]`` and its position ``[1]``.
+    for decoding ``num_steps`` tokens, the first answer token ``[1]`` and its position ``[1]``.
     """
     qb = question.shape[0]
-    cache, start = merge_selection(prefix_keys, prefix_values, selection, room=qb + num_steps)
-    steps = jnp.arange(qb, dtype=jnp.int32)
-    positions = (start + jnp.where(steps < question_len, steps, 0))[None]  # padding: no new largest position
-    drop = merged_drop_fn(merged_rules, question_len) if merged_rules else None
-    logits, cache = cached_forward(weights, cfg, question[None], positions, cache, drop_from_cache=drop)
+    logits, cache, start = merged_forward(
+        weights, cfg, prefix_keys, prefix_values, selection, question, question_len, qb + num_steps, merged_rules
+    )
     end = cache.end - qb + question_len  # drop the question's padding from the cache
     valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[None, :, :, None]
     cache = cache.replace(valid=valid, end=end)
-    first = jnp.argmax(logits[0, question_len - 1]).astype(jnp.int32)
+    first = jnp.argmax(logits[question_len - 1]).astype(jnp.int32)
     return cache, first[None], (start + question_len)[None]
 
 
@@ -177,12 +210,7 @@ decode_jit = jax.jit(greedy_decode, static_argnames=("cfg", "num_steps"))
 def _prefill_prompt(weights, cfg, tokens, length, num_steps):
     """tokens: ``[1, Tb]`` padded prompt; length: real prompt length (traced).
     Returns the cache (room for ``num_steps`` more tokens) and the first new token."""
-    steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    positions = jnp.where(steps < length, steps, 0)[None, :]  # padding at position 0 (see _forward_jit)
-    attention = causal_attention("auto", dtype=weights.embed.dtype)
-    logits, (keys, values) = prefill_forward(
-        weights, cfg, tokens, positions, logits_at=(length - 1)[None, None], attention=attention
-    )
+    logits, (keys, values) = row_forward(weights, cfg, tokens, length, logits_at=(length - 1)[None, None])
     cache = cache_from_prefill(keys, values, length[None], tokens.shape[1] + num_steps)
     return cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
@@ -201,13 +229,46 @@ def finish(model: Model, out, stops, prompt_length: int) -> Generation:
     return Generation(text=text, token_ids=new, prompt_length=prompt_length)
 
 
+def pad_ids(ids: np.ndarray, minimum: int = 64) -> np.ndarray:
+    """``ids [T]`` padded with zeros to a static bucket (``buckets.bucket_length``)."""
+    padded = np.zeros(bucket_length(len(ids), minimum=minimum), np.int32)
+    padded[: len(ids)] = ids
+    return padded
+
+
+def decode_selection(
+    model: Model, weights: Weights, prefix_keys, prefix_values, selection: ChunkSelection, question_ids,
+    max_new_tokens: int, merged_rules: tuple = (), timings: dict | None = None,
+) -> Generation:
+    """Stages 2 and 3 from host-side ids: the question ``question_ids [Q]`` (the prompt's part
+    Q) prefilled on the merged selection, then greedy decoding of up to ``max_new_tokens``
+    (stops at the model's stop tokens). ``weights``: as used for the selection (sharded or not).
+    ``timings``, when given, gets the seconds of ``question_prefill`` and ``decode``.
+    """
+    check_max_new_tokens(max_new_tokens)
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
+    question_ids = np.asarray(question_ids, np.int32)
+    steps = decode_budget(max_new_tokens)
+    cache, first, position = question_prefill(
+        weights, model.config, prefix_keys, prefix_values, selection, jnp.asarray(pad_ids(question_ids, minimum=16)),
+        jnp.int32(len(question_ids)), steps, merged_rules=tuple(merged_rules),
+    )
+    jax.block_until_ready(cache)
+    now = time.perf_counter()
+    timings["question_prefill"] = timings.get("question_prefill", 0.0) + now - t
+    stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
+    out = decode_jit(weights, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
+    gen = finish(model, out, stops, prefix_keys.shape[1] + len(question_ids))
+    timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - now
+    return gen
+
+
 def generate_ids(model: Model, ids: np.ndarray, max_new_tokens: int) -> Generation:
     """Greedy full-attention generation from prompt ids ``[T]``, with no window check."""
-    padded = np.zeros((1, bucket_length(len(ids))), np.int32)
-    padded[0, : len(ids)] = ids
     stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
     steps = decode_budget(max_new_tokens)
-    cache, first = _prefill_prompt(model.params, model.config, jnp.asarray(padded), jnp.int32(len(ids)), steps)
+    cache, first = _prefill_prompt(model.params, model.config, jnp.asarray(pad_ids(ids))[None], jnp.int32(len(ids)), steps)
     position = jnp.array([len(ids)], jnp.int32)
     out = decode_jit(model.params, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
     return finish(model, out, stops, len(ids))

@@ -18,10 +18,11 @@ import sys
 import time
 
 from .checkpoints import DTYPES, load_model
-from .config import METHODS, RunConfig, load_config, to_dict
+from .config import RunConfig, load_config, to_dict
 from .decode import generate_full
 from .errors import PcompError
-from .eval import read_text
+from .methods import WholeInput, get_method, method_names
+from .io import read_context_file, read_text
 from .pipeline import answer
 from .tasks import Task, make_task
 
@@ -35,42 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", type=int, default=0, help="which JSONL record to answer (default: 0)")
     p.add_argument("--question", help="the question (required with a plain-text context file)")
     p.add_argument("--prompt", help="answer this prompt alone with full attention instead")
-    p.add_argument("--method", choices=METHODS, help="shorthand for --set pipeline.method=...")
+    p.add_argument("--method", choices=method_names(), help="shorthand for --set pipeline.method=...")
     p.add_argument("--model", help="shorthand for --set model=... (HF dir, .gguf, or the default name)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="shorthand for --set dtype=...")
     p.add_argument("--max-new-tokens", type=int, help="shorthand for --set max_new_tokens=...")
     p.add_argument("--no-chat", action="store_true", help="do not use the model's chat template")
     p.add_argument("--output-json", metavar="PATH", help="also write the result as JSON to PATH")
     return p
-
-
-def read_context_file(path: str, record: int, question: str | None) -> Task:
-    """A ``Task`` (expected answer unknown) from a text or JSONL file; errors name the problem."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise PcompError(f"cannot read context file {path!r}: {err}") from err
-    if path.endswith(".jsonl"):
-        lines = [line for line in text.splitlines() if line.strip()]
-        if not 0 <= record < len(lines):
-            raise PcompError(f"{path!r} has {len(lines)} records; --record must be in [0, {len(lines)})")
-        try:
-            item = json.loads(lines[record])
-        except json.JSONDecodeError as err:
-            raise PcompError(f"{path!r} record {record} is not valid JSON: {err}") from err
-        if not isinstance(item, dict) or not isinstance(item.get("context"), str):
-            raise PcompError(f"{path!r} record {record} needs a string field 'context' (and 'question')")
-        question = question or item.get("question") or item.get("input")
-        expected = item.get("answer", "")
-        text = item["context"]
-    else:
-        expected = ""
-    if not question:
-        raise PcompError("no question: pass --question (or a 'question' field in the JSONL record)")
-    if isinstance(expected, list):
-        expected = [str(a) for a in expected]
-    return Task(context=text, question=question, answer=expected if isinstance(expected, list) else str(expected or ""))
 
 
 def _overrides(args) -> list[str]:
@@ -83,7 +55,7 @@ def _overrides(args) -> list[str]:
     if args.no_chat:
         extra.append("pipeline.chat=false")
     if args.prompt is not None and args.method is None:
-        extra.append("pipeline.method=full")  # a lone prompt runs with full attention
+        extra.append("pipeline.method=full")  # a lone prompt runs with full attention (the registry's name)
     return extra
 
 
@@ -94,11 +66,12 @@ def run(args) -> dict:
     model = load_model(config.model, dtype=config.dtype)
     load_s = time.perf_counter() - start
     if args.prompt is not None:
-        if config.pipeline.method != "full":
+        method = get_method(config.pipeline.method)
+        if not (method.plain_row and method.fit == WholeInput()):
             raise PcompError("--prompt runs with full attention only; use --context-file/--question for other methods")
         t = time.perf_counter()
         result = generate_full(model, args.prompt, max_new_tokens=config.max_new_tokens, chat=config.pipeline.chat)
-        return {"method": "full", "answer": result.text, "token_ids": result.token_ids,
+        return {"method": method.name, "answer": result.text, "token_ids": result.token_ids,
                 "prompt_tokens": result.prompt_length, "timings_s": {"load": load_s, "generate": time.perf_counter() - t}}
     if args.context_file:
         task = read_context_file(args.context_file, args.record, args.question)

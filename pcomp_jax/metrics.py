@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from rapidfuzz import fuzz
 from rouge_score import rouge_scorer
 
+from .errors import PcompError
+
 Metric = Callable[[str, str, list[str] | None], float]
 
 _PUNCTUATION = frozenset(string.punctuation)
@@ -91,7 +93,7 @@ def classification_accuracy(prediction: str, ground_truth: str, all_classes: lis
     matched class is tested.
     """
     if all_classes is None:
-        raise ValueError("classification_accuracy needs all_classes, the list of the dataset's class names")
+        raise PcompError("classification_accuracy needs all_classes, the list of the dataset's class names")
     matched = [c for c in all_classes if c in prediction]
     matched = [c for c in matched if not (c in ground_truth and c != ground_truth)]
     if ground_truth not in matched:
@@ -115,7 +117,7 @@ def retrieval_accuracy(prediction: str, ground_truth: str, all_classes: list[str
     """
     found = _PARAGRAPH.search(ground_truth)
     if found is None:
-        raise ValueError(f"retrieval_accuracy: ground truth {ground_truth!r} has no 'Paragraph N'")
+        raise PcompError(f"retrieval_accuracy: ground truth {ground_truth!r} has no 'Paragraph N'")
     return _fraction_equal(prediction, found.group(1))
 
 
@@ -186,9 +188,9 @@ def score_prediction(
     """
     metric = DATASET_METRICS.get(dataset)
     if metric is None:
-        raise ValueError(unknown_dataset_message(dataset))
+        raise PcompError(unknown_dataset_message(dataset))
     if not answers:
-        raise ValueError(f"score_prediction: no reference answers to score the {dataset} prediction against")
+        raise PcompError(f"score_prediction: no reference answers to score the {dataset} prediction against")
     if dataset in FIRST_LINE_DATASETS:
         prediction = prediction.lstrip("\n").split("\n", 1)[0]
     return max(metric(prediction, answer, all_classes) for answer in answers)

@@ -3,14 +3,16 @@
 Every method reads the same tokens: the prefix ``x[:T]`` and the continuation ``x[T:T+M]``
 of one text. The continuation is scored, never used to choose what is kept:
 
-- ``full``: one causal row ``x[:T+M]`` (positions past the window when T + M > W);
-- ``truncate``, ``snapkv``, ``streaming``: the prefix cut to the window as for question
-  answering (``pipeline.fit_to_window``, room left for the M scored tokens);
-- ``parallelcomp`` / ``pcw``: the prefix split into P (its first token: the attention sink
-  every row shares), the context ``x[1:T-q]`` that is chunked, and a query ``x[T-q:T]``
-  (its last ``query_len`` tokens) that plays the question's part in stage 1: the chunks
-  are scored by the query's NLL. Stage 2 then runs query + continuation on the merged
-  cache, and the continuation's logits are scored.
+The prefix is split into P (its first token: the attention sink every row shares), the
+context ``x[1:T-q]`` and a query ``x[T-q:T]`` (its last ``query_len`` tokens), then fitted
+to the window by the method (``Method.fit``, room left for the M scored tokens):
+
+- a plain one-row method (``full``, ``truncate``): one causal row P + context + query +
+  continuation (``full``: positions past the window when T + M > W);
+- any other method (``parallelcomp``, ``pcw``, ``snapkv``, ``streaming``): the query plays
+  the question's part in stage 1 (it scores the chunks and, with SnapKV, the tokens); stage
+  2 then runs query + continuation on the merged cache (``decode.merged_forward``), and the
+  continuation's logits are scored.
 """
 
 from __future__ import annotations
@@ -23,17 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .attention import causal_attention
-from .buckets import bucket_length
-from .calibrate import merged_drop_fn
 from .checkpoints import Model
 from .chunking import PromptParts
 from .config import ParallelCompConfig
+from .decode import merged_forward, pad_ids, row_forward
 from .errors import PcompError
+from .methods import get_method
 from .model.config import ModelConfig
-from .model.llama import Weights, cached_forward, prefill_forward
-from .pipeline import calibration_rules, check_rules_apply, prefill_context, window_input
-from .prefill import ChunkSelection, merge_selection
+from .model.llama import Weights
+from .pipeline import calibration_rules, prefill_context, stage_rules
+from .prefill import ChunkSelection
 
 
 @dataclasses.dataclass
@@ -61,12 +62,7 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Arr
 def _row_nll(weights: Weights, cfg: ModelConfig, tokens, length, predict_at, targets, mask):
     """tokens ``[1, Tb]`` (real up to ``length``); predict_at ``[M]``: rows whose logits predict
     ``targets`` ``[M]``. Returns the NLL ``[M]``."""
-    steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    positions = jnp.where(steps < length, steps, 0)[None]
-    attention = causal_attention("auto", dtype=weights.embed.dtype)
-    logits, _ = prefill_forward(
-        weights, cfg, tokens, positions, logits_at=predict_at[None], attention=attention, emit=lambda *_: ()
-    )
+    logits, _ = row_forward(weights, cfg, tokens, length, logits_at=predict_at[None], emit=lambda *_: ())
     return token_nll(logits[0], targets, mask)
 
 
@@ -76,20 +72,12 @@ def _merged_tail_nll(
     merged_rules=(),
 ):
     """Stage 2 with a scored tail: ``tail`` ``[Tb]`` = query + continuation (real up to
-    ``tail_len``, then padding) run on the merged cache; the logits at tail index i predict
-    ``targets[i]``. Returns the NLL ``[Tb]`` (0 where ``mask`` is)."""
-    cache, start = merge_selection(prefix_keys, prefix_values, selection, room=tail.shape[0])
-    steps = jnp.arange(tail.shape[0], dtype=jnp.int32)
-    positions = (start + jnp.where(steps < tail_len, steps, 0))[None]  # padding: no new largest position
-    drop = merged_drop_fn(merged_rules, query_len) if merged_rules else None
-    logits, _ = cached_forward(weights, cfg, tail[None], positions, cache, drop_from_cache=drop)
-    return token_nll(logits[0], targets, mask)
-
-
-def _padded(ids: np.ndarray, length: int) -> np.ndarray:
-    out = np.zeros(length, np.int32)
-    out[: len(ids)] = ids
-    return out
+    ``tail_len``) run on the merged cache (``decode.merged_forward``; calibration's queries
+    are the query's); the logits at tail index i predict ``targets[i]``. Returns the NLL
+    ``[Tb]`` (0 where ``mask`` is)."""
+    logits, _, _ = merged_forward(weights, cfg, prefix_keys, prefix_values, selection, tail, tail_len,
+                                  tail.shape[0], merged_rules, rule_queries=query_len)
+    return token_nll(logits, targets, mask)
 
 
 def check_split(prefix_ids: np.ndarray, continuation_ids: np.ndarray, query_len: int) -> None:
@@ -117,26 +105,26 @@ def continuation_nll(
     continuation_ids = np.asarray(continuation_ids, np.int32)
     check_split(prefix_ids, continuation_ids, query_len)
     m = len(continuation_ids)
+    method = get_method(config.method)
     rules = calibration_rules(config, model.config.num_layers)
-    check_rules_apply(rules, config.method)
     parts = PromptParts(prefix=prefix_ids[:1], context=prefix_ids[1:-query_len], question=prefix_ids[-query_len:])
-    parts = window_input(parts, config.method, model.config.window, m)
-    if config.method in ("full", "truncate"):
+    parts = method.fit(parts, model.config.window, m)
+    if method.plain_row:
         ids = np.concatenate([parts.prefix, parts.context, parts.question, continuation_ids])
-        tb = bucket_length(len(ids))
         predict_at = np.arange(len(ids) - m - 1, len(ids) - 1, dtype=np.int32)
-        nll = _row_nll(model.params, model.config, jnp.asarray(_padded(ids, tb))[None], jnp.int32(len(ids)),
+        nll = _row_nll(model.params, model.config, jnp.asarray(pad_ids(ids))[None], jnp.int32(len(ids)),
                        jnp.asarray(predict_at), jnp.asarray(continuation_ids), jnp.ones(m, jnp.float32))
         return ContinuationScore(np.asarray(nll), [])
-    pre = prefill_context(model, parts, config, tuple(r for r in rules if r.stage == "chunk"))
+    pre = prefill_context(model, parts, config, stage_rules(rules, "chunk"), method=method)
     tail = np.concatenate([parts.question, continuation_ids])
-    tb = bucket_length(len(tail), minimum=16)
-    q = len(parts.question)
-    targets = _padded(tail[1:], tb)  # logits at tail index i predict tail[i + 1]
+    padded = pad_ids(tail, minimum=16)
+    tb, q = len(padded), len(parts.question)
+    targets = np.zeros(tb, np.int32)
+    targets[: len(tail) - 1] = tail[1:]  # logits at tail index i predict tail[i + 1]
     mask = ((np.arange(tb) >= q - 1) & (np.arange(tb) < len(tail) - 1)).astype(np.float32)
     nll = _merged_tail_nll(
-        pre.weights, model.config, pre.prefix_keys, pre.prefix_values, pre.selection, jnp.asarray(_padded(tail, tb)),
-        jnp.int32(len(tail)), jnp.int32(q), jnp.asarray(targets), jnp.asarray(mask), tuple(r for r in rules if r.stage == "merged"),
+        pre.weights, model.config, pre.prefix_keys, pre.prefix_values, pre.selection, jnp.asarray(padded),
+        jnp.int32(len(tail)), jnp.int32(q), jnp.asarray(targets), jnp.asarray(mask), stage_rules(rules, "merged"),
     )
     return ContinuationScore(np.asarray(nll)[q - 1 : len(tail) - 1], pre.selected_chunks)
 

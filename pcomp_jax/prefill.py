@@ -1,37 +1,58 @@
 """The ParallelComp prefill: rows -> sharded chunk prefill -> selection -> merged cache.
 
-Stage 1 (parallel chunk prefill and query-NLL chunk scores), 1b (SnapKV eviction inside
-every chunk, layer and KV head) and the merge of stage 2, as pure jittable functions:
+Stage 1 (parallel chunk prefill and chunk scores), 1b (token eviction inside every chunk,
+layer and KV head) and the merge of stage 2, as pure functions over pytrees:
 
-    rows = chunking.build_rows(parts, chunk_len, window, num_rows)
+    rows = chunking.build_rows(parts, chunk_len, window)        # Rows: P + chunk + Q per row
+    spec = PrefillSpec(capacity=128)                            # static knobs (jit argument)
     prefix_keys, prefix_values = prefill_prefix(weights, cfg, parts.prefix)
-    state = empty_selection(cfg, top_k, capacity, dtype)
-    for each group of group_size rows:                     # streaming: bounded memory
-        scored = prefill_group(weights, cfg, *group_arrays, prefix_len=..., capacity=..., ...)
-        state = keep_best_chunks(state, scored, top_k)     # running top-k, static shapes
+    state = empty_selection(cfg, top_k, spec.kept_tokens(rows), dtype)
+    for group in rows.groups(group_size):                       # streaming: bounded memory
+        scored = prefill_group(weights, cfg, sharding.shard(group, mesh), spec)
+        state = keep_best_chunks(state, scored, top_k)          # running top-k, static shapes
     cache, question_start = merge_selection(prefix_keys, prefix_values, state, room)
 
-(``pipeline.prefill_context`` is exactly this loop, with the rows sharded over devices.)
+``select_chunks`` is exactly that loop (what ``pipeline.answer`` runs); ``decode`` takes
+the selection on to the question prefill and greedy decoding.
 
 Stage 1c (calibration): ``chunk`` rules act inside ``prefill_group`` through the model's
 per-layer ``key_keep`` hook; ``merged`` rules act in the question prefill
-(``pipeline.question_prefill``) through ``cached_forward``'s ``drop_from_cache`` hook.
+(``decode.question_prefill``) through ``cached_forward``'s ``drop_from_cache`` hook.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
-from .attention import dense_causal_attention
-from .calibrate import chunk_keep_fn
+from .attention import causal_attention
+from .axes import axes_field
 from .cache import KVCache
-from .compress import document_order, gather_tokens, keep_top_tokens, question_nll, snapkv_token_scores, top_k_lowest
+from .calibrate import chunk_keep_fn
+from .chunking import Rows
+from .compress import (
+    ChunkScorer,
+    QueryNLL,
+    RecentTokens,
+    SnapKV,
+    TokenScorer,
+    document_order,
+    gather_tokens,
+    keep_top_tokens,
+    top_k_lowest,
+)
+from .errors import ConfigError
 from .model.config import ModelConfig
 from .model.llama import Weights, prefill_forward
+from .sharding import shard
 
 
 @flax.struct.dataclass
@@ -40,41 +61,39 @@ class ChunkSelection:
 
     keys, values: ``[L, K, cap, KVH, D]`` (rotated at row positions); kept_positions:
     ``[L, K, KVH, cap]`` row positions of the kept tokens; token_valid: ``[K, cap]``;
-    scores: ``[K]`` query NLL (lower is better); chunk_ids: ``[K]`` document index;
+    scores: ``[K]`` chunk scores (lower is better); chunk_ids: ``[K]`` document index;
     chunk_valid: ``[K]``; row_lengths: ``[K]`` ``len(P) + len(chunk)``.
     """
 
-    keys: jax.Array
-    values: jax.Array
-    kept_positions: jax.Array
-    token_valid: jax.Array
-    scores: jax.Array
-    chunk_ids: jax.Array
-    chunk_valid: jax.Array
-    row_lengths: jax.Array
+    keys: jax.Array = axes_field("layers", "kept_chunks", "kept_tokens", "kv_heads", "head_dim")
+    values: jax.Array = axes_field("layers", "kept_chunks", "kept_tokens", "kv_heads", "head_dim")
+    kept_positions: jax.Array = axes_field("layers", "kept_chunks", "kv_heads", "kept_tokens")
+    token_valid: jax.Array = axes_field("kept_chunks", "kept_tokens")
+    scores: jax.Array = axes_field("kept_chunks")
+    chunk_ids: jax.Array = axes_field("kept_chunks")
+    chunk_valid: jax.Array = axes_field("kept_chunks")
+    row_lengths: jax.Array = axes_field("kept_chunks")
 
     def take(self, idx: jax.Array) -> "ChunkSelection":
         """The chunks at ``idx [K']`` (a gather along every field's chunk axis)."""
-        along_1 = lambda x: jnp.take(x, idx, axis=1)
-        along_0 = lambda x: jnp.take(x, idx, axis=0)
-        return ChunkSelection(
-            keys=along_1(self.keys), values=along_1(self.values), kept_positions=along_1(self.kept_positions),
-            token_valid=along_0(self.token_valid), scores=along_0(self.scores), chunk_ids=along_0(self.chunk_ids),
-            chunk_valid=along_0(self.chunk_valid), row_lengths=along_0(self.row_lengths),
-        )
+        return jax.tree.map(lambda x, axis: jnp.take(x, idx, axis=axis), self, _chunk_axes(self))
+
+
+def _chunk_axes(selection: ChunkSelection) -> ChunkSelection:
+    """Where each field of a ``ChunkSelection`` keeps its chunk axis (from the declared axes)."""
+    return selection.replace(**{
+        f.name: f.metadata["axes"].index("kept_chunks") for f in dataclasses.fields(ChunkSelection)
+    })
 
 
 def concat_selections(a: ChunkSelection, b: ChunkSelection) -> ChunkSelection:
     """Chunks of ``a`` followed by those of ``b``."""
-    axis = {"keys": 1, "values": 1, "kept_positions": 1}
-    return ChunkSelection(
-        **{name: jnp.concatenate([getattr(a, name), getattr(b, name)], axis=axis.get(name, 0))
-           for name in ChunkSelection.__dataclass_fields__}
-    )
+    return jax.tree.map(lambda x, y, axis: jnp.concatenate([x, y], axis=axis), a, b, _chunk_axes(a))
 
 
 def empty_selection(cfg: ModelConfig, top_k: int, capacity: int, dtype) -> ChunkSelection:
-    """A state of ``top_k`` invalid chunks (score +inf) to start the running top-k from."""
+    """A state of ``top_k`` invalid chunks (score +inf) to start the running top-k from.
+    ``capacity``: tokens kept per chunk (``PrefillSpec.kept_tokens``)."""
     shape = (cfg.num_layers, top_k, capacity, cfg.num_kv_heads, cfg.head_dim)
     return ChunkSelection(
         keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
@@ -83,6 +102,36 @@ def empty_selection(cfg: ModelConfig, top_k: int, capacity: int, dtype) -> Chunk
         chunk_ids=jnp.full((top_k,), -1, jnp.int32), chunk_valid=jnp.zeros((top_k,), bool),
         row_lengths=jnp.zeros((top_k,), jnp.int32),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillSpec:
+    """The static settings of the chunk prefill (hashable: a static argument of ``jax.jit``).
+
+    capacity: tokens kept per chunk, layer and KV head (None: every token of the chunk);
+    never more than a row holds (``kept_tokens``). token_scorer: ranks tokens for eviction
+    (``compress.SnapKV``, ``compress.RecentTokens`` or your own ``TokenScorer``); not
+    consulted when nothing is evicted. chunk_scorer: ranks chunks (``compress.QueryNLL``).
+    attention: the causal backend by name (``auto``, ``dense``, ``blockwise``, ``pallas``,
+    ``cudnn``; see ``attention.causal_attention``). chunk_rules: stage-``chunk``
+    calibration rules (``calibrate.CalibrationRule``).
+    """
+
+    capacity: int | None = None
+    token_scorer: TokenScorer = SnapKV()
+    chunk_scorer: ChunkScorer = QueryNLL()
+    attention: str = "auto"
+    chunk_rules: tuple = ()
+
+    def kept_tokens(self, rows: Rows) -> int:
+        """Tokens kept per chunk for ``rows``: ``capacity`` (or the chunk length when None),
+        at most the row length. A static shape: it depends on ``rows``' shapes only."""
+        wanted = rows.chunk_len if self.capacity is None else self.capacity
+        return min(wanted, rows.row_len)
+
+    def attention_fn(self, dtype):
+        """The causal attention backend this spec names, for weights of ``dtype``."""
+        return causal_attention(self.attention, needs_key_mask=bool(self.chunk_rules), dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -94,73 +143,97 @@ def prefill_prefix(weights: Weights, cfg: ModelConfig, prefix: jax.Array):
     return keys[:, 0], values[:, 0]
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "cfg", "prefix_len", "capacity", "obs_window", "pool_kernel", "attention", "chunk_rules", "token_scoring"
-    ),
-)
-def prefill_group(
-    weights: Weights,
-    cfg: ModelConfig,
-    tokens: jax.Array,
-    positions: jax.Array,
-    row_lengths: jax.Array,
-    chunk_lengths: jax.Array,
-    chunk_ids: jax.Array,
-    question_targets: jax.Array,
-    question_mask: jax.Array,
-    score_at: jax.Array,
-    *,
-    prefix_len: int,
-    capacity: int,
-    obs_window: int,
-    pool_kernel: int,
-    attention=dense_causal_attention,
-    chunk_rules: tuple = (),
-    token_scoring: str = "snapkv",
-) -> ChunkSelection:
-    """Stage 1 + 1b for a group of G rows (arrays as in ``chunking.Rows``, G leading).
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def prefill_group(weights: Weights, cfg: ModelConfig, rows: Rows, spec: PrefillSpec) -> ChunkSelection:
+    """Stage 1 + 1b for a group of G chunk rows (``rows``: a ``chunking.Rows`` of G rows).
 
-    Runs the rows in parallel (causal inside each row), scores each chunk by the mean NLL
-    of its question tokens, and keeps ``capacity`` content tokens per layer and KV head
-    by SnapKV. ``chunk_rules``: stage-``chunk`` calibration rules (the SnapKV scores still
-    use plain causal attention). ``token_scoring``: ``snapkv`` (ALGORITHM.md stage 1b) or
-    ``recent`` (StreamingLLM's window: the last ``capacity`` content tokens; P stays as the
-    sinks). Returns a ``ChunkSelection`` of the G chunks (padding rows invalid).
+    Runs the rows in parallel (causal inside each row) with ``spec``'s attention backend,
+    scores each chunk with ``spec.chunk_scorer`` from the logits at its question tokens, and
+    keeps ``spec.kept_tokens(rows)`` content tokens per layer and KV head by
+    ``spec.token_scorer``. Stage-``chunk`` calibration rules change the rows' attention;
+    token scores still see plain causal attention. Returns a ``ChunkSelection`` of the G
+    chunks (padding rows invalid, score +inf).
     """
-    r = tokens.shape[1]
-    slot = jnp.arange(r)[None, :]
-    content = (slot >= prefix_len) & (slot < prefix_len + chunk_lengths[:, None])  # [G, R]
-    recent_scores = jnp.where(content, slot.astype(jnp.float32), -jnp.inf)  # later = higher
+    capacity = spec.kept_tokens(rows)
+    slot = jnp.arange(rows.row_len)[None, :]
+    content = (slot >= rows.prefix_len) & (slot < rows.prefix_len + rows.chunk_lengths[:, None])  # [G, R]
+    # Keeping every token: any order-preserving scorer keeps the same set; the cheapest one.
+    scorer = spec.token_scorer if spec.capacity is not None else RecentTokens()
 
     def emit(q, k, v, layer_index):
-        if token_scoring == "recent":
-            token_scores = jnp.broadcast_to(recent_scores[:, None, :], (k.shape[0], k.shape[2], r))
-        else:
-            token_scores = snapkv_token_scores(q, k, row_lengths, obs_window, pool_kernel, content)
-        idx, _ = keep_top_tokens(token_scores, capacity)
+        idx, _ = keep_top_tokens(scorer(q, k, rows.row_lengths, content), capacity)
         return gather_tokens(k, idx), gather_tokens(v, idx), idx
 
-    key_keep = chunk_keep_fn(chunk_rules, row_lengths) if chunk_rules else None
+    key_keep = chunk_keep_fn(spec.chunk_rules, rows.row_lengths) if spec.chunk_rules else None
     logits, (keys, values, kept) = prefill_forward(
-        weights, cfg, tokens, positions, logits_at=score_at, attention=attention, emit=emit, key_keep=key_keep
+        weights, cfg, rows.tokens, rows.positions, logits_at=rows.score_at,
+        attention=spec.attention_fn(weights.embed.dtype), emit=emit, key_keep=key_keep,
     )
-    chunk_valid = chunk_lengths > 0
-    scores = jnp.where(chunk_valid, question_nll(logits, question_targets, question_mask), jnp.inf)
-    token_valid = jnp.arange(capacity)[None, :] < jnp.minimum(chunk_lengths, capacity)[:, None]
+    chunk_valid = rows.chunk_lengths > 0
+    scores = jnp.where(chunk_valid, spec.chunk_scorer(logits, rows.question_targets, rows.question_mask), jnp.inf)
+    token_valid = jnp.arange(capacity)[None, :] < jnp.minimum(rows.chunk_lengths, capacity)[:, None]
     return ChunkSelection(
         keys=keys, values=values, kept_positions=kept, token_valid=token_valid, scores=scores,
-        chunk_ids=chunk_ids.astype(jnp.int32), chunk_valid=chunk_valid, row_lengths=prefix_len + chunk_lengths,
+        chunk_ids=rows.chunk_ids.astype(jnp.int32), chunk_valid=chunk_valid,
+        row_lengths=rows.prefix_len + rows.chunk_lengths,
     )
 
 
 @functools.partial(jax.jit, static_argnames=("top_k",))
 def keep_best_chunks(state: ChunkSelection, new: ChunkSelection, top_k: int) -> ChunkSelection:
-    """Running top-k: the ``top_k`` lowest-NLL chunks among ``state`` and ``new``."""
+    """Running top-k: the ``top_k`` lowest-score chunks among ``state`` and ``new``."""
     both = concat_selections(state, new)
     idx, _ = top_k_lowest(both.scores, both.chunk_valid, top_k)
     return both.take(idx)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A possibly sharded array as NumPy on every host (``process_allgather`` when it spans hosts)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def rows_per_group(group_size: int, num_chunks: int, mesh: Mesh) -> int:
+    """Rows per prefill call: ``group_size`` (a multiple of the device count), but never more
+    than the input needs, rounded up to the device count."""
+    if group_size < 1 or group_size % mesh.size:
+        raise ConfigError(
+            f"group_size={group_size} must be a multiple of the number of devices ({mesh.size}) "
+            "so that every device gets the same number of chunk rows"
+        )
+    return min(group_size, mesh.size * math.ceil(num_chunks / mesh.size))
+
+
+def select_chunks(
+    weights: Weights,
+    cfg: ModelConfig,
+    rows: Rows,
+    spec: PrefillSpec,
+    top_k: int,
+    mesh: Mesh,
+    group_size: int,
+    progress: bool = False,
+) -> tuple[ChunkSelection, np.ndarray]:
+    """Stages 1, 1b (and chunk-stage 1c) over every chunk row, in groups of rows sharded over
+    ``mesh``'s ``chunk`` axis, with a running top-k of ``top_k`` chunks.
+
+    weights: placed on ``mesh`` (``sharding.shard_weights``). group_size: rows per call
+    (``rows_per_group``); memory grows with it, results do not. Returns the selection and
+    the score of every real chunk, ``[num_chunks]`` in document order.
+    """
+    num_chunks = rows.num_chunks
+    groups = rows.groups(rows_per_group(group_size, num_chunks, mesh))
+    state = empty_selection(cfg, top_k, spec.kept_tokens(rows), weights.embed.dtype)
+    scores = []
+    for group in tqdm(groups, desc="chunk groups", unit="group", disable=not progress):
+        scored = prefill_group(weights, cfg, shard(group, mesh), spec)
+        scores.append(scored.scores)
+        state = keep_best_chunks(state, scored, top_k)
+    jax.block_until_ready(state)
+    return state, np.concatenate([to_host(s) for s in scores])[:num_chunks]
 
 
 def merge_selection(prefix_keys, prefix_values, selection: ChunkSelection, room: int) -> tuple[KVCache, jax.Array]:

@@ -1,10 +1,13 @@
 """Device meshes and the mapping from logical axis names to mesh axes.
 
-The chunk axis (the leading batch axis of prefill rows) is sharded over the mesh axis
-``chunk``. Weights are replicated by default; ``LOGICAL_RULES`` is the one place
-that says which logical axis goes to which mesh axis, read by flax's
-``logical_to_mesh_sharding``. Several hosts join through ``jax.distributed.initialize()``
-before ``make_mesh`` is called; the same code then spans all of their devices.
+Every pytree the pipeline moves (``Weights``, chunk ``Rows``, the ``ChunkSelection`` and
+the ``KVCache``) declares the logical names of its arrays' axes next to their shapes
+(``pcomp_jax.axes``). ``LOGICAL_RULES`` is the one place that says which logical axis goes
+to which mesh axis; ``shardings(tree, mesh)`` reads them through flax's
+``logical_to_mesh_sharding``, and ``shard(tree, mesh)`` places a tree accordingly. The
+chunk axis of the prefill rows is split over the mesh axis ``chunk``; everything else is
+replicated. Several hosts join through ``jax.distributed.initialize()`` before
+``make_mesh`` is called; the same code then spans all of their devices.
 """
 
 from __future__ import annotations
@@ -14,15 +17,21 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .axes import logical_axes
 from .errors import ConfigError
-from .model.llama import Weights, logical_axes
 
 CHUNK_AXIS = "chunk"
 
-# (logical axis, mesh axis or None). Weights are replicated; activations' batch axis
-# ("chunk") is split across devices.
+# (logical axis, mesh axis or None). Only the chunk rows' leading axis is split; weights,
+# the running selection (its kept chunks are few) and caches are replicated.
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
-    ("chunk", CHUNK_AXIS),
+    ("chunk", CHUNK_AXIS),  # chunk rows of one prefill group
+    ("row", None),  # token slots of a chunk row
+    ("question", None),  # the question tokens scored in every row
+    ("kept_chunks", None),  # chunks of the running top-k selection
+    ("kept_tokens", None),  # tokens kept per chunk, layer and KV head
+    ("batch", None),  # decoding batch
+    ("cache_slots", None),  # KV cache slots
     ("layers", None),
     ("vocab", None),
     ("embed", None),
@@ -42,21 +51,25 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices[:n]), (CHUNK_AXIS,))
 
 
-def weight_shardings(weights: Weights, mesh: Mesh, rules=LOGICAL_RULES) -> Weights:
-    """A ``Weights``-shaped pytree of ``NamedSharding`` from each array's logical axes."""
-    specs = logical_axes(weights)
+def shardings(tree, mesh: Mesh, rules=LOGICAL_RULES):
+    """A ``tree``-shaped pytree of ``NamedSharding``, from each array's declared logical axes."""
     return jax.tree.map(
         lambda spec: nn.logical_to_mesh_sharding(spec, mesh, rules),
-        specs,
+        logical_axes(tree),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
 
-def shard_weights(weights: Weights, mesh: Mesh, rules=LOGICAL_RULES) -> Weights:
+def shard(tree, mesh: Mesh, rules=LOGICAL_RULES):
+    """Places ``tree`` (weights, rows, a selection, a cache) on ``mesh`` according to ``rules``."""
+    return jax.device_put(tree, shardings(tree, mesh, rules))
+
+
+def shard_weights(weights, mesh: Mesh, rules=LOGICAL_RULES):
     """Places ``weights`` on ``mesh`` according to ``rules``."""
-    return jax.device_put(weights, weight_shardings(weights, mesh, rules))
+    return shard(weights, mesh, rules)
 
 
 def chunk_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Sharding of an array whose leading axis is the chunk axis (other axes replicated)."""
+    """Sharding of a bare array whose leading axis is the chunk axis (other axes replicated)."""
     return NamedSharding(mesh, PartitionSpec(CHUNK_AXIS, *([None] * (ndim - 1))))

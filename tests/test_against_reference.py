@@ -14,7 +14,9 @@ from pcomp_jax.chunking import build_rows, encode_parts
 from pcomp_jax.decode import stop_token_ids
 from pcomp_jax.calibrate import CalibrationRule
 from pcomp_jax.decode import question_prefill
+from pcomp_jax.compress import SnapKV
 from pcomp_jax.prefill import (
+    PrefillSpec,
     document_order,
     empty_selection,
     keep_best_chunks,
@@ -50,12 +52,10 @@ def test_pipeline_matches_numpy_reference(hf_checkpoints, variant, case):
 
     # Kept token positions for every layer and KV head.
     rows = build_rows(parts, config.chunk_len, model.config.window, num_rows=8)
-    capacity = config.capacity or config.chunk_len
-    scored = prefill_group(
-        model.params, model.config, rows.tokens, rows.positions, rows.row_lengths, rows.chunk_lengths,
-        np.arange(8, dtype=np.int32), rows.question_targets, rows.question_mask, rows.score_at,
-        prefix_len=rows.prefix_len, capacity=capacity, obs_window=config.obs_window, pool_kernel=config.pool_kernel,
-    )
+    spec = PrefillSpec(capacity=config.capacity, token_scorer=SnapKV(config.obs_window, config.pool_kernel),
+                       attention="dense")
+    capacity = spec.kept_tokens(rows)
+    scored = prefill_group(model.params, model.config, rows, spec)
     state = keep_best_chunks(empty_selection(model.config, config.top_k_chunks, capacity, model.dtype), scored, config.top_k_chunks)
     state = state.take(document_order(state.chunk_ids, state.chunk_valid))
     for layer, expected_chunks in enumerate(expected["kept_positions"]):
@@ -113,12 +113,9 @@ def test_calibration_matches_numpy_reference(hf_checkpoints, case):
         return
     rows = build_rows(parts, config.chunk_len, model.config.window, num_rows=8)
     chunk_rules = tuple(r for r in rules if r.stage == "chunk")
-    scored = prefill_group(
-        model.params, model.config, rows.tokens, rows.positions, rows.row_lengths, rows.chunk_lengths,
-        np.arange(8, dtype=np.int32), rows.question_targets, rows.question_mask, rows.score_at,
-        prefix_len=rows.prefix_len, capacity=config.capacity, obs_window=config.obs_window,
-        pool_kernel=config.pool_kernel, chunk_rules=chunk_rules,
-    )
+    spec = PrefillSpec(capacity=config.capacity, token_scorer=SnapKV(config.obs_window, config.pool_kernel),
+                       attention="dense", chunk_rules=chunk_rules)
+    scored = prefill_group(model.params, model.config, rows, spec)
     state = keep_best_chunks(empty_selection(model.config, 2, config.capacity, model.dtype), scored, 2)
     prefix_k, prefix_v = prefill_prefix(model.params, model.config, jnp.asarray(parts.prefix))
     question_ids = np.zeros(64, np.int32)

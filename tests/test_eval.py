@@ -15,7 +15,8 @@ from pcomp_jax.config import ConfigError, load_config
 from pcomp_jax.decode import forward
 from pcomp_jax.eval import EvalConfig, MethodSpec, Runner, evaluate, method_metrics, summary_markdown
 from pcomp_jax.perplexity import continuation_nll, text_windows
-from pcomp_jax.prefill import prefill_group
+from pcomp_jax.compress import RecentTokens
+from pcomp_jax.prefill import PrefillSpec, prefill_group
 from pcomp_jax.tasks import make_task
 from pcomp_jax.errors import PcompError
 
@@ -34,10 +35,7 @@ def model(hf_checkpoints):
 def test_streaming_keeps_the_most_recent_content_tokens(model):
     parts = encode_parts(model.tokenizer, make_text(40), "where?", "Read.", "Answer:", True)
     rows = build_rows(parts, 200, model.config.window, num_rows=1)
-    args = [np.asarray(a) for a in (rows.tokens, rows.positions, rows.row_lengths, rows.chunk_lengths,
-                                    np.zeros(1, np.int32), rows.question_targets, rows.question_mask, rows.score_at)]
-    sel = prefill_group(model.params, model.config, *args, prefix_len=rows.prefix_len, capacity=10, obs_window=4,
-                        pool_kernel=3, token_scoring="recent")
+    sel = prefill_group(model.params, model.config, rows, PrefillSpec(capacity=10, token_scorer=RecentTokens()))
     p, c = rows.prefix_len, int(rows.chunk_lengths[0])
     kept = np.asarray(sel.kept_positions)  # [L, 1, KVH, 10]
     assert (kept == np.arange(p + c - 10, p + c)).all()
@@ -120,7 +118,8 @@ def eval_config(tmp_path):
     return EvalConfig(
         output_dir=str(tmp_path / "out"),
         pipeline=ParallelCompConfig(chunk_len=48, obs_window=4, chat=True),
-        methods=(MethodSpec("full", "full", max_length=200), MethodSpec("pc", "parallelcomp", capacity=16)),
+        methods=(MethodSpec.of("full", method="full", max_length=200),
+                 MethodSpec.of("pc", method="parallelcomp", capacity=16)),
         tasks=("passkey", "needle"), lengths=(150, 300), depths=(0.2, 0.8), text_file=str(text), max_new_tokens=4,
         perplexity=dataclasses.replace(EvalConfig().perplexity, prefix_lengths=(100,), continuation=8, samples=1,
                                        query_len=8, text_file=str(text)),
@@ -165,7 +164,7 @@ def test_runner_writes_resumes_and_refuses_changed_settings(model, eval_config, 
 
     # Changed settings for an existing method: refused, files untouched.
     before = open(f"{out}/pc/predictions.jsonl").read()
-    changed = dataclasses.replace(eval_config, methods=(MethodSpec("pc", "parallelcomp", capacity=32),))
+    changed = dataclasses.replace(eval_config, methods=(MethodSpec.of("pc", method="parallelcomp", capacity=32),))
     with pytest.raises(ConfigError, match="holds results made with other settings.*pipeline"):
         evaluate(changed, model, progress=False)
     assert open(f"{out}/pc/predictions.jsonl").read() == before
@@ -173,7 +172,7 @@ def test_runner_writes_resumes_and_refuses_changed_settings(model, eval_config, 
 
 def test_runner_records_item_errors_and_scores_them_zero(model, eval_config):
     # truncate cannot fit the question with a 250-token answer in the 256-token window
-    config = dataclasses.replace(eval_config, methods=(MethodSpec("t", "truncate"),), tasks=("passkey",),
+    config = dataclasses.replace(eval_config, methods=(MethodSpec.of("t", method="truncate"),), tasks=("passkey",),
                                  lengths=(150,), depths=(0.5,), max_new_tokens=250,
                                  perplexity=dataclasses.replace(eval_config.perplexity, prefix_lengths=()))
     metrics = evaluate(config, model, progress=False)
@@ -183,7 +182,7 @@ def test_runner_records_item_errors_and_scores_them_zero(model, eval_config):
 
 
 def test_calibrated_method_runs_its_preset(model, eval_config):
-    spec = MethodSpec("pc_calib", "parallelcomp", calibration_preset="remove_shallow_middle",
+    spec = MethodSpec.of("pc_calib", method="parallelcomp", calibration_preset="remove_shallow_middle",
                       calibration_preset_stage="merged")
     config = dataclasses.replace(eval_config, methods=(spec,), tasks=("passkey",), lengths=(150,), depths=(0.5,))
     metrics = evaluate(config, model, progress=False)
@@ -217,7 +216,7 @@ def test_adding_parts_to_a_sweep_resumes_and_changed_texts_are_refused(model, ev
 def test_foreign_lines_and_out_of_memory_do_not_stop_a_sweep(model, eval_config, monkeypatch, capsys):
     import jax
 
-    config = dataclasses.replace(eval_config, methods=(MethodSpec("pc", "parallelcomp", capacity=16),),
+    config = dataclasses.replace(eval_config, methods=(MethodSpec.of("pc", method="parallelcomp", capacity=16),),
                                  tasks=("passkey",), lengths=(150,), depths=(0.2, 0.8),
                                  perplexity=dataclasses.replace(eval_config.perplexity, prefix_lengths=()))
     os.makedirs(f"{config.output_dir}/pc")
@@ -291,11 +290,11 @@ def test_eval_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="depths must lie in"):
         EvalConfig(depths=(1.5,))
     with pytest.raises(ConfigError, match="distinct names"):
-        EvalConfig(methods=(MethodSpec("a", "full"), MethodSpec("a", "pcw")))
+        EvalConfig(methods=(MethodSpec.of("a", method="full"), MethodSpec.of("a", method="pcw")))
     with pytest.raises(ConfigError, match="method 'big': capacity=4096 is larger than chunk_len"):
-        EvalConfig(methods=(MethodSpec("big", "parallelcomp", capacity=4096),))
+        EvalConfig(methods=(MethodSpec.of("big", method="parallelcomp", capacity=4096),))
     with pytest.raises(ConfigError, match="method='sparse' is not allowed"):
-        EvalConfig(methods=(MethodSpec("s", "sparse"),))
+        EvalConfig(methods=(MethodSpec.of("s", method="sparse"),))
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         evaluate(EvalConfig(tasks=(), output_dir=str(tmp_path / "o")), model=object())
     with pytest.raises(PcompError, match="cannot read the needle task's text_file"):
@@ -308,8 +307,9 @@ def test_eval_config_errors(tmp_path):
 
 def test_runner_on_longbench_format_data(model, eval_config):
     fixture = os.path.join(os.path.dirname(__file__), "data", "longbench_fixture.jsonl")
-    config = dataclasses.replace(eval_config, methods=(MethodSpec("pc", "parallelcomp", capacity=16),), tasks=(),
-                                 longbench=fixture, perplexity=dataclasses.replace(eval_config.perplexity, prefix_lengths=()))
+    config = dataclasses.replace(eval_config, methods=(MethodSpec.of("pc", method="parallelcomp", capacity=16),),
+                                 tasks=(), longbench=fixture,
+                                 perplexity=dataclasses.replace(eval_config.perplexity, prefix_lengths=()))
     metrics = evaluate(config, model, progress=False)
     records = lines(f"{config.output_dir}/pc/predictions.jsonl")
     datasets = {r["dataset"] for r in records}

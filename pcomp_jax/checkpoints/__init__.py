@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..model.config import ModelConfig
 from ..model.llama import Weights
 from .gguf_file import GGUFCheckpoint
@@ -67,10 +67,10 @@ def default_model_path() -> str:
 def _resolve_dtype(dtype):
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
+            raise ConfigError(f"dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
         return DTYPES[dtype]
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES.values()]:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
     return dtype
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from ..attention import NEG_INF
+from . import NEG_INF
 
 
 def _kernel(q_ref, k_ref, v_ref, keep_ref, o_ref, *, block_q: int, block_k: int, scale: float):

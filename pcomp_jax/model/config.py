@@ -73,7 +73,7 @@ class ModelConfig:
             )
 
     @property
-    def group_size(self) -> int:
+    def queries_per_kv_head(self) -> int:
         """Query heads per KV head (grouped-query attention)."""
         return self.num_heads // self.num_kv_heads
 

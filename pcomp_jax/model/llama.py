@@ -13,7 +13,6 @@ Two entry points share one layer body:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import flax.struct
@@ -21,58 +20,38 @@ import jax
 import jax.numpy as jnp
 
 from ..attention import dense_attention, dense_causal_attention
+from ..axes import axes_field, logical_axes  # noqa: F401  (logical_axes: re-exported)
 from ..cache import KVCache, write_layer
 from .config import ModelConfig
 from .rope import apply_rope, rope_tables
-
-
-def _axes(*names: str | None):
-    """A pytree field whose logical axis names are recorded in its metadata."""
-    return flax.struct.field(metadata={"axes": names})
 
 
 @flax.struct.dataclass
 class LayerWeights:
     """One decoder layer's weights, stacked over layers (leading axis L)."""
 
-    attn_norm: jax.Array = _axes("layers", "embed")  # [L, E]
-    wq: jax.Array = _axes("layers", "embed", "q_heads", "head_dim")  # [L, E, H, D]
-    wk: jax.Array = _axes("layers", "embed", "kv_heads", "head_dim")  # [L, E, KVH, D]
-    wv: jax.Array = _axes("layers", "embed", "kv_heads", "head_dim")  # [L, E, KVH, D]
-    wo: jax.Array = _axes("layers", "q_heads", "head_dim", "embed")  # [L, H, D, E]
-    mlp_norm: jax.Array = _axes("layers", "embed")  # [L, E]
-    w_gate: jax.Array = _axes("layers", "embed", "mlp")  # [L, E, F]
-    w_up: jax.Array = _axes("layers", "embed", "mlp")  # [L, E, F]
-    w_down: jax.Array = _axes("layers", "mlp", "embed")  # [L, F, E]
-    bq: jax.Array | None = _axes("layers", "q_heads", "head_dim")  # [L, H, D] (Qwen2) or None
-    bk: jax.Array | None = _axes("layers", "kv_heads", "head_dim")  # [L, KVH, D] or None
-    bv: jax.Array | None = _axes("layers", "kv_heads", "head_dim")  # [L, KVH, D] or None
+    attn_norm: jax.Array = axes_field("layers", "embed")  # [L, E]
+    wq: jax.Array = axes_field("layers", "embed", "q_heads", "head_dim")  # [L, E, H, D]
+    wk: jax.Array = axes_field("layers", "embed", "kv_heads", "head_dim")  # [L, E, KVH, D]
+    wv: jax.Array = axes_field("layers", "embed", "kv_heads", "head_dim")  # [L, E, KVH, D]
+    wo: jax.Array = axes_field("layers", "q_heads", "head_dim", "embed")  # [L, H, D, E]
+    mlp_norm: jax.Array = axes_field("layers", "embed")  # [L, E]
+    w_gate: jax.Array = axes_field("layers", "embed", "mlp")  # [L, E, F]
+    w_up: jax.Array = axes_field("layers", "embed", "mlp")  # [L, E, F]
+    w_down: jax.Array = axes_field("layers", "mlp", "embed")  # [L, F, E]
+    bq: jax.Array | None = axes_field("layers", "q_heads", "head_dim")  # [L, H, D] (Qwen2) or None
+    bk: jax.Array | None = axes_field("layers", "kv_heads", "head_dim")  # [L, KVH, D] or None
+    bv: jax.Array | None = axes_field("layers", "kv_heads", "head_dim")  # [L, KVH, D] or None
 
 
 @flax.struct.dataclass
 class Weights:
     """All model weights. ``lm_head`` is None when the output reuses ``embed`` (tied)."""
 
-    embed: jax.Array = _axes("vocab", "embed")  # [V, E]
-    layers: LayerWeights = flax.struct.field(metadata={"axes": None})
-    final_norm: jax.Array = _axes("embed")  # [E]
-    lm_head: jax.Array | None = _axes("embed", "vocab")  # [E, V] or None
-
-
-def logical_axes(weights: Weights) -> Weights:
-    """A ``Weights``-shaped pytree of logical axis-name tuples (None where a field is None)."""
-
-    def walk(obj):
-        out = {}
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                out[f.name] = walk(value)
-            else:
-                out[f.name] = None if value is None else jax.sharding.PartitionSpec(*f.metadata["axes"])
-        return obj.replace(**out)
-
-    return walk(weights)
+    embed: jax.Array = axes_field("vocab", "embed")  # [V, E]
+    layers: LayerWeights = flax.struct.field()
+    final_norm: jax.Array = axes_field("embed")  # [E]
+    lm_head: jax.Array | None = axes_field("embed", "vocab")  # [E, V] or None
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

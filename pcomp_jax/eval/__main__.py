@@ -1,0 +1,39 @@
+"""The command line: ``python -m pcomp_jax.eval --config configs/eval_retrieval.yaml``.
+
+See the package docstring (``pcomp_jax.eval``) for what a run writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import PcompError
+from . import __doc__ as PACKAGE_DOC
+from .config import load_eval_config
+from .runner import evaluate
+from .summary import summary_markdown
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pcomp_jax.eval", description=PACKAGE_DOC.split("\n\n")[0])
+    p.add_argument("--config", metavar="YAML", help="eval config; see configs/eval_*.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field, e.g. --set lengths=[8192] --set pipeline.chunk_len=1024 (repeatable)")
+    p.add_argument("--output-dir", help="shorthand for --set output_dir=...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    try:
+        config = load_eval_config(args.config, overrides)
+        metrics = evaluate(config, progress=not args.no_progress)
+    except PcompError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary_markdown(metrics))
+    print(f"results in {config.output_dir}/ (summary.md, summary.json, <method>/predictions.jsonl, metrics.json, PNGs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""What an evaluation run sweeps: ``EvalConfig`` (YAML keys = its fields) and its parts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import ConfigError, ParallelCompConfig, check_field_types
+from ..tasks import SYNTHETIC_TASKS
+from .methods import DEFAULT_METHODS, MethodSpec
+
+ANSWER_TOKENS = {"passkey": 16, "number_string": 24, "kv_retrieval": 64, "needle": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityConfig:
+    """Perplexity of ``continuation`` tokens after prefixes of ``prefix_lengths`` tokens of
+    ``text_file``, ``samples`` windows per length; ``query_len``: see ``pcomp_jax.perplexity``."""
+
+    prefix_lengths: tuple[int, ...] = ()
+    continuation: int = 256
+    samples: int = 2
+    query_len: int = 64
+    text_file: str = "../shared/data/war_and_peace.txt"
+
+    def __post_init__(self):
+        check_field_types(self)
+        for name in ("continuation", "samples", "query_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"perplexity.{name} must be >= 1, got {getattr(self, name)}")
+        if any(t <= self.query_len + 1 for t in self.prefix_lengths):
+            raise ConfigError(f"perplexity.prefix_lengths must all exceed query_len + 1 = {self.query_len + 1}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What ``python -m pcomp_jax.eval`` runs (YAML keys = these fields).
+
+    tasks, lengths (context tokens), depths (0 = start, 1 = end), seeds: the synthetic grid
+    (``tasks.SYNTHETIC_TASKS``); text_file: the haystack of ``needle``. longbench: a
+    LongBench-format JSONL file (optional), longbench_limit: examples read from it.
+    max_new_tokens: answer length (null: per task, LongBench's per dataset).
+    methods: ``MethodSpec``s; mappings (as read from YAML: ``{name: ..., max_length: ...,
+    <pipeline field>: value}``) become ``MethodSpec``s (``MethodSpec.from_mapping``).
+    """
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    output_dir: str = "runs/eval"
+    pipeline: ParallelCompConfig = dataclasses.field(default_factory=ParallelCompConfig)
+    methods: tuple[MethodSpec | dict, ...] = DEFAULT_METHODS  # dicts become MethodSpecs in __post_init__
+    tasks: tuple[str, ...] = ("passkey", "needle")
+    lengths: tuple[int, ...] = (8192, 16384, 32768)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    seeds: tuple[int, ...] = (0,)
+    text_file: str = "../shared/data/war_and_peace.txt"
+    longbench: str | None = None
+    longbench_limit: int | None = None
+    max_new_tokens: int | None = None
+    perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
+
+    def __post_init__(self):
+        if isinstance(self.methods, (list, tuple)):  # mappings (YAML, Python) become MethodSpecs
+            object.__setattr__(self, "methods", tuple(
+                MethodSpec.from_mapping(m) if isinstance(m, dict) else m for m in self.methods))
+        check_field_types(self)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r} is not allowed; choose one of: float32, bfloat16")
+        for name in ("tasks", "lengths", "depths", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name} has repeated values: {list(values)}")
+        for task in self.tasks:
+            if task not in SYNTHETIC_TASKS:
+                raise ConfigError(f"unknown task {task!r} in tasks; choose from: {', '.join(SYNTHETIC_TASKS)}")
+        if any(n < 1 for n in self.lengths):
+            raise ConfigError(f"lengths must be positive token counts, got {list(self.lengths)}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ConfigError(f"depths must lie in [0, 1], got {list(self.depths)}")
+        names = [m.name for m in self.methods]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"methods need distinct names, got {names}")
+        for spec in self.methods:  # every method's pipeline must validate before anything runs
+            try:
+                spec.pipeline(self.pipeline)
+            except ConfigError as err:
+                raise ConfigError(f"method {spec.name!r}: {err}") from None
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.longbench_limit is not None and self.longbench_limit < 1:
+            raise ConfigError(f"longbench_limit must be >= 1, got {self.longbench_limit}")
+
+
+def load_eval_config(path: str | None, overrides=()) -> EvalConfig:
+    """YAML at ``path`` (or the defaults) with ``--set`` overrides, validated."""
+    from ..config import load_config
+
+    return load_config(path, overrides, cls=EvalConfig)

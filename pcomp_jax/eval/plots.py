@@ -1,0 +1,70 @@
+"""The evaluation's figures: accuracy heatmaps by depth and length, perplexity by prefix length."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def plot_heatmaps(metrics: dict[str, dict], output_dir: str) -> list[str]:
+    """``heatmap_<task>.png``: one panel per method, accuracy by depth (rows) x length (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task in sorted({t for m in metrics.values() for t in m["synthetic"]}):
+        names = [n for n, m in metrics.items() if task in m["synthetic"]]
+        lengths = sorted({int(n) for n in names for n in metrics[n]["synthetic"][task]})
+        depths = sorted({float(d) for n in names for c in metrics[n]["synthetic"][task].values() for d in c["by_depth"]})
+        fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names) + 1, 2.8), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            grid = np.full((len(depths), len(lengths)), np.nan)
+            for j, n in enumerate(lengths):
+                cell = metrics[name]["synthetic"][task].get(str(n))
+                for i, d in enumerate(depths):
+                    if cell is not None and f"{d:g}" in cell["by_depth"]:
+                        grid[i, j] = cell["by_depth"][f"{d:g}"]
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_title(name, fontsize=9)
+            ax.set_xticks(range(len(lengths)), [f"{n / 1024:g}K" if n >= 1024 else str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_xlabel("context tokens", fontsize=7)
+        axes[0][0].set_ylabel("depth", fontsize=8)
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+        fig.suptitle(f"{task}: accuracy by depth and length", fontsize=10)
+        path = os.path.join(output_dir, f"heatmap_{task}.png")
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_perplexity(metrics: dict[str, dict], output_dir: str, window: int | None = None) -> str | None:
+    """``perplexity.png``: perplexity against prefix length, one line per method (log scales)."""
+    if not any(m["perplexity"] for m in metrics.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in metrics.items():
+        if m["perplexity"]:
+            xs = [int(t) for t in m["perplexity"]]
+            ax.plot(xs, [m["perplexity"][str(t)]["perplexity"] for t in xs], marker="o", label=name)
+    if window:
+        ax.axvline(window, color="gray", linestyle=":", label=f"trained window ({window})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prefix tokens")
+    ax.set_ylabel("perplexity of the continuation")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path = os.path.join(output_dir, "perplexity.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

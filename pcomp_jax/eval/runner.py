@@ -1,0 +1,283 @@
+"""Running a sweep: the items, one prediction per method and item, the resumable files.
+
+``evaluate(config)`` runs (or resumes) every method on every item and writes the results;
+see the package docstring for the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, ParallelCompConfig, to_dict
+from ..errors import PcompError
+from ..io import read_text
+from ..tasks import make_task
+from .config import ANSWER_TOKENS, EvalConfig
+from .methods import MethodSpec
+from .plots import plot_heatmaps, plot_perplexity
+from .summary import method_metrics, summary_markdown
+
+
+# ---- items: what one prediction is about -------------------------------------------------
+
+
+@dataclasses.dataclass
+class Item:
+    """One unit of work for a method. kind: synthetic, longbench or perplexity."""
+
+    id: str
+    kind: str
+    fields: dict
+
+
+def synthetic_items(config: EvalConfig) -> list[Item]:
+    return [
+        Item(f"{task}/L{length}/d{depth:g}/s{seed}", "synthetic",
+             {"task": task, "length": length, "depth": depth, "seed": seed})
+        for length in sorted(config.lengths) for task in config.tasks for depth in config.depths for seed in config.seeds
+    ]  # shortest first, so that a run cut short has every method on the shorter inputs
+
+
+def longbench_items(config: EvalConfig) -> list[Item]:
+    if config.longbench is None:
+        return []
+    from ..longbench import load_longbench
+
+    examples = load_longbench(config.longbench, limit=config.longbench_limit)
+    return [Item(f"longbench/{ex.dataset}/{ex.id}", "longbench", {"example": ex, "dataset": ex.dataset})
+            for ex in examples]
+
+
+def perplexity_items(config: EvalConfig) -> list[Item]:
+    ppl = config.perplexity
+    return [Item(f"ppl/T{t}/s{s}", "perplexity", {"prefix_len": t, "sample": s})
+            for t in sorted(ppl.prefix_lengths) for s in range(ppl.samples)]
+
+
+# ---- running one item --------------------------------------------------------------------
+
+
+class Runner:
+    """Holds the model and the texts; ``run(item, pipeline)`` returns one prediction record."""
+
+    def __init__(self, model, config: EvalConfig):
+        self.model, self.config = model, config
+        self._needle_text = None
+        self._ppl_windows = None
+
+    def needle_text(self) -> str:
+        if self._needle_text is None:
+            self._needle_text = read_text(self.config.text_file, "the needle task's")
+        return self._needle_text
+
+    def ppl_window(self, prefix_len: int, sample: int):
+        """(prefix, continuation) token ids; every prefix length shares the continuations."""
+        from ..perplexity import text_windows
+
+        if self._ppl_windows is None:
+            ppl = self.config.perplexity
+            text = read_text(ppl.text_file, "the perplexity")
+            ids = np.asarray(self.model.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+            self._ppl_windows = text_windows(ids, ppl.prefix_lengths, ppl.continuation, ppl.samples)
+        return self._ppl_windows[prefix_len][sample]
+
+    def run(self, item: Item, pipeline: ParallelCompConfig) -> dict:
+        start = time.perf_counter()
+        record = {"id": item.id, "kind": item.kind, **{k: v for k, v in item.fields.items() if k != "example"}}
+        try:
+            record.update(getattr(self, f"_{item.kind}")(item, pipeline))
+        except ConfigError:  # a setting, not this input: stop (checked up front, so rare)
+            raise
+        except PcompError as err:  # this input does not suit this method (e.g. too long): recorded, scored 0
+            record.update({"error": f"{type(err).__name__}: {err}", "score": 0.0})
+        except jax.errors.JaxRuntimeError as err:  # out of memory at this length: recorded, the sweep goes on
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            record.update({"error": f"out of memory: {str(err).splitlines()[0]}", "score": 0.0})
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        return record
+
+    def _synthetic(self, item: Item, pipeline) -> dict:
+        from ..pipeline import answer
+
+        f = item.fields
+        task = make_task(f["task"], self.model.tokenizer, f["length"], f["depth"], f["seed"],
+                         text=self.needle_text() if f["task"] == "needle" else None)
+        result = answer(self.model, task.context, task.question, pipeline,
+                        self.config.max_new_tokens or ANSWER_TOKENS[f["task"]])
+        correct = task.is_correct(result.text)
+        return {**f, "prediction": result.text, "answer": task.answer, "score": float(correct),
+                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
+
+    def _longbench(self, item: Item, pipeline) -> dict:
+        from ..longbench import MAX_NEW_TOKENS, encode_prompt, score_example
+        from ..pipeline import answer_parts
+
+        ex = item.fields["example"]
+        parts = encode_prompt(self.model.tokenizer, ex, pipeline.chat)
+        result = answer_parts(self.model, parts, pipeline, self.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset])
+        return {"dataset": ex.dataset, "example_id": ex.id, "length": ex.length, "prediction": result.text,
+                "answers": ex.answers, "score": score_example(ex, result.text),
+                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
+
+    def _perplexity(self, item: Item, pipeline) -> dict:
+        from ..perplexity import continuation_nll
+
+        prefix, continuation = self.ppl_window(item.fields["prefix_len"], item.fields["sample"])
+        scored = continuation_nll(self.model, prefix, continuation, pipeline, self.config.perplexity.query_len)
+        return {**item.fields, "mean_nll": scored.mean_nll, "perplexity": scored.perplexity,
+                "tokens": len(scored.token_nll), "selected_chunks": scored.selected_chunks}
+
+
+# ---- files: append-only predictions, resumable ---------------------------------------------
+
+
+def read_predictions(path: str) -> dict[str, dict]:
+    """Finished records by id. A last line cut short by a killed run is ignored (and rewritten)."""
+    done = {}
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb+") as f:  # drop a last line cut short by a kill, so appends start on a fresh line
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            print(f"warning: {path} ended in a record cut short (an interrupted run?); that item runs again",
+                  file=sys.stderr)
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                print(f"warning: {path}:{number} is not a complete prediction record (an interrupted or foreign "
+                      "write?); it is ignored and its item runs again", file=sys.stderr)
+                continue
+            done[record["id"]] = record
+    return done
+
+
+def append_record(path: str, record: dict) -> None:
+    """Appends one JSON line and forces it to disk, so a killed run loses only the item in flight."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def method_settings(config: EvalConfig, spec: MethodSpec) -> dict:
+    """What makes a method's predictions comparable across resumed runs."""
+    settings = {"model": config.model, "dtype": config.dtype, "max_new_tokens": config.max_new_tokens,
+                "pipeline": to_dict(spec.pipeline(config.pipeline))}
+    if "needle" in config.tasks:
+        settings["text_file"] = config.text_file
+    if config.perplexity.prefix_lengths:  # the lengths themselves are in the item ids
+        settings["perplexity"] = {k: v for k, v in to_dict(config.perplexity).items() if k != "prefix_lengths"}
+    if config.longbench is not None:
+        settings["longbench"] = os.path.abspath(config.longbench)
+    return settings
+
+
+def check_or_write_settings(directory: str, settings: dict) -> None:
+    """Refuses to resume a method directory whose results came from other settings.
+
+    Only settings both runs have are compared: adding a part to a sweep (the needle task and
+    its text, perplexity, a LongBench file) resumes, and the record keeps every part seen."""
+    path = os.path.join(directory, "settings.json")
+    normal = json.loads(json.dumps(settings))
+    predictions = os.path.join(directory, "predictions.jsonl")
+    has_results = os.path.exists(predictions) and os.path.getsize(predictions) > 0
+    if os.path.exists(path) and has_results:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        changed = sorted(k for k in set(old) & set(normal) if old[k] != normal[k])
+        if changed:
+            raise ConfigError(
+                f"{directory} holds results made with other settings ({', '.join(changed)} differ); "
+                "use another output_dir or method name, or delete that directory to start it again"
+            )
+        normal = {**old, **normal}  # parts added since (a needle text, perplexity, LongBench) join the record
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(normal, f, indent=1)
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+def check_method_fits(model, pipeline: ParallelCompConfig, name: str) -> None:
+    """The checks ``answer`` makes of the settings alone (calibration against the method and
+    the model's depth, the attention backend), made once before any item runs."""
+    from ..pipeline import check_config_fits
+
+    try:
+        check_config_fits(model, pipeline)
+    except ConfigError as err:
+        raise ConfigError(f"method {name!r}: {err}") from None
+
+
+def write_results(config: EvalConfig, items: list[Item], done: dict[str, dict], window: int | None) -> dict[str, dict]:
+    """Writes every method's ``metrics.json``, ``summary.md``/``.json`` and the plots; returns the metrics."""
+    metrics = {}
+    for spec in config.methods:
+        wanted = {item.id for item in items if spec.runs(item)}
+        metrics[spec.name] = method_metrics([r for i, r in done[spec.name].items() if i in wanted])
+        with open(os.path.join(config.output_dir, spec.name, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics[spec.name], f, indent=1)
+    with open(os.path.join(config.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=1)
+    with open(os.path.join(config.output_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(summary_markdown(metrics))
+    plot_heatmaps(metrics, config.output_dir)
+    plot_perplexity(metrics, config.output_dir, window)
+    return metrics
+
+
+def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str, dict]:
+    """Runs (or resumes) the whole sweep; returns the metrics per method and writes the files."""
+    items = synthetic_items(config) + longbench_items(config) + perplexity_items(config)
+    if not items:
+        raise ConfigError("nothing to evaluate: give tasks (with lengths and depths), longbench or "
+                          "perplexity.prefix_lengths")
+    if "needle" in config.tasks:
+        read_text(config.text_file, "the needle task's")  # fail before any work
+    if config.perplexity.prefix_lengths:
+        read_text(config.perplexity.text_file, "the perplexity")
+    os.makedirs(config.output_dir, exist_ok=True)
+    for spec in config.methods:  # settings of every method are checked before anything runs
+        check_or_write_settings(os.path.join(config.output_dir, spec.name), method_settings(config, spec))
+    if model is None:
+        from ..checkpoints import load_model
+
+        model = load_model(config.model, dtype=config.dtype)
+    for spec in config.methods:
+        check_method_fits(model, spec.pipeline(config.pipeline), spec.name)
+    runner = Runner(model, config)
+    done = {spec.name: read_predictions(os.path.join(config.output_dir, spec.name, "predictions.jsonl"))
+            for spec in config.methods}
+    wanted = [(spec, item) for item in items for spec in config.methods if spec.runs(item)]
+    pending = [(spec, item) for spec, item in wanted if item.id not in done[spec.name]]
+    skipped = len(wanted) - len(pending)
+    if skipped:
+        print(f"resuming: {skipped} finished predictions kept, {len(pending)} to run", file=sys.stderr)
+    bar = tqdm(pending, desc="eval", unit="item", disable=not progress)
+    try:
+        for spec, item in bar:
+            bar.set_postfix_str(f"{spec.name} {item.id}")
+            record = runner.run(item, spec.pipeline(config.pipeline))
+            record["method"] = spec.name
+            append_record(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), record)
+            done[spec.name][item.id] = record
+    finally:  # metrics, summary and plots of what is finished, also when a run stops early
+        metrics = write_results(config, items, done, getattr(model.config, "window", None))
+    return metrics

@@ -1,0 +1,66 @@
+"""Methods of the evaluation (``MethodSpec``): any pipeline field, None included, from Python
+and from the flat YAML entries; errors name the method, the field and what is allowed. No model."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from pcomp_jax import ParallelCompConfig
+from pcomp_jax.config import ConfigError, load_config, to_dict
+from pcomp_jax.eval import DEFAULT_METHODS, EvalConfig, MethodSpec, load_eval_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "eval.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_null_in_a_method_entry_turns_a_base_setting_off(tmp_path):
+    config = load_eval_config(write(tmp_path, """
+pipeline: {chunk_len: 512, capacity: 128, calibration_preset: remove_shallow_middle}
+methods:
+  - {name: keep_all, method: parallelcomp, capacity: null}
+  - {name: no_preset, method: pcw, calibration_preset: null, max_length: 4096}
+  - {name: as_base, method: parallelcomp}
+"""))
+    keep_all, no_preset, as_base = (spec.pipeline(config.pipeline) for spec in config.methods)
+    assert keep_all.capacity is None and keep_all.calibration_preset == "remove_shallow_middle"
+    assert no_preset.calibration_preset is None and no_preset.capacity == 128 and no_preset.method == "pcw"
+    assert as_base.capacity == 128 and as_base.calibration_preset == "remove_shallow_middle"  # unnamed fields kept
+    assert config.methods[1].max_length == 4096
+
+
+def test_method_specs_from_python_and_yaml_are_the_same():
+    spec = MethodSpec.of("pc_evict", method="parallelcomp", capacity=128, max_length=200)
+    assert spec == MethodSpec.from_mapping({"name": "pc_evict", "capacity": 128, "method": "parallelcomp",
+                                            "max_length": 200})
+    assert spec == MethodSpec("pc_evict", 200, {"method": "parallelcomp", "capacity": 128})
+    assert spec.changes == (("capacity", 128), ("method", "parallelcomp"))  # sorted by field: deterministic
+    assert hash(spec) == hash(dataclasses.replace(spec)) and len(set(DEFAULT_METHODS)) == len(DEFAULT_METHODS)
+    base = ParallelCompConfig(chunk_len=256)
+    assert spec.pipeline(base) == dataclasses.replace(base, method="parallelcomp", capacity=128)
+    rules = MethodSpec.from_mapping({"name": "c", "calibration": [{"layers": [0, 1], "region": "sink"}]})
+    assert hash(rules) and to_dict(rules.pipeline(base))["calibration"][0]["layers"] == (0, 1)
+
+
+def test_unknown_field_in_a_method_entry_names_it_and_the_allowed_fields(tmp_path):
+    path = write(tmp_path, "methods:\n  - {name: evict, method: parallelcomp, capcity: 128}\n")
+    with pytest.raises(ConfigError, match=r"method 'evict': unknown field 'capcity'; allowed fields: name, "
+                                          r"max_length, method, chunk_len, .*capacity.*kv_budget"):
+        load_config(path, cls=EvalConfig)
+    with pytest.raises(ConfigError, match="unknown field 'top_k'"):
+        MethodSpec.of("x", top_k=3)
+    with pytest.raises(ConfigError, match="a method needs a name"):
+        load_eval_config(write(tmp_path, "methods:\n  - {method: pcw}\n"))
+    with pytest.raises(ConfigError, match="method 'x': capacity=1024 is larger than chunk_len=512"):
+        load_eval_config(write(tmp_path, "methods:\n  - {name: x, capacity: 1024}\n"))  # values checked up front
+
+
+def test_command_line_runs_as_a_package():
+    out = subprocess.run([sys.executable, "-m", "pcomp_jax.eval", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: python -m pcomp_jax.eval" in out.stdout and "--output-dir" in out.stdout
+    assert "Evaluation runner: every method side by side" in out.stdout and "Warning" not in out.stderr
