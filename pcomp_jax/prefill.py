@@ -41,7 +41,6 @@ from .chunking import Rows
 from .compress import (
     ChunkScorer,
     QueryNLL,
-    RecentTokens,
     SnapKV,
     TokenScorer,
     document_order,
@@ -110,8 +109,8 @@ class PrefillSpec:
 
     capacity: tokens kept per chunk, layer and KV head (None: every token of the chunk);
     never more than a row holds (``kept_tokens``). token_scorer: ranks tokens for eviction
-    (``compress.SnapKV``, ``compress.RecentTokens`` or your own ``TokenScorer``); not
-    consulted when nothing is evicted. chunk_scorer: ranks chunks (``compress.QueryNLL``).
+    (``compress.SnapKV``, ``compress.RecentTokens`` or your own ``TokenScorer``); when
+    nothing is evicted every scorer keeps the same tokens. chunk_scorer: ranks chunks (``compress.QueryNLL``).
     attention: the causal backend by name (``auto``, ``dense``, ``blockwise``, ``pallas``,
     ``cudnn``; see ``attention.causal_attention``). chunk_rules: stage-``chunk``
     calibration rules (``calibrate.CalibrationRule``).
@@ -157,11 +156,9 @@ def prefill_group(weights: Weights, cfg: ModelConfig, rows: Rows, spec: PrefillS
     capacity = spec.kept_tokens(rows)
     slot = jnp.arange(rows.row_len)[None, :]
     content = (slot >= rows.prefix_len) & (slot < rows.prefix_len + rows.chunk_lengths[:, None])  # [G, R]
-    # Keeping every token: any order-preserving scorer keeps the same set; the cheapest one.
-    scorer = spec.token_scorer if spec.capacity is not None else RecentTokens()
 
     def emit(q, k, v, layer_index):
-        idx, _ = keep_top_tokens(scorer(q, k, rows.row_lengths, content), capacity)
+        idx, _ = keep_top_tokens(spec.token_scorer(q, k, rows.row_lengths, content), capacity)
         return gather_tokens(k, idx), gather_tokens(v, idx), idx
 
     key_keep = chunk_keep_fn(spec.chunk_rules, rows.row_lengths) if spec.chunk_rules else None
