@@ -14,8 +14,8 @@ chunk-stage calibration rules or a preset, the same for the calibrated chunks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import sys
 
@@ -66,20 +66,20 @@ def build_parser():
 def profiles_by_group(model, rows, group: int, r: int, bins: int, rules) -> np.ndarray:
     """``attention_profiles`` over the chunk rows in groups of ``group`` (bounded memory)."""
     total, count = 0.0, 0
-    for start in range(0, rows.tokens.shape[0], group):
-        sl = slice(start, start + group)
-        real = int((rows.row_lengths[sl] > 0).sum())
+    for rows_g in rows.groups(group):
+        real = int((rows_g.row_lengths > 0).sum())
         if real:
-            prof = attention_profiles(model.params, model.config, rows.tokens[sl], rows.positions[sl],
-                                      rows.row_lengths[sl], r, bins, rules)
+            prof = attention_profiles(model.params, model.config, rows_g.tokens, rows_g.positions,
+                                      rows_g.row_lengths, r, bins, rules)
             total, count = total + prof * real, count + real
     return total / count
 
 
 def parallel_view(model, parts, pc, args, rules) -> dict:
     """Profiles over the config's parallel chunk rows (and, with chunk-stage rules, calibrated)."""
-    n = math.ceil(len(parts.context) / pc.chunk_len)
-    rows = build_rows(parts, pc.chunk_len, model.config.window, num_rows=math.ceil(n / pc.group_size) * pc.group_size)
+    parts = parts if pc.sentence_chunks else dataclasses.replace(parts, breaks=None)
+    rows = build_rows(parts, pc.chunk_len, model.config.window, overlap=pc.chunk_overlap)
+    n = rows.num_chunks
     out = {f"parallel chunks ({n} x {pc.chunk_len})": profiles_by_group(
         model, rows, pc.group_size, args.last_queries, args.bins, ())}
     if rules:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import flax.struct
 import jax
@@ -22,19 +23,47 @@ from .errors import InputTooLongError, PcompError
 CONTEXT_MARK = "\x00PCOMP_CONTEXT\x00"
 
 
+SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)\]]*\s*$")  # a token ending a sentence (before any space)
+NO_BREAK, LINE_END, SENTENCE_BREAK = 0, 1, 2  # what a chunk boundary after a token would cut
+
+
 @dataclasses.dataclass
 class PromptParts:
-    """Token ids of the prefix P, the context, and the question part Q (all 1-D int32)."""
+    """Token ids of the prefix P, the context, and the question part Q (all 1-D int32).
+
+    breaks: optional ``[len(context)]`` int8, what a chunk boundary right after each context
+    token would cut (``text_breaks``): ``SENTENCE_BREAK`` (a sentence ends there),
+    ``LINE_END``, or ``NO_BREAK``; None: chunks are cut at token counts alone.
+    """
 
     prefix: np.ndarray
     context: np.ndarray
     question: np.ndarray
+    breaks: np.ndarray | None = None
+
+
+def text_breaks(tokenizer, ids) -> np.ndarray:
+    """Where a chunk may end in token ids ``[N]``: ``[N]`` int8, ``SENTENCE_BREAK`` after a token
+    that ends in ``.``, ``!`` or ``?`` (closing quotes or brackets allowed) followed by
+    whitespace (in it or at the start of the next token, or the end of the text), else
+    ``LINE_END`` before or after a line break, else ``NO_BREAK``."""
+    ids = np.asarray(ids)
+    if len(ids) == 0:
+        return np.zeros(0, np.int8)
+    unique, inverse = np.unique(ids, return_inverse=True)
+    texts = tokenizer.batch_decode([[int(i)] for i in unique])
+    flag = lambda test: np.array([test(t) for t in texts], bool)[inverse]
+    then = lambda starts: np.append(starts[1:], True)  # the next token (the text's end counts as both)
+    punct = flag(lambda t: SENTENCE_END.search(t) is not None)
+    sentence = punct & (flag(lambda t: t[-1:].isspace()) | then(flag(lambda t: t[:1].isspace())))
+    line = flag(lambda t: t.endswith("\n")) | then(flag(lambda t: t.startswith("\n")))
+    return np.where(sentence, SENTENCE_BREAK, np.where(line, LINE_END, NO_BREAK)).astype(np.int8)
 
 
 def encode_parts(
     tokenizer, context: str, question: str, instruction: str, answer_prefix: str, chat: bool, verbatim: bool = False
 ) -> PromptParts:
-    """Splits the full prompt into P, context and Q token ids.
+    """Splits the full prompt into P, context and Q token ids (with the context's ``breaks``).
 
     The user turn is ``instruction``, the context and ``"Question: " + question``, separated
     by blank lines (``verbatim``: the three strings joined as they are, for a benchmark's
@@ -60,21 +89,74 @@ def encode_parts(
     before, after = text.split(CONTEXT_MARK)
     after = after + answer_prefix
     encode = lambda s, special: np.asarray(tokenizer(s, add_special_tokens=special)["input_ids"], np.int32)
-    return PromptParts(prefix=encode(before, not chat), context=encode(context, False), question=encode(after, False))
+    context_ids = encode(context, False)
+    return PromptParts(prefix=encode(before, not chat), context=context_ids, question=encode(after, False),
+                       breaks=text_breaks(tokenizer, context_ids))
 
 
-def chunk_bounds(num_tokens: int, chunk_len: int) -> list[tuple[int, int]]:
-    """Splits ``num_tokens`` into ``ceil(n / chunk_len)`` near-equal chunks; returns ``(start, end)`` pairs."""
+def chunk_bounds(num_tokens: int, chunk_len: int, breaks: np.ndarray | None = None,
+                 overlap: int = 0) -> list[tuple[int, int]]:
+    """Chunks of a context of ``num_tokens`` tokens, as ``(start, end)`` pairs in order.
+
+    Without ``breaks`` (or where the text has none): ``ceil(n / chunk_len)`` near-equal
+    chunks cut at token counts.
+    With ``breaks`` (``text_breaks``): the same near-equal targets, each boundary moved to the
+    sentence end nearest its target that keeps the chunk within ``chunk_len`` tokens, else
+    to the nearest line end, else cut at the token count (text with no such end, e.g. one
+    long JSON line); one more chunk is used when the last would be too long. So every
+    chunk holds at most ``chunk_len`` tokens, and a sentence shorter than ``chunk_len -
+    overlap`` never straddles a boundary. overlap: each chunk after the first also repeats
+    up to ``overlap`` tokens before its boundary (from the nearest sentence end in them, if
+    any), so spans are cut at ``chunk_len - overlap``.
+    """
     if num_tokens < 1:
         raise PcompError("the context has no tokens")
-    n = math.ceil(num_tokens / chunk_len)
-    base, extra = divmod(num_tokens, n)
-    bounds, start = [], 0
-    for i in range(n):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
+    if not 0 <= overlap < chunk_len:
+        raise PcompError(f"chunk overlap must be in [0, chunk_len={chunk_len}), got {overlap}")
+    span = chunk_len - overlap
+    if breaks is None or not np.any(breaks):
+        n = math.ceil(num_tokens / span)
+        base, extra = divmod(num_tokens, n)
+        ends = list(np.cumsum([base + (1 if i < extra else 0) for i in range(n)]))
+    else:
+        ends = _ends_at_breaks(num_tokens, span, np.asarray(breaks))
+    starts = [0]
+    for boundary in ends[:-1]:  # each chunk starts after the previous one's start
+        starts.append(_overlap_start(int(boundary), overlap, breaks, starts[-1]) if overlap else int(boundary))
+    return [(int(s), int(e)) for s, e in zip(starts, ends)]
+
+
+def _ends_at_breaks(num_tokens: int, span: int, breaks: np.ndarray) -> list[int]:
+    """Chunk ends of at most ``span`` tokens each, moved to the best break near near-equal targets."""
+    count = math.ceil(num_tokens / span)
+    while True:
+        ends, start = [], 0
+        for j in range(count - 1):
+            target = start + round((num_tokens - start) / (count - j))
+            # A boundary after token i (end = i + 1) keeps the chunk in 1..span tokens and leaves a token.
+            window = breaks[start : min(start + span, num_tokens - 1)]
+            end = min(target, start + span)
+            for kind in (SENTENCE_BREAK, LINE_END):
+                candidates = np.flatnonzero(window == kind) + start + 1
+                if len(candidates):
+                    end = int(candidates[np.argmin(np.abs(candidates - target))])
+                    break
+            ends.append(end)
+            start = end
+        if num_tokens - start <= span:
+            return ends + [num_tokens]
+        count += math.ceil((num_tokens - start - span) / span)  # at least one more chunk
+
+
+def _overlap_start(boundary: int, overlap: int, breaks: np.ndarray | None, previous_start: int) -> int:
+    """Where a chunk starting at ``boundary`` starts with up to ``overlap`` tokens before it
+    (and after ``previous_start``): the earliest sentence end in them, else as far back as allowed."""
+    first = max(previous_start + 1, boundary - overlap)
+    if breaks is not None:
+        ends = np.flatnonzero(breaks[first:boundary] == SENTENCE_BREAK) + first + 1
+        if len(ends) and ends[0] < boundary:
+            return int(ends[0])
+    return first
 
 
 @flax.struct.dataclass
@@ -148,18 +230,21 @@ def build_rows(
     window: int,
     num_rows: int | None = None,
     score_last_tokens: int | None = None,
+    overlap: int = 0,
 ) -> Rows:
     """Cuts the context into chunks of at most ``chunk_len`` tokens and lays out one row per chunk.
 
     num_rows: pad the chunk axis to this many rows (padding rows have no content and
     are never selected); default: the number of chunks (``Rows.groups`` pads per group).
     score_last_tokens: score chunks by only the last m question tokens (None: all).
+    Chunks end at sentence ends where ``parts.breaks`` says where they are, with up to
+    ``overlap`` tokens repeated from before each boundary (``chunk_bounds``).
     Raises ``InputTooLongError`` when P + chunk + Q does not fit in the model's ``window``.
     """
     if not isinstance(chunk_len, (int, np.integer)) or chunk_len < 1:
         raise PcompError(f"chunk_len must be a positive integer, got {chunk_len!r}")
     p, q = len(parts.prefix), len(parts.question)
-    bounds = chunk_bounds(len(parts.context), chunk_len)
+    bounds = chunk_bounds(len(parts.context), chunk_len, parts.breaks, overlap)
     longest = max(e - s for s, e in bounds)
     if p + longest + q > window:
         raise InputTooLongError(

@@ -78,6 +78,32 @@ def snapkv_token_scores(
     return jnp.where(content[:, None, :], pooled, -jnp.inf)
 
 
+def pool_in_order(scores: jax.Array, members: jax.Array, pool_kernel: int) -> jax.Array:
+    """Max-pool (kernel ``pool_kernel``, stride 1, same padding) over the members of a
+    sequence taken in order, skipping non-members: scores, members ``[..., S]`` ->
+    ``[..., S]`` (-inf at non-members). Neighbours are neighbouring members, however far
+    apart their slots are (e.g. the kept tokens of a merged cache, with free slots between
+    chunks)."""
+    s = scores.shape[-1]
+    slots = jnp.arange(s)
+    order = jnp.argsort(jnp.where(members, slots, s + slots), axis=-1)  # members first, in slot order
+    compact = jnp.take_along_axis(jnp.where(members, scores, -jnp.inf), order, axis=-1)
+    window = (1,) * (scores.ndim - 1) + (pool_kernel,)
+    pooled = jax.lax.reduce_window(compact, -jnp.inf, jax.lax.max, window, (1,) * scores.ndim, "SAME")
+    back = jnp.argsort(order, axis=-1)
+    return jnp.where(members, jnp.take_along_axis(pooled, back, axis=-1), -jnp.inf)
+
+
+def keep_best_entries(token_scores: jax.Array, members: jax.Array, budget: int) -> jax.Array:
+    """Keep-mask of the ``budget`` best-scored members per row: scores, members ``[..., S]``
+    -> bool ``[..., S]`` (non-members are never kept; fewer members keep them all)."""
+    scored = jnp.where(members, token_scores, -jnp.inf)
+    _, idx = jax.lax.top_k(scored, min(budget, scored.shape[-1]))
+    picked = jnp.zeros(scored.shape, bool)
+    picked = jnp.put_along_axis(picked, idx, True, axis=-1, inplace=False)
+    return picked & members
+
+
 def keep_top_tokens(token_scores: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
     """The ``capacity`` best-scored tokens per KV head, in position order.
 

@@ -16,6 +16,7 @@ import yaml
 from .calibrate import PRESETS, STAGES, CalibrationRule
 from .errors import ConfigError
 from .methods import method_names
+from .prefill import MERGE_LAYOUTS
 ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "pallas", "cudnn")
 
 
@@ -42,6 +43,17 @@ class ParallelCompConfig:
       the ``kv_budget`` most recent context tokens); or one of your own
       (``methods.register_method``).
     chunk_len: most context tokens per chunk (C). top_k_chunks: chunks kept (k).
+    sentence_chunks: end chunks at sentence ends near the near-equal targets (else line
+      ends, else token counts; ``chunking.chunk_bounds``); False: at token counts alone.
+    chunk_overlap: tokens each chunk repeats from before its start (0: none).
+    merge_layout: where the kept chunks sit for the question (``prefill.MERGE_LAYOUTS``):
+      ``parallel`` (the paper's: every chunk at its own row positions), ``sequential``
+      (one after another, keys rotated on; not with ``dynamic`` rope) or ``reprefill``
+      (the kept chunks run again as one row with full attention).
+    stage_eviction: evict after the merge instead of inside each chunk: the chunks keep
+      every token through stage 1, and the merged cache's chunk entries are cut to
+      ``capacity x top_k_chunks`` per layer and KV head by the question's SnapKV scores
+      (``decode.StageEviction``); needs ``capacity``.
     capacity: tokens kept per chunk, layer and KV head by SnapKV; None keeps all.
     obs_window: observation queries (w) for SnapKV scores; pool_kernel: max-pool width.
     group_size: chunk rows prefilled at once; memory grows with it, results do not change.
@@ -60,6 +72,10 @@ class ParallelCompConfig:
 
     method: str = "parallelcomp"
     chunk_len: int = 512
+    sentence_chunks: bool = True
+    chunk_overlap: int = 0
+    merge_layout: str = "parallel"
+    stage_eviction: bool = False
     top_k_chunks: int = 2
     capacity: int | None = None
     obs_window: int = 8
@@ -85,8 +101,19 @@ class ParallelCompConfig:
         check_field_types(self)
         _check_choice("method", self.method, method_names())
         _check_choice("attention", self.attention, ATTENTION_BACKENDS)
+        _check_choice("merge_layout", self.merge_layout, tuple(MERGE_LAYOUTS))
+        if self.stage_eviction and self.capacity is None:
+            raise ConfigError("stage_eviction keeps capacity x top_k_chunks tokens of the merged cache; set capacity")
+        merged_rules = any(r.stage == "merged" for r in self.calibration) or (
+            self.calibration_preset is not None and self.calibration_preset_stage == "merged")
+        if MERGE_LAYOUTS[self.merge_layout].reprefills and merged_rules:
+            raise ConfigError("merged-stage calibration acts on the merged cache, which merge_layout=reprefill "
+                              "does not build; use the chunk stage or another merge_layout")
         _check_min("chunk_len", self.chunk_len, 1)
         _check_min("top_k_chunks", self.top_k_chunks, 1)
+        _check_min("chunk_overlap", self.chunk_overlap, 0)
+        if self.chunk_overlap >= self.chunk_len:
+            raise ConfigError(f"chunk_overlap={self.chunk_overlap} must be smaller than chunk_len={self.chunk_len}")
         _check_min("obs_window", self.obs_window, 1)
         _check_min("group_size", self.group_size, 1)
         _check_min("pool_kernel", self.pool_kernel, 1)

@@ -17,15 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import causal_attention
+from .attention import causal_attention, query_probs
 from .buckets import bucket_length
 from .calibrate import merged_drop_fn
+from .compress import keep_best_entries, pool_in_order
 from .cache import KVCache, cache_from_prefill
 from .checkpoints import Model
 from .errors import InputTooLongError, PcompError
 from .model.config import ModelConfig
 from .model.llama import Weights, cached_forward, emit_keys_values, prefill_forward
-from .prefill import ChunkSelection, merge_selection
+from .prefill import ChunkSelection, MergeLayout, ParallelLayout, merge_selection
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "</s>")
 
@@ -159,9 +160,58 @@ def greedy_decode(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class StageEviction:
+    """ALGORITHM.md stage 2's optional second SnapKV pass: in every layer, the merged cache's
+    chunk entries are cut to ``budget`` per KV head by the attention of the last
+    ``obs_window`` question tokens (summed over them and the KV head's query heads,
+    max-pooled over neighbouring entries with ``pool_kernel``); P and the question stay.
+    Static (a jit argument)."""
+
+    budget: int
+    obs_window: int = 8
+    pool_kernel: int = 7
+
+    def drop_fn(self, prefix_len: int, question_len: jax.Array):
+        """``drop_from_cache`` hook for ``cached_forward`` (see ``calibrate.merged_drop_fn``)."""
+
+        def drop(q, k_cache, valid, layer_index, query_slots):
+            s = k_cache.shape[1]
+            slots = jnp.arange(s)
+            question = (slots[None, None, :] == query_slots[:, :, None]).any(axis=1)  # [B, S]
+            valid_h = jnp.moveaxis(valid, 2, 1)  # [B, KVH, S]
+            chunks = valid_h & ~question[:, None, :] & (slots >= prefix_len)[None, None, :]
+            w = self.obs_window
+            offsets = question_len - w + jnp.arange(w)  # the last w question tokens (fewer if Q is shorter)
+            idx = jnp.clip(offsets, 0, q.shape[1] - 1)
+            q_slot = query_slots[:, idx]  # [B, w]
+            seen = (valid_h | question[:, None, :])[:, :, None, :] & (slots[None, None, :] <= q_slot[:, :, None])[:, None]
+            probs = query_probs(q[:, idx], k_cache, seen) * (offsets >= 0)[None, None, None, :, None]
+            scores = pool_in_order(probs.sum(axis=(2, 3)), chunks, self.pool_kernel)
+            keep = keep_best_entries(scores, chunks, self.budget)
+            return valid & jnp.moveaxis(keep | ~chunks, 1, 2)
+
+        return drop
+
+
+def chain_drops(*drops):
+    """One ``drop_from_cache`` hook applying the given ones (None skipped) in order; None if none."""
+    drops = [d for d in drops if d is not None]
+    if not drops:
+        return None
+
+    def drop(q, k_cache, valid, layer_index, query_slots):
+        for d in drops:
+            valid = d(q, k_cache, valid, layer_index, query_slots)
+        return valid
+
+    return drop
+
+
 def merged_forward(
     weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, tokens, length, room: int,
-    merged_rules: tuple = (), rule_queries=None,
+    merged_rules: tuple = (), rule_queries=None, layout: MergeLayout = ParallelLayout(),
+    eviction: StageEviction | None = None,
 ):
     """Stage 2 (traceable; callers jit): merge the selection, then run ``tokens`` on top of it.
 
@@ -169,22 +219,25 @@ def merged_forward(
     longest kept row on, padding at that first position (no new largest position).
     room: free cache slots after the kept chunks (``>= Tb``). merged_rules: stage-``merged``
     calibration rules, whose queries are the last of the first ``rule_queries`` tokens
-    (default ``length``); removed entries leave that layer's cache.
+    (default ``length``); removed entries leave that layer's cache. layout: where the kept
+    chunks sit (``prefill.MergeLayout``). eviction: the optional stage eviction
+    (``StageEviction``), after calibration, observing the same queries.
     Returns ``(logits [Tb, V] float32, cache, first_position)``.
     """
-    cache, start = merge_selection(prefix_keys, prefix_values, selection, room=room)
+    cache, start = merge_selection(prefix_keys, prefix_values, selection, room, layout, cfg)
     steps = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     positions = (start + jnp.where(steps < length, steps, 0))[None]
     rule_queries = length if rule_queries is None else rule_queries
-    drop = merged_drop_fn(merged_rules, rule_queries) if merged_rules else None
+    drop = chain_drops(merged_drop_fn(merged_rules, rule_queries) if merged_rules else None,
+                       eviction.drop_fn(prefix_keys.shape[1], rule_queries) if eviction is not None else None)
     logits, cache = cached_forward(weights, cfg, tokens[None], positions, cache, drop_from_cache=drop)
     return logits[0], cache, start
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "merged_rules"))
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "merged_rules", "layout", "eviction"))
 def question_prefill(
     weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, question, question_len, num_steps,
-    merged_rules: tuple = (),
+    merged_rules: tuple = (), layout: MergeLayout = ParallelLayout(), eviction: StageEviction | None = None,
 ):
     """Stage 2: merge the selection and run the question on top of it (``merged_forward``).
 
@@ -194,7 +247,8 @@ def question_prefill(
     """
     qb = question.shape[0]
     logits, cache, start = merged_forward(
-        weights, cfg, prefix_keys, prefix_values, selection, question, question_len, qb + num_steps, merged_rules
+        weights, cfg, prefix_keys, prefix_values, selection, question, question_len, qb + num_steps, merged_rules,
+        layout=layout, eviction=eviction,
     )
     end = cache.end - qb + question_len  # drop the question's padding from the cache
     valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[None, :, :, None]
@@ -239,6 +293,7 @@ def pad_ids(ids: np.ndarray, minimum: int = 64) -> np.ndarray:
 def decode_selection(
     model: Model, weights: Weights, prefix_keys, prefix_values, selection: ChunkSelection, question_ids,
     max_new_tokens: int, merged_rules: tuple = (), timings: dict | None = None,
+    layout: MergeLayout = ParallelLayout(), eviction: StageEviction | None = None,
 ) -> Generation:
     """Stages 2 and 3 from host-side ids: the question ``question_ids [Q]`` (the prompt's part
     Q) prefilled on the merged selection, then greedy decoding of up to ``max_new_tokens``
@@ -252,7 +307,7 @@ def decode_selection(
     steps = decode_budget(max_new_tokens)
     cache, first, position = question_prefill(
         weights, model.config, prefix_keys, prefix_values, selection, jnp.asarray(pad_ids(question_ids, minimum=16)),
-        jnp.int32(len(question_ids)), steps, merged_rules=tuple(merged_rules),
+        jnp.int32(len(question_ids)), steps, merged_rules=tuple(merged_rules), layout=layout, eviction=eviction,
     )
     jax.block_until_ready(cache)
     now = time.perf_counter()

@@ -21,6 +21,7 @@ from .buckets import bucket_length
 from .chunking import PromptParts, context_budget, truncate_middle
 from .compress import ChunkScorer, QueryNLL, RecentTokens, SnapKV, TokenScorer
 from .errors import ConfigError
+from .decode import StageEviction
 from .prefill import PrefillSpec
 
 
@@ -45,7 +46,8 @@ class MiddleCut(InputFit):
     """The first and last halves of what fits (``chunking.truncate_middle``)."""
 
     def __call__(self, parts, window, room):
-        return dataclasses.replace(parts, context=truncate_middle(parts.context, context_budget(parts, window, room)))
+        cut = lambda a: None if a is None else truncate_middle(a, context_budget(parts, window, room))
+        return dataclasses.replace(parts, context=cut(parts.context), breaks=cut(parts.breaks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,8 @@ class RecentTail(InputFit):
     """The most recent tokens that fit."""
 
     def __call__(self, parts, window, room):
-        return dataclasses.replace(parts, context=parts.context[-context_budget(parts, window, room):])
+        cut = lambda a: None if a is None else a[-context_budget(parts, window, room):]
+        return dataclasses.replace(parts, context=cut(parts.context), breaks=cut(parts.breaks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +91,23 @@ class Method:
         """Most context tokens per chunk: the config's, or the whole (fitted) context."""
         return config.chunk_len if self.chunked else len(parts.context)
 
+    def chunk_overlap(self, config) -> int:
+        """Tokens a chunk repeats from before its start (one-row methods have one chunk)."""
+        return config.chunk_overlap if self.chunked else 0
+
     def capacity(self, config) -> int | None:
         """Tokens kept per chunk, layer and KV head before the row-length clamp (None: all)."""
         if self.token_scorer is None:
             return None
-        return config.capacity if self.chunked else config.baseline_kv_budget
+        if not self.chunked:
+            return config.baseline_kv_budget
+        return None if config.stage_eviction else config.capacity  # stage eviction: after the merge
+
+    def stage_eviction(self, config):
+        """The merged cache's eviction (``decode.StageEviction``) under ``config``, or None."""
+        if not (config.stage_eviction and self.chunked and self.token_scorer is not None):
+            return None
+        return StageEviction(config.capacity * config.top_k_chunks, config.obs_window, config.pool_kernel)
 
     def kept_chunks(self, config, num_chunks: int) -> int:
         """Chunks kept: ``top_k_chunks``, or every chunk (as a bucket, so shapes stay few)."""
@@ -100,11 +115,11 @@ class Method:
 
     def prefill_spec(self, config, chunk_rules: tuple = ()) -> PrefillSpec:
         """The static settings of this method's chunk prefill under ``config``."""
-        spec = PrefillSpec(capacity=self.capacity(config), chunk_scorer=self.chunk_scorer,
-                           attention=config.attention, chunk_rules=tuple(chunk_rules))
-        if self.token_scorer is None:  # nothing is evicted: the scorer is never consulted
-            return spec
-        return dataclasses.replace(spec, token_scorer=self.token_scorer.for_config(config))
+        # Without eviction every scorer keeps the same tokens; SnapKV's keeps the compiled
+        # prefill the one of the evicting methods (so the chunk scores agree to the bit).
+        scorer = SnapKV() if self.token_scorer is None else self.token_scorer
+        return PrefillSpec(capacity=self.capacity(config), token_scorer=scorer.for_config(config),
+                           chunk_scorer=self.chunk_scorer, attention=config.attention, chunk_rules=tuple(chunk_rules))
 
     def check_calibration(self, rules) -> None:
         """Refuses calibration rules for a method that does not take them."""

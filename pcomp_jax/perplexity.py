@@ -11,8 +11,9 @@ to the window by the method (``Method.fit``, room left for the M scored tokens):
   continuation (``full``: positions past the window when T + M > W);
 - any other method (``parallelcomp``, ``pcw``, ``snapkv``, ``streaming``): the query plays
   the question's part in stage 1 (it scores the chunks and, with SnapKV, the tokens); stage
-  2 then runs query + continuation on the merged cache (``decode.merged_forward``), and the
-  continuation's logits are scored.
+  2 then runs query + continuation on the merged cache (``decode.merged_forward``, in the
+  config's ``merge_layout``; ``reprefill``: P + the kept chunks + query + continuation as
+  one row), and the continuation's logits are scored.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .errors import PcompError
 from .methods import get_method
 from .model.config import ModelConfig
 from .model.llama import Weights
-from .pipeline import calibration_rules, prefill_context, stage_rules
-from .prefill import ChunkSelection
+from .pipeline import calibration_rules, check_merged_fits, merge_layout, prefill_context, reprefill_ids, stage_rules
+from .prefill import ChunkSelection, MergeLayout, ParallelLayout
 
 
 @dataclasses.dataclass
@@ -66,18 +67,29 @@ def _row_nll(weights: Weights, cfg: ModelConfig, tokens, length, predict_at, tar
     return token_nll(logits[0], targets, mask)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "merged_rules"))
+@functools.partial(jax.jit, static_argnames=("cfg", "merged_rules", "layout", "eviction"))
 def _merged_tail_nll(
     weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, tail, tail_len, query_len, targets, mask,
-    merged_rules=(),
+    merged_rules=(), layout: MergeLayout = ParallelLayout(), eviction=None,
 ):
     """Stage 2 with a scored tail: ``tail`` ``[Tb]`` = query + continuation (real up to
     ``tail_len``) run on the merged cache (``decode.merged_forward``; calibration's queries
     are the query's); the logits at tail index i predict ``targets[i]``. Returns the NLL
     ``[Tb]`` (0 where ``mask`` is)."""
     logits, _, _ = merged_forward(weights, cfg, prefix_keys, prefix_values, selection, tail, tail_len,
-                                  tail.shape[0], merged_rules, rule_queries=query_len)
+                                  tail.shape[0], merged_rules, rule_queries=query_len, layout=layout,
+                                  eviction=eviction)
     return token_nll(logits, targets, mask)
+
+
+def _plain_row_nll(model: Model, prompt_ids: np.ndarray, continuation_ids: np.ndarray) -> np.ndarray:
+    """NLL ``[M]`` of the continuation after ``prompt_ids`` as one full-attention row."""
+    ids = np.concatenate([prompt_ids, continuation_ids])
+    m = len(continuation_ids)
+    predict_at = np.arange(len(ids) - m - 1, len(ids) - 1, dtype=np.int32)
+    nll = _row_nll(model.params, model.config, jnp.asarray(pad_ids(ids))[None], jnp.int32(len(ids)),
+                   jnp.asarray(predict_at), jnp.asarray(continuation_ids), jnp.ones(m, jnp.float32))
+    return np.asarray(nll)
 
 
 def check_split(prefix_ids: np.ndarray, continuation_ids: np.ndarray, query_len: int) -> None:
@@ -109,13 +121,14 @@ def continuation_nll(
     rules = calibration_rules(config, model.config.num_layers)
     parts = PromptParts(prefix=prefix_ids[:1], context=prefix_ids[1:-query_len], question=prefix_ids[-query_len:])
     parts = method.fit(parts, model.config.window, m)
+    layout = merge_layout(model, config)
     if method.plain_row:
-        ids = np.concatenate([parts.prefix, parts.context, parts.question, continuation_ids])
-        predict_at = np.arange(len(ids) - m - 1, len(ids) - 1, dtype=np.int32)
-        nll = _row_nll(model.params, model.config, jnp.asarray(pad_ids(ids))[None], jnp.int32(len(ids)),
-                       jnp.asarray(predict_at), jnp.asarray(continuation_ids), jnp.ones(m, jnp.float32))
-        return ContinuationScore(np.asarray(nll), [])
+        return ContinuationScore(_plain_row_nll(model, np.concatenate([parts.prefix, parts.context, parts.question]),
+                                                continuation_ids), [])
     pre = prefill_context(model, parts, config, stage_rules(rules, "chunk"), method=method)
+    check_merged_fits(model, pre, layout, m)
+    if layout.reprefills:
+        return ContinuationScore(_plain_row_nll(model, reprefill_ids(pre), continuation_ids), pre.selected_chunks)
     tail = np.concatenate([parts.question, continuation_ids])
     padded = pad_ids(tail, minimum=16)
     tb, q = len(padded), len(parts.question)
@@ -125,6 +138,7 @@ def continuation_nll(
     nll = _merged_tail_nll(
         pre.weights, model.config, pre.prefix_keys, pre.prefix_values, pre.selection, jnp.asarray(padded),
         jnp.int32(len(tail)), jnp.int32(q), jnp.asarray(targets), jnp.asarray(mask), stage_rules(rules, "merged"),
+        layout, method.stage_eviction(config),
     )
     return ContinuationScore(np.asarray(nll)[q - 1 : len(tail) - 1], pre.selected_chunks)
 

@@ -19,12 +19,22 @@ import numpy as np
 
 from .calibrate import check_rules_fit, preset_rules
 from .checkpoints import Model
-from .chunking import PromptParts, build_rows, encode_parts
+from .chunking import PromptParts, build_rows, chunk_bounds, encode_parts
 from .config import ConfigError, ParallelCompConfig
 from .decode import check_max_new_tokens, decode_selection, generate_ids
-from .errors import PcompError
+from .errors import InputTooLongError, PcompError
 from .methods import Method, get_method
-from .prefill import ChunkSelection, prefill_prefix, rows_per_group, select_chunks, to_host
+from .prefill import (
+    MERGE_LAYOUTS,
+    ChunkSelection,
+    MergeLayout,
+    ParallelLayout,
+    prefill_prefix,
+    rope_shift_is_exact,
+    rows_per_group,
+    select_chunks,
+    to_host,
+)
 from .sharding import make_mesh, shard_weights
 
 
@@ -63,12 +73,51 @@ def stage_rules(rules, stage: str) -> tuple:
     return tuple(r for r in rules if r.stage == stage)
 
 
+def merge_layout(model: Model, config: ParallelCompConfig) -> MergeLayout:
+    """The config's merge layout, refused where it would not be exact for ``model``."""
+    layout = MERGE_LAYOUTS[config.merge_layout]
+    if layout.moves_keys and not rope_shift_is_exact(model.config):
+        raise ConfigError(f"merge_layout={config.merge_layout!r} rotates cached keys to new positions, which is "
+                          f"not exact with {model.config.rope.type!r} rope; use parallel or reprefill")
+    return layout
+
+
+def check_merged_fits(model: Model, pre: "ContextPrefill", layout: MergeLayout, max_new_tokens: int) -> None:
+    """Laid end to end (sequential, reprefill), P + the kept chunks + Q + the answer must fit
+    in the model's window."""
+    if not (layout.moves_keys or layout.reprefills):
+        return
+    kept = int(sum(e - s for s, e in pre.kept_bounds))
+    need = len(pre.parts.prefix) + kept + len(pre.parts.question) + max_new_tokens
+    if need > model.config.window:
+        raise InputTooLongError(
+            f"the kept chunks laid end to end ({kept} tokens, with P, Q and {max_new_tokens} new tokens: {need}) do not "
+            f"fit in the model's window of {model.config.window} tokens; lower top_k_chunks or chunk_len, or use "
+            "merge_layout=parallel"
+        )
+
+
+def reprefill_ids(pre: "ContextPrefill") -> np.ndarray:
+    """P + the kept chunks' tokens in document order + Q, for ``merge_layout=reprefill``."""
+    chunks = [pre.parts.context[s:e] for s, e in pre.kept_bounds]
+    return np.concatenate([pre.parts.prefix, *chunks, pre.parts.question])
+
+
 def check_config_fits(model: Model, config: ParallelCompConfig) -> None:
     """The checks of the settings alone against ``model`` (calibration against the method and
-    the model's depth, the attention backend on this platform), made before any input is read.
-    Raises ``ConfigError``."""
+    the model's depth, the attention backend on this platform, the merge layout), made before
+    any input is read. Raises ``ConfigError``."""
+    merge_layout(model, config)
     rules = calibration_rules(config, model.config.num_layers)
     get_method(config.method).prefill_spec(config, stage_rules(rules, "chunk")).attention_fn(model.dtype)
+
+
+def prefill_key(config: ParallelCompConfig) -> ParallelCompConfig:
+    """``config`` with what acts only after the chunk prefill set to its default (the merge
+    layout, merged-stage calibration): configs with equal keys share stage 1."""
+    preset = config.calibration_preset if config.calibration_preset_stage == "chunk" else None
+    return dataclasses.replace(config, merge_layout="parallel", calibration=stage_rules(config.calibration, "chunk"),
+                               calibration_preset=preset, calibration_preset_stage="merged" if preset is None else "chunk")
 
 
 def check_config(config) -> ParallelCompConfig:
@@ -84,8 +133,12 @@ def answer(
     config: ParallelCompConfig | None = None,
     max_new_tokens: int = 32,
     progress: bool = False,
+    prefills: dict | None = None,
 ) -> Answer:
-    """Answers ``question`` about ``context`` with the method of ``config`` (default: ParallelComp)."""
+    """Answers ``question`` about ``context`` with the method of ``config`` (default: ParallelComp).
+
+    prefills: an optional dict that keeps stage 1's results for this input (see
+    ``answer_parts``): pass the same dict to calls that differ only after the chunk prefill."""
     config = check_config(ParallelCompConfig() if config is None else config)
     check_max_new_tokens(max_new_tokens)
     if model.tokenizer is None:
@@ -94,7 +147,8 @@ def answer(
         raise PcompError("context and question must be strings")
     t = time.perf_counter()
     parts = encode_parts(model.tokenizer, context, question, config.instruction, config.answer_prefix, config.chat)
-    return answer_parts(model, parts, config, max_new_tokens, progress, {"tokenize": time.perf_counter() - t})
+    return answer_parts(model, parts, config, max_new_tokens, progress, {"tokenize": time.perf_counter() - t},
+                        prefills)
 
 
 def answer_parts(
@@ -104,24 +158,43 @@ def answer_parts(
     max_new_tokens: int = 32,
     progress: bool = False,
     timings: dict | None = None,
+    prefills: dict | None = None,
 ) -> Answer:
     """``answer`` for a prompt already split into token ids P, context and Q (e.g. by a
-    benchmark's own template, ``longbench.encode_prompt``)."""
+    benchmark's own template, ``longbench.encode_prompt``).
+
+    prefills: for several calls on the same ``parts``, a dict (empty at first) in which stage
+    1's result is kept under ``prefill_key(config)``: configs that differ only after the
+    chunk prefill (merge layout, merged-stage calibration) then share one chunk prefill."""
     config = check_config(config)
     check_max_new_tokens(max_new_tokens)
     timings = {} if timings is None else timings
     t = time.perf_counter()
     method = get_method(config.method)
     rules = calibration_rules(config, model.config.num_layers)
+    layout = merge_layout(model, config)
     context_tokens = len(parts.context)
     parts = method.fit(parts, model.config.window, max_new_tokens)
     if method.plain_row:
         gen = generate_ids(model, np.concatenate([parts.prefix, parts.context, parts.question]), max_new_tokens)
         timings["generate"] = time.perf_counter() - t
         return Answer(gen.text, gen.token_ids, [], [], timings, config.method, context_tokens, 1)
-    pre = prefill_context(model, parts, config, stage_rules(rules, "chunk"), progress, method)
+    key = prefill_key(config)
+    if prefills is not None and key in prefills:
+        pre = prefills[key]
+    else:
+        pre = prefill_context(model, parts, config, stage_rules(rules, "chunk"), progress, method)
+        if prefills is not None:
+            prefills[key] = pre
     timings["prefill"] = timings.get("prefill", 0.0) + time.perf_counter() - t
-    gen = answer_from_prefill(model, pre, max_new_tokens, stage_rules(rules, "merged"), timings)
+    check_merged_fits(model, pre, layout, max_new_tokens)
+    if layout.reprefills:
+        t = time.perf_counter()
+        gen = generate_ids(model, reprefill_ids(pre), max_new_tokens)
+        timings["reprefill"] = time.perf_counter() - t
+    else:
+        gen = answer_from_prefill(model, pre, max_new_tokens, stage_rules(rules, "merged"), timings, layout,
+                                  method.stage_eviction(config))
     return Answer(
         text=gen.text, token_ids=gen.token_ids, chunk_scores=pre.chunk_scores, selected_chunks=pre.selected_chunks,
         timings=timings, method=config.method, context_tokens=context_tokens, num_chunks=len(pre.chunk_scores),
@@ -133,7 +206,8 @@ class ContextPrefill:
     """Stage 1 done once for an input: what every question-prefill variant starts from.
 
     selection: the kept chunks (``prefill.ChunkSelection``); prefix_keys/values: P's KV;
-    chunk_scores: score of every chunk in document order; weights: the (sharded) weights.
+    chunk_scores: score of every chunk in document order; weights: the (sharded) weights;
+    bounds: every chunk's ``(start, end)`` in the context.
     """
 
     parts: PromptParts
@@ -142,11 +216,17 @@ class ContextPrefill:
     prefix_values: jax.Array
     chunk_scores: list[float]
     weights: object
+    bounds: list[tuple[int, int]]
 
     @property
     def selected_chunks(self) -> list[int]:
         ids = to_host(self.selection.chunk_ids)[to_host(self.selection.chunk_valid)]
         return sorted(int(c) for c in ids)
+
+    @property
+    def kept_bounds(self) -> list[tuple[int, int]]:
+        """``(start, end)`` of the kept chunks, in document order."""
+        return [self.bounds[c] for c in self.selected_chunks]
 
 
 def prefill_context(
@@ -160,18 +240,24 @@ def prefill_context(
         raise ConfigError(f"method {method.name!r} reads one plain row; it has no chunk prefill")
     cfg = model.config
     mesh = make_mesh(config.num_devices)
-    rows = build_rows(parts, method.chunk_len(config, parts), cfg.window, score_last_tokens=config.score_last_tokens)
+    if not config.sentence_chunks:
+        parts = dataclasses.replace(parts, breaks=None)
+    chunk_len, overlap = method.chunk_len(config, parts), method.chunk_overlap(config)
+    rows = build_rows(parts, chunk_len, cfg.window, score_last_tokens=config.score_last_tokens, overlap=overlap)
     spec = method.prefill_spec(config, chunk_rules)
     rows_per_group(config.group_size, rows.num_chunks, mesh)  # a bad group size is refused before any work
     weights = shard_weights(model.params, mesh)
     prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
     top_k = method.kept_chunks(config, rows.num_chunks)
     state, scores = select_chunks(weights, cfg, rows, spec, top_k, mesh, config.group_size, progress)
-    return ContextPrefill(parts, state, prefix_keys, prefix_values, [float(s) for s in scores], weights)
+    bounds = chunk_bounds(len(parts.context), chunk_len, parts.breaks, overlap)
+    return ContextPrefill(parts, state, prefix_keys, prefix_values, [float(s) for s in scores], weights, bounds)
 
 
-def answer_from_prefill(model: Model, pre: ContextPrefill, max_new_tokens: int, merged_rules=(), timings=None):
-    """Stage 2 and 3 on a ``ContextPrefill``: merge, question prefill (with stage-1c ``merged``
-    rules), greedy decoding. Returns a ``decode.Generation``."""
+def answer_from_prefill(model: Model, pre: ContextPrefill, max_new_tokens: int, merged_rules=(), timings=None,
+                        layout: MergeLayout = ParallelLayout(), eviction=None):
+    """Stage 2 and 3 on a ``ContextPrefill``: merge (in ``layout``), question prefill (with
+    stage-1c ``merged`` rules and the optional ``decode.StageEviction``), greedy decoding.
+    Returns a ``decode.Generation``."""
     return decode_selection(model, pre.weights, pre.prefix_keys, pre.prefix_values, pre.selection,
-                            pre.parts.question, max_new_tokens, merged_rules, timings)
+                            pre.parts.question, max_new_tokens, merged_rules, timings, layout, eviction)

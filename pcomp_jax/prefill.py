@@ -51,6 +51,7 @@ from .compress import (
 from .errors import ConfigError
 from .model.config import ModelConfig
 from .model.llama import Weights, prefill_forward
+from .model.rope import apply_rope, rope_tables
 from .sharding import shard
 
 
@@ -233,16 +234,66 @@ def select_chunks(
     return state, np.concatenate([to_host(s) for s in scores])[:num_chunks]
 
 
-def merge_selection(prefix_keys, prefix_values, selection: ChunkSelection, room: int) -> tuple[KVCache, jax.Array]:
+class MergeLayout:
+    """Where the kept chunks sit in the merged cache: ``shifts(chunk_lengths [K], valid [K])
+    -> [K]`` int32, the position shift of each kept chunk (document order) on top of its row
+    positions. Subclasses are frozen dataclasses (static arguments of ``jax.jit``)."""
+
+    moves_keys = False  # whether the shifts can be non-zero (the cached keys are rotated)
+
+    def shifts(self, chunk_lengths: jax.Array, valid: jax.Array) -> jax.Array:
+        return jnp.zeros_like(chunk_lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelLayout(MergeLayout):
+    """The paper's layout: every kept chunk at its own row positions (all start after P)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialLayout(MergeLayout):
+    """Kept chunks one after another: chunk j's keys are rotated on by the lengths of the kept
+    chunks before it (one more RoPE rotation, exact when the rotation angle is linear in the
+    position: every rope type but ``dynamic`` NTK, ``rope_shift_is_exact``)."""
+
+    moves_keys = True
+
+    def shifts(self, chunk_lengths, valid):
+        lengths = jnp.where(valid, chunk_lengths, 0)
+        return (jnp.cumsum(lengths) - lengths).astype(jnp.int32)
+
+
+def rope_shift_is_exact(cfg: ModelConfig) -> bool:
+    """Whether rotating a cached key by d equals computing it at its position + d (the angle
+    is position x a fixed frequency; ``dynamic`` NTK frequencies depend on the positions)."""
+    return cfg.rope.type != "dynamic"
+
+
+def shift_keys(cfg: ModelConfig, keys: jax.Array, shifts: jax.Array) -> jax.Array:
+    """Rotates kept keys ``[L, K, cap, KVH, D]`` on by ``shifts [K]`` positions (per chunk)."""
+    num_layers, k, cap, kvh, d = keys.shape
+    cos, sin = rope_tables(cfg, shifts[None, :])  # [1, K, 1, D]
+    return apply_rope(keys.reshape(num_layers, k, cap * kvh, d), cos, sin).reshape(keys.shape)
+
+
+def merge_selection(
+    prefix_keys, prefix_values, selection: ChunkSelection, room: int, layout: MergeLayout = ParallelLayout(),
+    cfg: ModelConfig | None = None,
+) -> tuple[KVCache, jax.Array]:
     """Stage 2 merge: P once, then the kept chunks in document order, then ``room`` free slots.
 
-    prefix_keys/values: ``[L, P, KVH, D]``. Returns a batch-1 ``KVCache`` whose next write
-    goes after the last chunk, and the question's first position: the longest kept row
-    length ``max(len(P) + len(chunk))``.
+    prefix_keys/values: ``[L, P, KVH, D]``. layout: where the chunks sit (``ParallelLayout``,
+    the paper's, or ``SequentialLayout``, which needs ``cfg`` to rotate keys). Returns a
+    batch-1 ``KVCache`` whose next write goes after the last chunk, and the question's
+    first position: the end of the furthest kept chunk, ``max(len(P) + shift + len(chunk))``
+    (in the parallel layout the longest kept row length).
     """
     sel = selection.take(document_order(selection.chunk_ids, selection.chunk_valid))
     num_layers, k, cap, kvh, d = sel.keys.shape
     p = prefix_keys.shape[1]
+    shifts = layout.shifts(sel.row_lengths - p, sel.chunk_valid)
+    if layout.moves_keys:
+        sel = sel.replace(keys=shift_keys(cfg, sel.keys, shifts))
 
     def lay_out(prefix, chunks):
         flat = chunks.reshape(num_layers, k * cap, kvh, d)
@@ -253,5 +304,18 @@ def merge_selection(prefix_keys, prefix_values, selection: ChunkSelection, room:
     valid = jnp.concatenate([jnp.ones((p,), bool), chunk_valid, jnp.zeros((room,), bool)])
     valid = jnp.broadcast_to(valid[None, None, :, None], (num_layers, 1, valid.shape[0], kvh))
     cache = KVCache(lay_out(prefix_keys, sel.keys), lay_out(prefix_values, sel.values), valid, jnp.array([p + k * cap]))
-    question_start = jnp.max(jnp.where(sel.chunk_valid, sel.row_lengths, p))
+    question_start = jnp.max(jnp.where(sel.chunk_valid, sel.row_lengths + shifts, p))
     return cache, question_start
+
+
+@dataclasses.dataclass(frozen=True)
+class Reprefill(MergeLayout):
+    """No merged cache: the kept chunks, in document order, run again as one row
+    P + chunks + Q with full attention (they must fit in the window together)."""
+
+    reprefills = True
+
+
+MergeLayout.reprefills = False
+MERGE_LAYOUTS = {"parallel": ParallelLayout(), "sequential": SequentialLayout(), "reprefill": Reprefill()}
+

@@ -10,9 +10,12 @@ before the hidden item. The same (length, depth, seed) always gives the same tas
 - ``needle``: a fact sentence planted in natural text (any text file, e.g. a novel) at
   a sentence boundary, and a question about it.
 
-Context lengths land within a few tokens of the target (the pieces are cut at token
-boundaries and re-tokenised together); ``kv_retrieval`` is made of whole key-value
-pairs, so its length is within half a pair (about 30 tokens) of the target.
+``passkey`` and ``number_string`` are made of whole sentences, as InfiniteBench lays them
+out: the needle sits between two whole filler sentences, and the length is within half a
+filler sentence (3 tokens with SmolLM2's tokenizer) of the target. ``needle`` cuts a span
+of the text at token boundaries and plants the fact at a sentence end, within a few
+tokens of the target; ``kv_retrieval`` is made of whole key-value pairs, so its length is
+within half a pair (about 30 tokens) of the target.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n\n"
 )
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "What is the pass key?"
 NUMBER_STRING_QUESTION = "What is the sequence number?"
 KV_INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n"
@@ -84,31 +86,52 @@ def _check(length: int, depth: float) -> None:
         raise PcompError(f"depth must be between 0 and 1, got {depth}")
 
 
-def filler_text(tokenizer, filler: str, num_tokens: int) -> str:
-    """``filler`` repeated and cut to exactly ``num_tokens`` tokens (decoded back to text)."""
-    if num_tokens <= 0:
-        return ""
-    repeats = num_tokens // max(1, count_tokens(tokenizer, filler)) + 2
-    ids = tokenizer(filler * repeats, add_special_tokens=False)["input_ids"]
-    while len(ids) < num_tokens:  # repeated text can tokenise shorter than the pieces alone
-        repeats *= 2
-        ids = tokenizer(filler * repeats, add_special_tokens=False)["input_ids"]
-    return tokenizer.decode(ids[:num_tokens])
+FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                    "There and back again.")  # InfiniteBench's filler, one sentence at a time
+
+
+def filler_sentences(first: int, count: int) -> str:
+    """``count`` whole filler sentences, cycling from sentence number ``first``, space-separated."""
+    return " ".join(FILLER_SENTENCES[(first + i) % len(FILLER_SENTENCES)] for i in range(count))
+
+
+def sentences_for(tokenizer, tokens: float, first: int = 0) -> int:
+    """How many filler sentences from number ``first`` come nearest to ``tokens`` tokens."""
+    per = [count_tokens(tokenizer, " " + s) for s in FILLER_SENTENCES]
+    count, total = 0, 0
+    while total + per[(first + count) % len(per)] / 2 < tokens:
+        total += per[(first + count) % len(per)]
+        count += 1
+    return count
 
 
 def hidden_in_filler(tokenizer, intro: str, needle: str, length: int, depth: float) -> str:
-    """``intro`` + filler + ``needle`` + filler, ``length`` tokens long, needle at ``depth``.
+    """``intro`` + whole filler sentences + ``needle`` + whole filler sentences, about ``length``
+    tokens, the needle at ``depth`` (InfiniteBench's layout: the needle sits between whole
+    sentences, never inside one).
 
-    The filler before the needle makes ``depth`` of the tokens around the needle
-    (the intro counts as filler before it).
+    The filler before the needle makes ``depth`` of the tokens around the needle (the intro
+    counts as filler before it). Lengths are reached by whole sentences, so a context is
+    within half a filler sentence (3 tokens for SmolLM2's tokenizer) of ``length``.
     """
-    free = max(0, length - count_tokens(tokenizer, intro) - count_tokens(tokenizer, needle))
-    before = max(0, round(depth * (length - count_tokens(tokenizer, needle))) - count_tokens(tokenizer, intro))
-    before = min(before, free)
-    after = filler_text(tokenizer, PASSKEY_FILLER, free - before)
-    before = filler_text(tokenizer, PASSKEY_FILLER, before)
-    joint = " " if before and not before.endswith(" ") else ""
-    return intro + before + joint + needle + after
+    needle = needle.strip()
+    before = sentences_for(tokenizer, depth * (length - count_tokens(tokenizer, needle)) - count_tokens(tokenizer, intro))
+
+    def build(after: int) -> str:
+        text = (intro + filler_sentences(0, before) + " " if before else intro) + needle
+        return text + " " + filler_sentences(before, after) if after else text
+
+    after = sentences_for(tokenizer, length - count_tokens(tokenizer, build(0)), before)
+    for _ in range(4):  # the sentences' tokens joined can differ slightly from their sum: correct
+        n = count_tokens(tokenizer, build(after))
+        half = count_tokens(tokenizer, " " + FILLER_SENTENCES[(before + after) % len(FILLER_SENTENCES)]) / 2
+        if n < length - half:
+            after += 1
+        elif n > length + half and after > 0:
+            after -= 1
+        else:
+            break
+    return build(after)
 
 
 def passkey_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:

@@ -260,7 +260,39 @@ def layer_calibration_mask(q, k_all, n_past, group, rules, n_seq):
     return masked
 
 
-def forward(model, ids, positions, cache=None, calibration=None, stage=None, cache_keep=None):
+def stage_eviction_kept(q, k_all, n_past, group, keep, eviction):
+    """bool [KVH, n_past]: the merged cache entries stage eviction keeps in one layer.
+
+    eviction: {"budget", "obs_window", "pool_kernel", "prefix_len"}. The observation queries
+    are the last min(obs_window, T) new (question) tokens; each sees what ``attention`` lets
+    it see (causal, ``keep``). For KV head g, s[m] = the softmax probability of key m summed
+    over those queries and g's query heads. Chunk entries are cache entries prefix_len..
+    n_past-1 still kept by ``keep``; s is max-pooled over them in order (``max_pool_1d``),
+    and the ``budget`` best stay (ties: lower index first). Prefix entries always stay;
+    entries not kept by ``keep`` stay as they are (masked).
+    """
+    t_new, num_heads, dim = q.shape
+    kv_heads, total = k_all.shape[0], k_all.shape[1]
+    allowed = np.arange(total)[None, :] <= (n_past + np.arange(t_new))[:, None]  # [T, M]
+    is_self = np.arange(total)[None, :] == (n_past + np.arange(t_new))[:, None]
+    obs = range(max(0, t_new - eviction["obs_window"]), t_new)
+    kept = np.ones((kv_heads, n_past), dtype=bool)
+    for g in range(kv_heads):
+        visible = allowed if keep is None else allowed & (keep[g][None, :] | is_self)
+        s = np.zeros(total)
+        for h in range(g * group, (g + 1) * group):
+            for j in obs:
+                scores = np.where(visible[j], q[j, h] @ k_all[g].T / math.sqrt(dim), -np.inf)
+                s += softmax(scores)
+        chunk = [m for m in range(eviction["prefix_len"], n_past) if keep is None or keep[g, m]]
+        pooled = max_pool_1d(s[chunk], eviction["pool_kernel"]) if chunk else np.zeros(0)
+        ranked = sorted(range(len(chunk)), key=lambda i: (-pooled[i], i))
+        for i in ranked[eviction["budget"]:]:
+            kept[g, chunk[i]] = False
+    return kept
+
+
+def forward(model, ids, positions, cache=None, calibration=None, stage=None, cache_keep=None, eviction=None):
     """Run the model on new tokens on top of an optional cache.
 
     ids [T] int; positions [T] int; cache: None or a list over layers of
@@ -331,6 +363,13 @@ def forward(model, ids, positions, cache=None, calibration=None, stage=None, cac
                 keep = ~full if keep is None else keep & ~full
             per_layer[-1]["masked"] = masked
             per_layer[-1]["keep"] = keep
+
+        if eviction is not None:  # stage eviction over the merged cache, after calibration
+            evict_kept = stage_eviction_kept(q, k_all, n_past, group, keep, eviction)
+            full = np.concatenate([evict_kept, np.ones((kv_heads, t_new), dtype=bool)], axis=1)
+            keep = full if keep is None else keep & full
+            per_layer[-1]["keep"] = keep
+            per_layer[-1]["evicted"] = ~evict_kept
 
         attn = attention(q, k_all, v_all, n_past, group, keep).reshape(t_new, num_heads * dim)
         x = x + linear(model, attn, pre + "self_attn.o_proj")
@@ -445,8 +484,18 @@ def reference_parallelcomp(
     max_new_tokens,
     stop_ids,
     calibration=None,
+    bounds=None,
+    stage_budget=None,
 ):
     """The whole ParallelComp pipeline (stages 1, 1b, 1c, 2, 3).
+
+    stage_budget: None (off), or the stage eviction budget (ALGORITHM.md stage 2): in the
+    question prefill every layer keeps that many chunk entries per KV head of the merged
+    cache (``stage_eviction_kept``, observation window and pool kernel as in stage 1b);
+    the rest leave that layer's cache for the question and decoding. Reported as
+    "merged_evicted": per layer, per KV head, the sorted merged-cache indices evicted.
+    bounds: the chunks as (start, end) pairs of context indices, in order (an input, e.g.
+    chunks ended at sentence ends); default: ``split_chunks``, near-equal sizes.
 
     calibration: None (off; results exactly as without the argument) or a list of
     rule dicts {"first", "last" (inclusive 0-based layers), "region" ("sink" |
@@ -483,7 +532,7 @@ def reference_parallelcomp(
     merged_calib = None if calibration is None else [r for r in calibration if r["stage"] == "merged"]
 
     # Stage 1: one independent causal forward per row P + chunk_i + Q.
-    bounds = split_chunks(len(context), chunk_len)
+    bounds = split_chunks(len(context), chunk_len) if bounds is None else [tuple(b) for b in bounds]
     rows = []
     scores = np.zeros(len(bounds))
     for i, (a, b) in enumerate(bounds):
@@ -526,10 +575,14 @@ def reference_parallelcomp(
     # Question prefill after the longest kept row's content.
     start = max(len_p + bounds[i][1] - bounds[i][0] for i in selected)
     cache_keep = None
-    if merged_calib:
-        logits, new = forward(model, question, start + np.arange(len_q), cache, merged_calib, "merged")
-        cache_keep = [st["keep"] for st in new]  # [KVH, M + Q] per layer, or None
-        merged_masks = [st["masked"] for st in new]  # [KVH, M] per layer
+    eviction = None if stage_budget is None else {
+        "budget": stage_budget, "obs_window": obs_window, "pool_kernel": pool_kernel, "prefix_len": len_p}
+    if merged_calib or eviction is not None:
+        logits, new = forward(model, question, start + np.arange(len_q), cache, merged_calib or None,
+                              "merged" if merged_calib else None, eviction=eviction)
+        cache_keep = [st.get("keep") for st in new]  # [KVH, M + Q] per layer, or None
+        merged_masks = [st.get("masked") for st in new]  # [KVH, M] per layer
+        evicted = [st.get("evicted") for st in new]  # [KVH, M] per layer, or None
     else:
         logits, new = forward(model, question, start + np.arange(len_q), cache)
     cache = extend_cache(cache, new)
@@ -558,6 +611,8 @@ def reference_parallelcomp(
         "kept_positions": kept,
         "tokens": tokens,
     }
+    if eviction is not None:
+        out["merged_evicted"] = [[np.flatnonzero(e[g]).tolist() for g in range(kv_heads)] for e in evicted]
     if calibration is not None:
         out["chunk_masked"] = [
             [

@@ -10,7 +10,7 @@ import reference_numpy as ref
 
 import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer
-from pcomp_jax.chunking import build_rows, encode_parts
+from pcomp_jax.chunking import build_rows, chunk_bounds, encode_parts
 from pcomp_jax.decode import stop_token_ids
 from pcomp_jax.calibrate import CalibrationRule
 from pcomp_jax.decode import question_prefill
@@ -33,22 +33,36 @@ CASES = {
 }
 
 
+def make_sentences(n_words: int, seed: int) -> str:
+    """Words with a full stop after every 3 to 9 of them, so that chunks end at sentence ends."""
+    words = make_context(n_words, seed).split()
+    ends = np.cumsum(np.random.default_rng(seed).integers(3, 10, size=n_words))
+    return " ".join(w + ("." if i + 1 in ends else "") for i, w in enumerate(words)) + "."
+
+
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_bias"])
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES) + ["sentences"])
 def test_pipeline_matches_numpy_reference(hf_checkpoints, variant, case):
     path, _ = hf_checkpoints(variant)
     model = pcomp_jax.load_model(path)
-    config = CASES[case]
+    config = CASES.get(case, CASES["evict"])
     context, question = make_context(70, seed=7), "where did the cat sit?"
+    if case == "sentences":
+        context = make_sentences(70, seed=7)
     parts = encode_parts(model.tokenizer, context, question, config.instruction, config.answer_prefix, config.chat)
     expected = ref.reference_parallelcomp(
         ref.load_reference_model(path), parts.prefix, parts.context, parts.question, config.chunk_len,
         config.top_k_chunks, config.capacity, config.obs_window, config.pool_kernel, 10, stop_token_ids(model),
+        bounds=chunk_bounds(len(parts.context), config.chunk_len, parts.breaks),  # chunks end at sentence ends
     )
     ours = answer(model, context, question, config, max_new_tokens=10)
     np.testing.assert_allclose(ours.chunk_scores, expected["chunk_scores"], atol=1e-4)
     assert ours.selected_chunks == expected["selected"]
     assert ours.token_ids == expected["tokens"]
+    if case == "sentences":  # every chunk ends at a sentence end (the last at the text's end)
+        text_ends = [model.tokenizer.decode(parts.context[:e]).rstrip() for _, e in chunk_bounds(
+            len(parts.context), config.chunk_len, parts.breaks)]
+        assert len(text_ends) > 2 and all(t.endswith(".") for t in text_ends), text_ends
 
     # Kept token positions for every layer and KV head.
     rows = build_rows(parts, config.chunk_len, model.config.window, num_rows=8)
@@ -97,7 +111,7 @@ def test_calibration_matches_numpy_reference(hf_checkpoints, case):
     expected = ref.reference_parallelcomp(
         ref.load_reference_model(path), parts.prefix, parts.context, parts.question, config.chunk_len,
         config.top_k_chunks, config.capacity, config.obs_window, config.pool_kernel, 10, stop_token_ids(model),
-        calibration=as_reference_rules(rules),
+        calibration=as_reference_rules(rules), bounds=chunk_bounds(len(parts.context), config.chunk_len, parts.breaks),
     )
     fired = sum(len(h) for c in expected["chunk_masked"] for layer in c for h in layer)
     fired += sum(len(h) for layer in expected["merged_masked"] for h in layer)
@@ -130,3 +144,50 @@ def test_calibration_matches_numpy_reference(hf_checkpoints, case):
             valid_slots = np.flatnonzero(content[layer, :, head])
             removed = [i for i, s in enumerate(valid_slots) if not kept[layer, s, head]]
             assert removed == ranks, f"layer {layer}, KV head {head}"
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_bias"])
+def test_stage_eviction_matches_numpy_reference(hf_checkpoints, variant):
+    """Stage eviction (chunks whole through stage 1, the merged cache cut to capacity x k by
+    the question's SnapKV scores): scores, selection, tokens and every evicted entry."""
+    path, _ = hf_checkpoints(variant)
+    model = pcomp_jax.load_model(path)
+    config = dataclasses.replace(CASES["evict"], capacity=10, obs_window=4, pool_kernel=3, stage_eviction=True)
+    context, question = make_sentences(80, seed=9), "who sat on the mat?"
+    parts = encode_parts(model.tokenizer, context, question, config.instruction, config.answer_prefix, config.chat)
+    bounds = chunk_bounds(len(parts.context), config.chunk_len, parts.breaks)
+    budget = config.capacity * config.top_k_chunks
+    expected = ref.reference_parallelcomp(
+        ref.load_reference_model(path), parts.prefix, parts.context, parts.question, config.chunk_len,
+        config.top_k_chunks, None, config.obs_window, config.pool_kernel, 10, stop_token_ids(model),
+        bounds=bounds, stage_budget=budget,
+    )
+    assert sum(len(h) for layer in expected["merged_evicted"] for h in layer) > 0, "nothing evicted: a vacuous test"
+    ours = answer(model, context, question, config, max_new_tokens=10)
+    np.testing.assert_allclose(ours.chunk_scores, expected["chunk_scores"], atol=1e-4)
+    assert ours.selected_chunks == expected["selected"]
+    assert ours.token_ids == expected["tokens"]
+
+    # Which merged-cache entries each layer and KV head evicted, by rank among the valid ones.
+    from pcomp_jax.decode import StageEviction
+
+    rows = build_rows(parts, config.chunk_len, model.config.window)
+    spec = PrefillSpec(capacity=None, token_scorer=SnapKV(config.obs_window, config.pool_kernel))
+    state = empty_selection(model.config, 2, spec.kept_tokens(rows), model.dtype)
+    for group in rows.groups(8):
+        state = keep_best_chunks(state, prefill_group(model.params, model.config, group, spec), 2)
+    prefix_k, prefix_v = prefill_prefix(model.params, model.config, jnp.asarray(parts.prefix))
+    question_ids = np.zeros(64, np.int32)
+    question_ids[: len(parts.question)] = parts.question
+    before, _ = merge_selection(prefix_k, prefix_v, state, room=64 + 16)
+    eviction = StageEviction(budget, config.obs_window, config.pool_kernel)
+    after, _, _ = question_prefill(model.params, model.config, prefix_k, prefix_v, state, jnp.asarray(question_ids),
+                                   jnp.int32(len(parts.question)), 16, eviction=eviction)
+    content = np.asarray(before.valid[:, 0])  # [L, S, KVH]
+    kept = np.asarray(after.valid[:, 0])
+    for layer, heads in enumerate(expected["merged_evicted"]):
+        for head, ranks in enumerate(heads):
+            valid_slots = np.flatnonzero(content[layer, :, head])
+            evicted = [i for i, s in enumerate(valid_slots) if not kept[layer, s, head]]
+            assert evicted == ranks, f"layer {layer}, KV head {head}"
+            assert len(valid_slots) - len(evicted) == len(parts.prefix) + budget

@@ -64,3 +64,25 @@ def test_command_line_runs_as_a_package():
     assert out.returncode == 0, out.stderr
     assert "usage: python -m pcomp_jax.eval" in out.stdout and "--output-dir" in out.stdout
     assert "Evaluation runner: every method side by side" in out.stdout and "Warning" not in out.stderr
+
+
+def test_results_from_before_an_option_existed_resume_only_while_it_is_off(tmp_path):
+    import json
+
+    from pcomp_jax.config import ParallelCompConfig, to_dict
+    from pcomp_jax.eval.runner import check_or_write_settings
+
+    directory = tmp_path / "m"
+    directory.mkdir()
+    (directory / "predictions.jsonl").write_text('{"id": "x"}\n')
+    old_pipeline = {k: v for k, v in to_dict(ParallelCompConfig()).items() if k not in ("stage_eviction", "merge_layout")}
+    (directory / "settings.json").write_text(json.dumps({"model": "m", "pipeline": old_pipeline}))
+    check_or_write_settings(str(directory), {"model": "m", "pipeline": to_dict(ParallelCompConfig())})  # resumes
+    (directory / "settings.json").write_text(json.dumps({"model": "m", "pipeline": old_pipeline}))
+    with pytest.raises(ConfigError, match="pipeline differ"):
+        check_or_write_settings(str(directory), {"model": "m", "pipeline": to_dict(
+            ParallelCompConfig(merge_layout="sequential"))})
+    no_sentences = {k: v for k, v in old_pipeline.items() if k != "sentence_chunks"}
+    (directory / "settings.json").write_text(json.dumps({"model": "m", "pipeline": no_sentences}))
+    with pytest.raises(ConfigError, match="pipeline differ"):  # sentence chunks changed results: never mixed
+        check_or_write_settings(str(directory), {"model": "m", "pipeline": to_dict(ParallelCompConfig())})

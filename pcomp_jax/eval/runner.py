@@ -72,6 +72,14 @@ class Runner:
         self.model, self.config = model, config
         self._needle_text = None
         self._ppl_windows = None
+        self._prefills: tuple[str, dict] = ("", {})  # (item id, stage-1 results its methods share)
+
+    def prefills(self, item: Item) -> dict:
+        """Stage-1 results shared by the methods that run ``item`` one after another
+        (``pipeline.prefill_key``); kept for one item at a time."""
+        if self._prefills[0] != item.id:
+            self._prefills = (item.id, {})
+        return self._prefills[1]
 
     def needle_text(self) -> str:
         if self._needle_text is None:
@@ -112,7 +120,7 @@ class Runner:
         task = make_task(f["task"], self.model.tokenizer, f["length"], f["depth"], f["seed"],
                          text=self.needle_text() if f["task"] == "needle" else None)
         result = answer(self.model, task.context, task.question, pipeline,
-                        self.config.max_new_tokens or ANSWER_TOKENS[f["task"]])
+                        self.config.max_new_tokens or ANSWER_TOKENS[f["task"]], prefills=self.prefills(item))
         correct = task.is_correct(result.text)
         return {**f, "prediction": result.text, "answer": task.answer, "score": float(correct),
                 "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
@@ -123,7 +131,8 @@ class Runner:
 
         ex = item.fields["example"]
         parts = encode_prompt(self.model.tokenizer, ex, pipeline.chat)
-        result = answer_parts(self.model, parts, pipeline, self.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset])
+        result = answer_parts(self.model, parts, pipeline, self.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset],
+                              prefills=self.prefills(item))
         return {"dataset": ex.dataset, "example_id": ex.id, "length": ex.length, "prediction": result.text,
                 "answers": ex.answers, "score": score_example(ex, result.text),
                 "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
@@ -188,18 +197,34 @@ def method_settings(config: EvalConfig, spec: MethodSpec) -> dict:
     return settings
 
 
+# Pipeline fields added after results may exist whose value here reproduces what runs made
+# before them did (an option that is off): a record without them still resumes.
+NEUTRAL_PIPELINE_FIELDS = {"chunk_overlap": 0, "merge_layout": "parallel", "stage_eviction": False}
+
+
+def _with_neutral_fields(old: dict, new: dict) -> dict:
+    """``old`` settings with the neutral pipeline fields it lacks set as in ``new`` when
+    ``new`` has their neutral value."""
+    if not isinstance(old.get("pipeline"), dict) or not isinstance(new.get("pipeline"), dict):
+        return old
+    added = {k: v for k, v in NEUTRAL_PIPELINE_FIELDS.items() if k not in old["pipeline"] and new["pipeline"].get(k) == v}
+    return {**old, "pipeline": {**old["pipeline"], **added}}
+
+
 def check_or_write_settings(directory: str, settings: dict) -> None:
     """Refuses to resume a method directory whose results came from other settings.
 
     Only settings both runs have are compared: adding a part to a sweep (the needle task and
-    its text, perplexity, a LongBench file) resumes, and the record keeps every part seen."""
+    its text, perplexity, a LongBench file) resumes, and the record keeps every part seen.
+    Pipeline options added since the results were made resume when they are off
+    (``NEUTRAL_PIPELINE_FIELDS``)."""
     path = os.path.join(directory, "settings.json")
     normal = json.loads(json.dumps(settings))
     predictions = os.path.join(directory, "predictions.jsonl")
     has_results = os.path.exists(predictions) and os.path.getsize(predictions) > 0
     if os.path.exists(path) and has_results:
         with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+            old = _with_neutral_fields(json.load(f), normal)
         changed = sorted(k for k in set(old) & set(normal) if old[k] != normal[k])
         if changed:
             raise ConfigError(

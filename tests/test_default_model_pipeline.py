@@ -1,0 +1,32 @@
+"""The pipeline on the real default model: with one kept chunk and no eviction, ParallelComp
+is exactly full attention over P + that chunk + Q (the equivalence that separates what the
+method does from what the model can read)."""
+
+import numpy as np
+import pytest
+
+import pcomp_jax
+from pcomp_jax import ParallelCompConfig, answer
+from pcomp_jax.chunking import chunk_bounds, encode_parts
+from pcomp_jax.decode import generate_ids
+from pcomp_jax.tasks import make_task
+
+pytestmark = pytest.mark.default_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return pcomp_jax.load_model()
+
+
+@pytest.mark.parametrize("kind, depth", [("passkey", 0.1), ("passkey", 0.6), ("number_string", 0.9)])
+def test_one_kept_chunk_without_eviction_is_full_attention_over_it(model, kind, depth):
+    task = make_task(kind, model.tokenizer, 3072, depth, seed=2)
+    config = ParallelCompConfig(chunk_len=512, top_k_chunks=1, capacity=None)
+    ours = answer(model, task.context, task.question, config, max_new_tokens=12)
+    parts = encode_parts(model.tokenizer, task.context, task.question, config.instruction, config.answer_prefix,
+                         config.chat)
+    (chunk,) = ours.selected_chunks
+    start, end = chunk_bounds(len(parts.context), config.chunk_len, parts.breaks)[chunk]
+    full = generate_ids(model, np.concatenate([parts.prefix, parts.context[start:end], parts.question]), 12)
+    assert ours.token_ids == full.token_ids, (ours.text, full.text)

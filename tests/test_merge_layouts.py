@@ -1,0 +1,144 @@
+"""Where the kept chunks sit for the question: the paper's parallel layout, sequential (keys
+rotated on, exact for linear-angle ropes) and reprefill (the kept chunks run again as one row)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pcomp_jax
+from pcomp_jax import ParallelCompConfig, answer
+from pcomp_jax.chunking import build_rows, encode_parts
+from pcomp_jax.compress import SnapKV
+from pcomp_jax.model.llama import rms_norm
+from pcomp_jax.model.rope import apply_rope, rope_tables
+from pcomp_jax.perplexity import continuation_nll
+from pcomp_jax.prefill import (
+    ParallelLayout,
+    PrefillSpec,
+    SequentialLayout,
+    empty_selection,
+    keep_best_chunks,
+    merge_selection,
+    prefill_group,
+    prefill_prefix,
+    rope_shift_is_exact,
+    shift_keys,
+)
+from test_against_reference import make_sentences
+
+BASE = ParallelCompConfig(chunk_len=40, top_k_chunks=2, capacity=None, obs_window=4, group_size=4)
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoints):
+    return pcomp_jax.load_model(hf_checkpoints("llama_gqa_untied")[0])
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "llama3_rope", "linear_rope"])
+def test_rotating_a_key_by_d_equals_computing_it_at_position_plus_d(hf_checkpoints, variant):
+    cfg = pcomp_jax.load_model(hf_checkpoints(variant)[0]).config
+    assert rope_shift_is_exact(cfg)
+    rng = np.random.default_rng(0)
+    raw = jnp.asarray(rng.normal(size=(1, 6, cfg.num_kv_heads, cfg.head_dim)), jnp.float32)  # [1, T, KVH, D]
+    positions = jnp.asarray([[0, 3, 17, 40, 100, 255]])
+    for d in (1, 37, 1000):
+        at_p = apply_rope(raw, *rope_tables(cfg, positions))
+        shifted = shift_keys(cfg, at_p[:, None], jnp.asarray([d]))[:, 0]  # as [L=1, K=1, cap, KVH, D]
+        at_p_plus_d = apply_rope(raw, *rope_tables(cfg, positions + d))
+        # float32 angles: position x frequency rounds to ~1e-7 relative, ~1e-4 rad past 1000
+        np.testing.assert_allclose(np.asarray(shifted), np.asarray(at_p_plus_d), atol=3e-7 * (256 + d))
+
+
+def test_dynamic_rope_refuses_the_sequential_layout(hf_checkpoints):
+    model = pcomp_jax.load_model(hf_checkpoints("dynamic_rope")[0])
+    assert not rope_shift_is_exact(model.config)
+    with pytest.raises(pcomp_jax.ConfigError, match="not exact with 'dynamic' rope"):
+        answer(model, make_sentences(30, 1), "who ran?", dataclasses.replace(BASE, merge_layout="sequential"), 4)
+
+
+def test_sequential_layout_puts_each_kept_chunk_after_the_previous_one(model):
+    """Layer 0's keys depend on the token and position alone: in the sequential cache, the
+    second kept chunk's keys are the raw keys rotated at row position + the first's length."""
+    cfg, w = model.config, model.params
+    parts = encode_parts(model.tokenizer, make_sentences(80, 2), "where did the cat sit?", "Read.", "Answer:", True)
+    rows = build_rows(parts, 40, cfg.window)
+    spec = PrefillSpec(capacity=None, token_scorer=SnapKV(4, 7))
+    state = empty_selection(cfg, 2, spec.kept_tokens(rows), model.dtype)
+    for group in rows.groups(4):
+        state = keep_best_chunks(state, prefill_group(w, cfg, group, spec), 2)
+    prefix_k, prefix_v = prefill_prefix(w, cfg, jnp.asarray(parts.prefix))
+    parallel, start_par = merge_selection(prefix_k, prefix_v, state, 16, ParallelLayout(), cfg)
+    sequential, start_seq = merge_selection(prefix_k, prefix_v, state, 16, SequentialLayout(), cfg)
+    p = len(parts.prefix)
+    ids = sorted(np.asarray(state.chunk_ids)[np.asarray(state.chunk_valid)].tolist())
+    lengths = [int(rows.chunk_lengths[i]) for i in ids]
+    assert int(start_par) == p + max(lengths) and int(start_seq) == p + sum(lengths)
+    cap = spec.kept_tokens(rows)
+    for slot, (chunk, shift) in enumerate(zip(ids, [0, lengths[0]])):
+        tokens = rows.tokens[chunk, p : p + lengths[slot]]
+        h = rms_norm(w.embed[tokens][None], w.layers.attn_norm[0], cfg.rms_norm_eps)
+        raw = jnp.einsum("bte,ehd->bthd", h, w.layers.wk[0])
+        want = apply_rope(raw, *rope_tables(cfg, (jnp.arange(p, p + lengths[slot]) + shift)[None]))[0]
+        got = sequential.keys[0, 0, p + slot * cap : p + slot * cap + lengths[slot]]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(sequential.values), np.asarray(parallel.values))
+
+
+def test_reprefill_of_every_chunk_is_full_attention(model):
+    context, question = make_sentences(40, 3), "what did the cat do?"  # P + context + Q fit the window
+    every = dataclasses.replace(BASE, top_k_chunks=16, merge_layout="reprefill")
+    ours = answer(model, context, question, every, 6)
+    assert ours.num_chunks > 2 and ours.selected_chunks == list(range(ours.num_chunks))
+    assert ours.token_ids == answer(model, context, question, dataclasses.replace(BASE, method="full"), 6).token_ids
+
+
+def test_layouts_run_through_answer_and_perplexity(model):
+    context, question = make_sentences(90, 4), "where did the cat sit?"
+    results = {layout: answer(model, context, question, dataclasses.replace(BASE, merge_layout=layout), 6)
+               for layout in ("parallel", "sequential", "reprefill")}
+    assert len({tuple(r.selected_chunks) for r in results.values()}) == 1  # stage 1 is the same
+    assert all(r.token_ids for r in results.values())
+    ids = np.asarray(model.tokenizer(make_sentences(120, 5), add_special_tokens=False)["input_ids"], np.int32)
+    for layout in ("parallel", "sequential", "reprefill"):
+        scored = continuation_nll(model, ids[:150], ids[150:160], dataclasses.replace(BASE, merge_layout=layout), 8)
+        assert scored.token_nll.shape == (10,) and np.isfinite(scored.token_nll).all()
+
+
+def test_layout_refusals(model):
+    with pytest.raises(pcomp_jax.ConfigError, match="merge_layout='diagonal' is not allowed"):
+        ParallelCompConfig(merge_layout="diagonal")
+    with pytest.raises(pcomp_jax.ConfigError, match="merged-stage calibration .* merge_layout=reprefill does not build"):
+        ParallelCompConfig(merge_layout="reprefill", calibration_preset="remove_shallow_middle")
+    long_chunks = dataclasses.replace(BASE, chunk_len=120, top_k_chunks=2, merge_layout="sequential")
+    with pytest.raises(pcomp_jax.InputTooLongError, match="laid end to end"):
+        answer(model, make_sentences(150, 6), "who ran?", long_chunks, 8)
+
+
+def test_eval_columns_that_differ_after_the_prefill_share_it(model, monkeypatch, tmp_path):
+    from pcomp_jax import pipeline
+    from pcomp_jax.eval import EvalConfig, MethodSpec, evaluate
+
+    calls = []
+    real = pipeline.prefill_context
+    monkeypatch.setattr(pipeline, "prefill_context", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = EvalConfig(
+        output_dir=str(tmp_path / "out"), pipeline=dataclasses.replace(BASE, chunk_len=48),
+        methods=(MethodSpec.of("parallel"), MethodSpec.of("sequential", merge_layout="sequential"),
+                 MethodSpec.of("calibrated", calibration_preset="remove_shallow_middle"),
+                 MethodSpec.of("evict", capacity=16)),
+        tasks=("passkey",), lengths=(150, 200), depths=(0.5,), max_new_tokens=4,
+    )
+    evaluate(config, model, progress=False)
+    assert len(calls) == 2 * 2  # per input: one shared by three columns, one for eviction
+    alone = answer(model, *_passkey(model, 200), dataclasses.replace(BASE, chunk_len=48, merge_layout="sequential"), 4)
+    with open(tmp_path / "out" / "sequential" / "predictions.jsonl", encoding="utf-8") as f:
+        assert alone.text in [__import__("json").loads(line)["prediction"] for line in f]
+
+
+def _passkey(model, length):
+    from pcomp_jax.tasks import make_task
+
+    task = make_task("passkey", model.tokenizer, length, 0.5, 0)
+    return task.context, task.question
