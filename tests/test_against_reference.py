@@ -13,7 +13,7 @@ from pcomp_jax import ParallelCompConfig, answer
 from pcomp_jax.chunking import build_rows, chunk_bounds, encode_parts
 from pcomp_jax.decode import stop_token_ids
 from pcomp_jax.calibrate import CalibrationRule
-from pcomp_jax.decode import question_prefill
+from pcomp_jax.decode import StageEviction, question_prefill
 from pcomp_jax.compress import SnapKV
 from pcomp_jax.prefill import (
     PrefillSpec,
@@ -125,26 +125,32 @@ def test_calibration_matches_numpy_reference(hf_checkpoints, case):
     merged = tuple(r for r in rules if r.stage == "merged")
     if not merged:
         return
-    rows = build_rows(parts, config.chunk_len, model.config.window, num_rows=8)
     chunk_rules = tuple(r for r in rules if r.stage == "chunk")
     spec = PrefillSpec(capacity=config.capacity, token_scorer=SnapKV(config.obs_window, config.pool_kernel),
                        attention="dense", chunk_rules=chunk_rules)
-    scored = prefill_group(model.params, model.config, rows, spec)
-    state = keep_best_chunks(empty_selection(model.config, 2, config.capacity, model.dtype), scored, 2)
+    for layer, head, removed in removed_from_merged_cache(model, parts, config, spec, merged_rules=merged):
+        assert removed == expected["merged_masked"][layer][head], f"layer {layer}, KV head {head}"
+
+
+def removed_from_merged_cache(model, parts, config, spec, **question_prefill_options):
+    """(layer, KV head, ranks among the merged cache's valid entries that the question
+    prefill removed) for the top-2 selection of ``spec``'s chunk prefill."""
+    rows = build_rows(parts, config.chunk_len, model.config.window)
+    state = empty_selection(model.config, 2, spec.kept_tokens(rows), model.dtype)
+    for group in rows.groups(8):
+        state = keep_best_chunks(state, prefill_group(model.params, model.config, group, spec), 2)
     prefix_k, prefix_v = prefill_prefix(model.params, model.config, jnp.asarray(parts.prefix))
     question_ids = np.zeros(64, np.int32)
     question_ids[: len(parts.question)] = parts.question
     before, _ = merge_selection(prefix_k, prefix_v, state, room=64 + 16)
     after, _, _ = question_prefill(model.params, model.config, prefix_k, prefix_v, state, jnp.asarray(question_ids),
-                                   jnp.int32(len(parts.question)), 16, merged_rules=merged)
+                                   jnp.int32(len(parts.question)), 16, **question_prefill_options)
     content = np.asarray(before.valid[:, 0])  # [L, S, KVH]
     kept = np.asarray(after.valid[:, 0])
-    for layer, heads in enumerate(expected["merged_masked"]):
-        for head, ranks in enumerate(heads):
+    for layer in range(content.shape[0]):
+        for head in range(content.shape[2]):
             valid_slots = np.flatnonzero(content[layer, :, head])
-            removed = [i for i, s in enumerate(valid_slots) if not kept[layer, s, head]]
-            assert removed == ranks, f"layer {layer}, KV head {head}"
-
+            yield layer, head, [i for i, slot in enumerate(valid_slots) if not kept[layer, slot, head]]
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_bias"])
 def test_stage_eviction_matches_numpy_reference(hf_checkpoints, variant):
@@ -169,25 +175,9 @@ def test_stage_eviction_matches_numpy_reference(hf_checkpoints, variant):
     assert ours.token_ids == expected["tokens"]
 
     # Which merged-cache entries each layer and KV head evicted, by rank among the valid ones.
-    from pcomp_jax.decode import StageEviction
-
-    rows = build_rows(parts, config.chunk_len, model.config.window)
     spec = PrefillSpec(capacity=None, token_scorer=SnapKV(config.obs_window, config.pool_kernel))
-    state = empty_selection(model.config, 2, spec.kept_tokens(rows), model.dtype)
-    for group in rows.groups(8):
-        state = keep_best_chunks(state, prefill_group(model.params, model.config, group, spec), 2)
-    prefix_k, prefix_v = prefill_prefix(model.params, model.config, jnp.asarray(parts.prefix))
-    question_ids = np.zeros(64, np.int32)
-    question_ids[: len(parts.question)] = parts.question
-    before, _ = merge_selection(prefix_k, prefix_v, state, room=64 + 16)
     eviction = StageEviction(budget, config.obs_window, config.pool_kernel)
-    after, _, _ = question_prefill(model.params, model.config, prefix_k, prefix_v, state, jnp.asarray(question_ids),
-                                   jnp.int32(len(parts.question)), 16, eviction=eviction)
-    content = np.asarray(before.valid[:, 0])  # [L, S, KVH]
-    kept = np.asarray(after.valid[:, 0])
-    for layer, heads in enumerate(expected["merged_evicted"]):
-        for head, ranks in enumerate(heads):
-            valid_slots = np.flatnonzero(content[layer, :, head])
-            evicted = [i for i, s in enumerate(valid_slots) if not kept[layer, s, head]]
-            assert evicted == ranks, f"layer {layer}, KV head {head}"
-            assert len(valid_slots) - len(evicted) == len(parts.prefix) + budget
+    kept_chunk_tokens = sum(bounds[c][1] - bounds[c][0] for c in ours.selected_chunks)
+    for layer, head, evicted in removed_from_merged_cache(model, parts, config, spec, eviction=eviction):
+        assert evicted == expected["merged_evicted"][layer][head], f"layer {layer}, KV head {head}"
+        assert len(evicted) == kept_chunk_tokens - budget  # exactly the budget stays
