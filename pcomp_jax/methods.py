@@ -69,8 +69,10 @@ class Method:
     best chunks (else every chunk is merged). token_scorer: ranks tokens for eviction
     (``compress.SnapKV``, ``compress.RecentTokens``, your own ``compress.TokenScorer``), or
     None to evict nothing. A chunked method evicts to the config's ``capacity`` (None: keep
-    all); a one-row method with a token scorer compresses its row to ``kv_budget``; a
-    one-row method without one generates with plain full attention.
+    all) inside each chunk, or, with the config's ``stage_eviction``, to ``capacity x
+    top_k_chunks`` over the merged cache; a one-row method with a token scorer compresses
+    its row to ``kv_budget``; a one-row method without one generates with plain full
+    attention. Methods without a token scorer ignore ``capacity`` and ``stage_eviction``.
     calibration: whether stage-1c rules may be used with it.
     """
 
