@@ -240,6 +240,7 @@ class MergeLayout:
     positions. Subclasses are frozen dataclasses (static arguments of ``jax.jit``)."""
 
     moves_keys = False  # whether the shifts can be non-zero (the cached keys are rotated)
+    reprefills = False  # whether the kept chunks are read again as one row instead of merged
 
     def shifts(self, chunk_lengths: jax.Array, valid: jax.Array) -> jax.Array:
         return jnp.zeros_like(chunk_lengths)
@@ -316,6 +317,5 @@ class Reprefill(MergeLayout):
     reprefills = True
 
 
-MergeLayout.reprefills = False
 MERGE_LAYOUTS = {"parallel": ParallelLayout(), "sequential": SequentialLayout(), "reprefill": Reprefill()}
 

@@ -11,9 +11,8 @@ import reference_numpy as ref
 import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer
 from pcomp_jax.chunking import build_rows, chunk_bounds, encode_parts
-from pcomp_jax.decode import stop_token_ids
 from pcomp_jax.calibrate import CalibrationRule
-from pcomp_jax.decode import StageEviction, question_prefill
+from pcomp_jax.decode import StageEviction, question_prefill, stop_token_ids
 from pcomp_jax.compress import SnapKV
 from pcomp_jax.prefill import (
     PrefillSpec,
