@@ -15,8 +15,11 @@ import flax.struct
 from jax.sharding import PartitionSpec
 
 
-def axes_field(*names: str | None):
-    """A pytree field whose array has axes ``names`` (one per dimension)."""
+def axes_field(*names: str | None, optional: bool = False):
+    """A pytree field whose array has axes ``names`` (one per dimension); ``optional``:
+    the field defaults to None (no array)."""
+    if optional:
+        return flax.struct.field(default=None, metadata={"axes": names})
     return flax.struct.field(metadata={"axes": names})
 
 

@@ -18,12 +18,20 @@ from .errors import PcompError
 
 @flax.struct.dataclass
 class KVCache:
-    """keys, values: ``[L, B, S, KVH, D]``; valid: ``[L, B, S, KVH]`` bool; end: ``[B]`` int32."""
+    """keys, values: ``[L, B, S, KVH, D]``; valid: ``[L, B, S, KVH]`` bool; end: ``[B]`` int32.
+
+    attention_window: None, or ``[L, B, KVH, w, S]`` float32: the attention probabilities
+    of the last w queries over the slots, summed over each KV head's query heads, as they
+    were when those queries ran (zero for slots written later); decode-time eviction
+    (``decode.DecodeEviction``) scores the cache by it, and ``cached_forward`` keeps it.
+    """
 
     keys: jax.Array = axes_field("layers", "batch", "cache_slots", "kv_heads", "head_dim")
     values: jax.Array = axes_field("layers", "batch", "cache_slots", "kv_heads", "head_dim")
     valid: jax.Array = axes_field("layers", "batch", "cache_slots", "kv_heads")
     end: jax.Array = axes_field("batch")
+    attention_window: jax.Array | None = axes_field("layers", "batch", "kv_heads", "observed", "cache_slots",
+                                                    optional=True)
 
     @property
     def capacity(self) -> int:

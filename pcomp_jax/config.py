@@ -54,6 +54,10 @@ class ParallelCompConfig:
       every token through stage 1, and the merged cache's chunk entries are cut to
       ``capacity x top_k_chunks`` per layer and KV head by the question's SnapKV scores
       (``decode.StageEviction``); needs ``capacity``.
+    decode_eviction: while decoding, hold each layer's cache at the size the question
+      prefill left it: after each new token the entry least attended by the last
+      ``obs_window`` queries leaves it (``decode.DecodeEviction``; the reference's
+      ``kv_cache_dynamic``).
     capacity: tokens kept per chunk, layer and KV head by SnapKV; None keeps all.
     obs_window: observation queries (w) for SnapKV scores; pool_kernel: max-pool width.
     group_size: chunk rows prefilled at once; memory grows with it, results do not change.
@@ -76,6 +80,7 @@ class ParallelCompConfig:
     chunk_overlap: int = 0
     merge_layout: str = "parallel"
     stage_eviction: bool = False
+    decode_eviction: bool = False
     top_k_chunks: int = 2
     capacity: int | None = None
     obs_window: int = 8
@@ -106,9 +111,13 @@ class ParallelCompConfig:
             raise ConfigError("stage_eviction keeps capacity x top_k_chunks tokens of the merged cache; set capacity")
         merged_rules = any(r.stage == "merged" for r in self.calibration) or (
             self.calibration_preset is not None and self.calibration_preset_stage == "merged")
-        if MERGE_LAYOUTS[self.merge_layout].reprefills and merged_rules:
-            raise ConfigError("merged-stage calibration acts on the merged cache, which merge_layout=reprefill "
-                              "does not build; use the chunk stage or another merge_layout")
+        if MERGE_LAYOUTS[self.merge_layout].reprefills:
+            acting = [name for name, on in (("merged-stage calibration", merged_rules),
+                                            ("stage_eviction", self.stage_eviction),
+                                            ("decode_eviction", self.decode_eviction)) if on]
+            if acting:
+                raise ConfigError(f"{acting[0]} acts on the merged cache, which merge_layout=reprefill does not "
+                                  "build; use merge_layout parallel or sequential")
         _check_min("chunk_len", self.chunk_len, 1)
         _check_min("top_k_chunks", self.top_k_chunks, 1)
         _check_min("chunk_overlap", self.chunk_overlap, 0)

@@ -125,14 +125,18 @@ def greedy_decode(
     stop_ids: jax.Array,
     num_steps: int,
     max_new_tokens: jax.Array,
+    eviction: DecodeEviction | None = None,
 ):
     """Greedy decoding in a ``lax.while_loop``.
 
     first_token, first_position: ``[B]``, the token predicted by the prefill and its position.
     stop_ids: ``[K]`` int32; a row stops after emitting one of them (it is recorded).
     num_steps: static buffer size; max_new_tokens: traced limit ``<= num_steps``.
-    Returns ``tokens [B, num_steps]`` int32: the emitted tokens (a stop token included),
-    -1 after a row stopped and in unused steps.
+    eviction: optional decode-time eviction (``DecodeEviction``; the cache must keep an
+    ``attention_window``): after each step every layer and KV head drops one entry.
+    Returns ``(tokens [B, num_steps] int32, cache)``: the emitted tokens (a stop token
+    included), -1 after a row stopped and in unused steps; the cache after the last step
+    (every emitted token fed).
     """
     batch = first_token.shape[0]
 
@@ -145,6 +149,8 @@ def greedy_decode(
         out = out.at[:, step].set(jnp.where(done, -1, token))
         done = done | jnp.isin(token, stop_ids)
         logits, cache = cached_forward(weights, cfg, token[:, None], position[:, None], cache)
+        if eviction is not None:
+            cache = eviction.evict_one(cache)
         next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         return step + 1, cache, next_token, position + 1, done, out
 
@@ -156,8 +162,8 @@ def greedy_decode(
         jnp.zeros((batch,), bool),
         jnp.full((batch, num_steps), -1, jnp.int32),
     )
-    *_, out = jax.lax.while_loop(cond, body, state)
-    return out
+    _, cache, _, _, _, out = jax.lax.while_loop(cond, body, state)
+    return out, cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +200,47 @@ class StageEviction:
         return drop
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeEviction:
+    """ALGORITHM.md stage 3's optional dynamic eviction (the reference's ``kv_cache_dynamic``):
+    every layer and KV head holds its cache at the size the question prefill left it.
+
+    The cache keeps the attention probabilities of its last ``obs_window`` queries (the
+    question's last tokens, then the generated ones) as they were when each query ran,
+    summed over the KV head's query heads (``KVCache.attention_window``). After each new
+    token, the entries a layer and KV head holds, but its newest ``obs_window``, are scored
+    by the sum of those rows, max-pooled over neighbouring entries in order (``pool_kernel``),
+    and the lowest-scored one leaves that layer and head's cache (ties: the earliest). Slots
+    are not reused: the static buffer is as for plain decoding; what attention reads stays
+    at a fixed number of entries. Static (a jit argument)."""
+
+    obs_window: int = 8
+    pool_kernel: int = 7
+
+    def empty_window(self, cache: KVCache) -> KVCache:
+        """``cache`` with an all-zero ``attention_window`` ``[L, B, KVH, obs_window, S]``."""
+        num_layers, batch, slots, kv_heads, _ = cache.keys.shape
+        return cache.replace(attention_window=jnp.zeros((num_layers, batch, kv_heads, self.obs_window, slots),
+                                                        jnp.float32))
+
+    def last_queries(self, length: jax.Array) -> jax.Array:
+        """``[obs_window]`` indices of the last ``obs_window`` of ``length`` tokens (-1 before the first)."""
+        offsets = length - self.obs_window + jnp.arange(self.obs_window)
+        return jnp.where(offsets >= 0, offsets, -1)
+
+    def evict_one(self, cache: KVCache) -> KVCache:
+        """Drops the lowest-scored entry but the newest ``obs_window``, in every layer, batch
+        row and KV head (none where it holds no more than those)."""
+        slots = jnp.arange(cache.capacity)
+        valid = jnp.moveaxis(cache.valid, 3, 2)  # [L, B, KVH, S]
+        held_from_here = jnp.cumsum(valid[..., ::-1], axis=-1)[..., ::-1]  # entries at this slot or later
+        candidates = valid & (held_from_here > self.obs_window)
+        pooled = pool_in_order(cache.attention_window.sum(axis=3), candidates, self.pool_kernel)
+        lowest = jnp.argmin(jnp.where(candidates, pooled, jnp.inf), axis=-1)
+        drop = (slots == lowest[..., None]) & candidates.any(axis=-1, keepdims=True)
+        return cache.replace(valid=jnp.moveaxis(valid & ~drop, 2, 3))
+
+
 def chain_drops(*drops):
     """One ``drop_from_cache`` hook applying the given ones (None skipped) in order; None if none."""
     drops = [d for d in drops if d is not None]
@@ -211,7 +258,7 @@ def chain_drops(*drops):
 def merged_forward(
     weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, tokens, length, room: int,
     merged_rules: tuple = (), rule_queries=None, layout: MergeLayout = ParallelLayout(),
-    eviction: StageEviction | None = None,
+    eviction: StageEviction | None = None, decode_eviction: DecodeEviction | None = None,
 ):
     """Stage 2 (traceable; callers jit): merge the selection, then run ``tokens`` on top of it.
 
@@ -221,7 +268,9 @@ def merged_forward(
     calibration rules, whose queries are the last of the first ``rule_queries`` tokens
     (default ``length``); removed entries leave that layer's cache. layout: where the kept
     chunks sit (``prefill.MergeLayout``). eviction: the optional stage eviction
-    (``StageEviction``), after calibration, observing the same queries.
+    (``StageEviction``), after calibration, observing the same queries. decode_eviction:
+    the cache keeps the attention of the last ``obs_window`` of the ``length`` tokens
+    (``DecodeEviction``).
     Returns ``(logits [Tb, V] float32, cache, first_position)``.
     """
     cache, start = merge_selection(prefix_keys, prefix_values, selection, room, layout, cfg)
@@ -230,25 +279,33 @@ def merged_forward(
     rule_queries = length if rule_queries is None else rule_queries
     drop = chain_drops(merged_drop_fn(merged_rules, rule_queries) if merged_rules else None,
                        eviction.drop_fn(prefix_keys.shape[1], rule_queries) if eviction is not None else None)
-    logits, cache = cached_forward(weights, cfg, tokens[None], positions, cache, drop_from_cache=drop)
+    observe_at = None
+    if decode_eviction is not None:
+        cache, observe_at = decode_eviction.empty_window(cache), decode_eviction.last_queries(length)
+    logits, cache = cached_forward(weights, cfg, tokens[None], positions, cache, drop_from_cache=drop,
+                                   observe_at=observe_at)
     return logits[0], cache, start
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "merged_rules", "layout", "eviction"))
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "merged_rules", "layout", "eviction",
+                                             "decode_eviction"))
 def question_prefill(
     weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, question, question_len, num_steps,
     merged_rules: tuple = (), layout: MergeLayout = ParallelLayout(), eviction: StageEviction | None = None,
+    decode_eviction: DecodeEviction | None = None,
 ):
     """Stage 2: merge the selection and run the question on top of it (``merged_forward``).
 
     question: ``[Qb]`` padded ids; question_len: real length. ``merged_rules``: stage-``merged``
-    calibration rules (removed entries leave that layer's cache). Returns the cache ready
-    for decoding ``num_steps`` tokens, the first answer token ``[1]`` and its position ``[1]``.
+    calibration rules (removed entries leave that layer's cache). ``decode_eviction``: the
+    returned cache keeps the attention of the question's last ``obs_window`` tokens for it.
+    Returns the cache ready for decoding ``num_steps`` tokens, the first answer token ``[1]``
+    and its position ``[1]``.
     """
     qb = question.shape[0]
     logits, cache, start = merged_forward(
         weights, cfg, prefix_keys, prefix_values, selection, question, question_len, qb + num_steps, merged_rules,
-        layout=layout, eviction=eviction,
+        layout=layout, eviction=eviction, decode_eviction=decode_eviction,
     )
     end = cache.end - qb + question_len  # drop the question's padding from the cache
     valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[None, :, :, None]
@@ -257,7 +314,7 @@ def question_prefill(
     return cache, first[None], (start + question_len)[None]
 
 
-decode_jit = jax.jit(greedy_decode, static_argnames=("cfg", "num_steps"))
+decode_jit = jax.jit(greedy_decode, static_argnames=("cfg", "num_steps", "eviction"))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps"))
@@ -294,10 +351,12 @@ def decode_selection(
     model: Model, weights: Weights, prefix_keys, prefix_values, selection: ChunkSelection, question_ids,
     max_new_tokens: int, merged_rules: tuple = (), timings: dict | None = None,
     layout: MergeLayout = ParallelLayout(), eviction: StageEviction | None = None,
+    decode_eviction: DecodeEviction | None = None,
 ) -> Generation:
     """Stages 2 and 3 from host-side ids: the question ``question_ids [Q]`` (the prompt's part
     Q) prefilled on the merged selection, then greedy decoding of up to ``max_new_tokens``
     (stops at the model's stop tokens). ``weights``: as used for the selection (sharded or not).
+    eviction, decode_eviction: the optional stage and decode-time evictions.
     ``timings``, when given, gets the seconds of ``question_prefill`` and ``decode``.
     """
     check_max_new_tokens(max_new_tokens)
@@ -308,12 +367,14 @@ def decode_selection(
     cache, first, position = question_prefill(
         weights, model.config, prefix_keys, prefix_values, selection, jnp.asarray(pad_ids(question_ids, minimum=16)),
         jnp.int32(len(question_ids)), steps, merged_rules=tuple(merged_rules), layout=layout, eviction=eviction,
+        decode_eviction=decode_eviction,
     )
     jax.block_until_ready(cache)
     now = time.perf_counter()
     timings["question_prefill"] = timings.get("question_prefill", 0.0) + now - t
     stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
-    out = decode_jit(weights, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
+    out, _ = decode_jit(weights, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens),
+                        decode_eviction)
     gen = finish(model, out, stops, prefix_keys.shape[1] + len(question_ids))
     timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - now
     return gen
@@ -325,7 +386,7 @@ def generate_ids(model: Model, ids: np.ndarray, max_new_tokens: int) -> Generati
     steps = decode_budget(max_new_tokens)
     cache, first = _prefill_prompt(model.params, model.config, jnp.asarray(pad_ids(ids))[None], jnp.int32(len(ids)), steps)
     position = jnp.array([len(ids)], jnp.int32)
-    out = decode_jit(model.params, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
+    out, _ = decode_jit(model.params, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
     return finish(model, out, stops, len(ids))
 
 

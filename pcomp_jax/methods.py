@@ -21,7 +21,7 @@ from .buckets import bucket_length
 from .chunking import PromptParts, context_budget, truncate_middle
 from .compress import ChunkScorer, QueryNLL, RecentTokens, SnapKV, TokenScorer
 from .errors import ConfigError
-from .decode import StageEviction
+from .decode import DecodeEviction, StageEviction
 from .prefill import PrefillSpec
 
 
@@ -70,9 +70,11 @@ class Method:
     (``compress.SnapKV``, ``compress.RecentTokens``, your own ``compress.TokenScorer``), or
     None to evict nothing. A chunked method evicts to the config's ``capacity`` (None: keep
     all) inside each chunk, or, with the config's ``stage_eviction``, to ``capacity x
-    top_k_chunks`` over the merged cache; a one-row method with a token scorer compresses
+    top_k_chunks`` over the merged cache, and with ``decode_eviction`` holds the cache at a
+    fixed size while decoding; a one-row method with a token scorer compresses
     its row to ``kv_budget``; a one-row method without one generates with plain full
-    attention. Methods without a token scorer ignore ``capacity`` and ``stage_eviction``.
+    attention. Methods without a token scorer ignore ``capacity``, ``stage_eviction`` and
+    ``decode_eviction``.
     calibration: whether stage-1c rules may be used with it.
     """
 
@@ -110,6 +112,12 @@ class Method:
         if not (config.stage_eviction and self.chunked and self.token_scorer is not None):
             return None
         return StageEviction(config.capacity * config.top_k_chunks, config.obs_window, config.pool_kernel)
+
+    def decode_eviction(self, config):
+        """The decode-time eviction (``decode.DecodeEviction``) under ``config``, or None."""
+        if not (config.decode_eviction and self.chunked and self.token_scorer is not None):
+            return None
+        return DecodeEviction(config.obs_window, config.pool_kernel)
 
     def kept_chunks(self, config, num_chunks: int) -> int:
         """Chunks kept: ``top_k_chunks``, or every chunk (as a bucket, so shapes stay few)."""

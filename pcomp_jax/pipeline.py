@@ -114,9 +114,12 @@ def check_config_fits(model: Model, config: ParallelCompConfig) -> None:
 
 def prefill_key(config: ParallelCompConfig) -> ParallelCompConfig:
     """``config`` with what acts only after the chunk prefill set to its default (the merge
-    layout, merged-stage calibration): configs with equal keys share stage 1."""
+    layout, stage and decode eviction, merged-stage calibration): configs with equal keys
+    share stage 1."""
     preset = config.calibration_preset if config.calibration_preset_stage == "chunk" else None
-    return dataclasses.replace(config, merge_layout="parallel", calibration=stage_rules(config.calibration, "chunk"),
+    capacity = None if config.stage_eviction else config.capacity  # stage eviction: the chunks keep all
+    return dataclasses.replace(config, merge_layout="parallel", stage_eviction=False, decode_eviction=False,
+                               capacity=capacity, calibration=stage_rules(config.calibration, "chunk"),
                                calibration_preset=preset, calibration_preset_stage="merged" if preset is None else "chunk")
 
 
@@ -194,7 +197,7 @@ def answer_parts(
         timings["reprefill"] = time.perf_counter() - t
     else:
         gen = answer_from_prefill(model, pre, max_new_tokens, stage_rules(rules, "merged"), timings, layout,
-                                  method.stage_eviction(config))
+                                  method.stage_eviction(config), method.decode_eviction(config))
     return Answer(
         text=gen.text, token_ids=gen.token_ids, chunk_scores=pre.chunk_scores, selected_chunks=pre.selected_chunks,
         timings=timings, method=config.method, context_tokens=context_tokens, num_chunks=len(pre.chunk_scores),
@@ -255,9 +258,10 @@ def prefill_context(
 
 
 def answer_from_prefill(model: Model, pre: ContextPrefill, max_new_tokens: int, merged_rules=(), timings=None,
-                        layout: MergeLayout = ParallelLayout(), eviction=None):
+                        layout: MergeLayout = ParallelLayout(), eviction=None, decode_eviction=None):
     """Stage 2 and 3 on a ``ContextPrefill``: merge (in ``layout``), question prefill (with
-    stage-1c ``merged`` rules and the optional ``decode.StageEviction``), greedy decoding.
-    Returns a ``decode.Generation``."""
+    stage-1c ``merged`` rules and the optional ``decode.StageEviction``), greedy decoding
+    (with the optional ``decode.DecodeEviction``). Returns a ``decode.Generation``."""
     return decode_selection(model, pre.weights, pre.prefix_keys, pre.prefix_values, pre.selection,
-                            pre.parts.question, max_new_tokens, merged_rules, timings, layout, eviction)
+                            pre.parts.question, max_new_tokens, merged_rules, timings, layout, eviction,
+                            decode_eviction)

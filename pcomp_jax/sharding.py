@@ -32,6 +32,7 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("kept_tokens", None),  # tokens kept per chunk, layer and KV head
     ("batch", None),  # decoding batch
     ("cache_slots", None),  # KV cache slots
+    ("observed", None),  # the last queries kept for decode-time eviction
     ("layers", None),
     ("vocab", None),
     ("embed", None),

@@ -292,6 +292,44 @@ def stage_eviction_kept(q, k_all, n_past, group, keep, eviction):
     return kept
 
 
+def attention_probs(q, k_all, n_past, group, keep=None):
+    """[KVH, T, M]: the softmax probabilities ``attention`` gives each new query over the M
+    keys (zero where not visible), summed over each KV head's query heads."""
+    t_new, num_heads, dim = q.shape
+    kv_heads, total = k_all.shape[0], k_all.shape[1]
+    allowed = np.arange(total)[None, :] <= (n_past + np.arange(t_new))[:, None]
+    is_self = np.arange(total)[None, :] == (n_past + np.arange(t_new))[:, None]
+    out = np.zeros((kv_heads, t_new, total))
+    for h in range(num_heads):
+        g = h // group
+        visible = allowed if keep is None else allowed & (keep[g][None, :] | is_self)
+        scores = np.where(visible, q[:, h, :] @ k_all[g].T / math.sqrt(dim), -np.inf)
+        out[g] += softmax(scores)
+    return out
+
+
+def decode_evict_one(window, keep, obs_window, pool_kernel):
+    """One decode-time eviction in one layer (ALGORITHM.md stage 3, dynamic eviction).
+
+    window: [KVH, w', M] attention rows of the last queries (summed over query heads);
+    keep: bool [KVH, M], the entries held. For each KV head: the held entries but the last
+    ``obs_window`` held are scored by the column sums of ``window``, max-pooled over them in
+    order, and the lowest (first on ties) is no longer held. Returns the evicted index per
+    KV head (None where nothing could go); ``keep`` is updated in place."""
+    evicted = []
+    for g in range(keep.shape[0]):
+        held = np.flatnonzero(keep[g])
+        older = held[: max(0, len(held) - obs_window)]
+        if len(older) == 0:
+            evicted.append(None)
+            continue
+        pooled = max_pool_1d(window[g].sum(axis=0)[older], pool_kernel)
+        m = int(older[int(np.argmin(pooled))])
+        keep[g, m] = False
+        evicted.append(m)
+    return evicted
+
+
 def forward(model, ids, positions, cache=None, calibration=None, stage=None, cache_keep=None, eviction=None):
     """Run the model on new tokens on top of an optional cache.
 
@@ -371,6 +409,7 @@ def forward(model, ids, positions, cache=None, calibration=None, stage=None, cac
             per_layer[-1]["keep"] = keep
             per_layer[-1]["evicted"] = ~evict_kept
 
+        per_layer[-1]["probs"] = attention_probs(q, k_all, n_past, group, keep)  # for decode-time eviction
         attn = attention(q, k_all, v_all, n_past, group, keep).reshape(t_new, num_heads * dim)
         x = x + linear(model, attn, pre + "self_attn.o_proj")
 
@@ -486,8 +525,16 @@ def reference_parallelcomp(
     calibration=None,
     bounds=None,
     stage_budget=None,
+    decode_eviction=False,
 ):
     """The whole ParallelComp pipeline (stages 1, 1b, 1c, 2, 3).
+
+    decode_eviction: hold every layer's cache at its size after the question prefill while
+    decoding (ALGORITHM.md stage 3, the reference's ``kv_cache_dynamic``): each layer keeps
+    the attention rows of its last ``obs_window`` queries (the question's last tokens, then
+    each fed token), and after each fed token ``decode_evict_one`` drops one entry per KV
+    head. Reported as "decode_evicted": a list over fed tokens of a list over layers of the
+    evicted cache index per KV head (indices into prefix + kept chunks + question + fed tokens).
 
     stage_budget: None (off), or the stage eviction budget (ALGORITHM.md stage 2): in the
     question prefill every layer keeps that many chunk entries per KV head of the merged
@@ -585,11 +632,15 @@ def reference_parallelcomp(
         evicted = [st.get("evicted") for st in new]  # [KVH, M] per layer, or None
     else:
         logits, new = forward(model, question, start + np.arange(len_q), cache)
+    if decode_eviction:
+        m = cache[0][0].shape[1] + len_q
+        cache_keep = [np.ones((kv_heads, m), dtype=bool) if k is None else k.copy() for k in (cache_keep or [None] * n_layers)]
+        windows = [st["probs"][:, -obs_window:] for st in new]  # [KVH, <= w, M + Q] per layer
     cache = extend_cache(cache, new)
     next_pos = start + len_q
 
     # Stage 3: greedy decoding.
-    tokens = []
+    tokens, decode_evicted = [], []
     while len(tokens) < max_new_tokens:
         tok = int(np.argmax(logits[-1]))
         if tok in stop:
@@ -602,6 +653,11 @@ def reference_parallelcomp(
         else:
             logits, new = forward(model, [tok], [next_pos], cache, cache_keep=cache_keep)
             cache_keep = extend_keep(cache_keep, 1)
+        if decode_eviction:
+            windows = [np.concatenate([np.pad(w_, ((0, 0), (0, 0), (0, 1))), st["probs"]], axis=1)[:, -obs_window:]
+                       for w_, st in zip(windows, new)]
+            decode_evicted.append([decode_evict_one(w_, keep, obs_window, pool_kernel)
+                                   for w_, keep in zip(windows, cache_keep)])
         cache = extend_cache(cache, new)
         next_pos += 1
 
@@ -611,6 +667,8 @@ def reference_parallelcomp(
         "kept_positions": kept,
         "tokens": tokens,
     }
+    if decode_eviction:
+        out["decode_evicted"] = decode_evicted
     if eviction is not None:
         out["merged_evicted"] = [[np.flatnonzero(e[g]).tolist() for g in range(kv_heads)] for e in evicted]
     if calibration is not None:

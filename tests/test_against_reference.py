@@ -12,7 +12,7 @@ import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer
 from pcomp_jax.chunking import build_rows, chunk_bounds, encode_parts
 from pcomp_jax.calibrate import CalibrationRule
-from pcomp_jax.decode import StageEviction, question_prefill, stop_token_ids
+from pcomp_jax.decode import DecodeEviction, StageEviction, decode_jit, question_prefill, stop_token_ids
 from pcomp_jax.compress import SnapKV
 from pcomp_jax.prefill import (
     PrefillSpec,
@@ -180,3 +180,56 @@ def test_stage_eviction_matches_numpy_reference(hf_checkpoints, variant):
     for layer, head, evicted in removed_from_merged_cache(model, parts, config, spec, eviction=eviction):
         assert evicted == expected["merged_evicted"][layer][head], f"layer {layer}, KV head {head}"
         assert len(evicted) == kept_chunk_tokens - budget  # exactly the budget stays
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_bias"])
+def test_decode_eviction_matches_numpy_reference(hf_checkpoints, variant):
+    """Decode-time eviction (the cache held at its size after the question while decoding):
+    the answer's tokens, and every entry each layer and KV head evicted while decoding."""
+    path, _ = hf_checkpoints(variant)
+    model = pcomp_jax.load_model(path)
+    config = dataclasses.replace(CASES["evict"], obs_window=4, pool_kernel=3, decode_eviction=True)
+    context, question = make_sentences(80, seed=11), "what did the dog eat?"
+    parts = encode_parts(model.tokenizer, context, question, config.instruction, config.answer_prefix, config.chat)
+    bounds = chunk_bounds(len(parts.context), config.chunk_len, parts.breaks)
+    reference_model = ref.load_reference_model(path)
+
+    def reference(max_new_tokens, stop_ids):
+        return ref.reference_parallelcomp(
+            reference_model, parts.prefix, parts.context, parts.question, config.chunk_len, config.top_k_chunks,
+            config.capacity, config.obs_window, config.pool_kernel, max_new_tokens, stop_ids, bounds=bounds,
+            decode_eviction=True)
+
+    expected = reference(10, stop_token_ids(model))
+    ours = answer(model, context, question, config, max_new_tokens=10)
+    assert ours.selected_chunks == expected["selected"]
+    assert ours.token_ids == expected["tokens"]
+
+    # The evicted entries, decoding n tokens with no stop token (each fed: n evictions).
+    n = 12
+    expected = reference(n + 1, [])
+    spec = PrefillSpec(capacity=config.capacity, token_scorer=SnapKV(config.obs_window, config.pool_kernel))
+    rows = build_rows(parts, config.chunk_len, model.config.window)
+    state = empty_selection(model.config, 2, spec.kept_tokens(rows), model.dtype)
+    for group in rows.groups(8):
+        state = keep_best_chunks(state, prefill_group(model.params, model.config, group, spec), 2)
+    prefix_k, prefix_v = prefill_prefix(model.params, model.config, jnp.asarray(parts.prefix))
+    question_ids = np.zeros(64, np.int32)
+    question_ids[: len(parts.question)] = parts.question
+    eviction = DecodeEviction(config.obs_window, config.pool_kernel)
+    cache, first, position = question_prefill(
+        model.params, model.config, prefix_k, prefix_v, state, jnp.asarray(question_ids),
+        jnp.int32(len(parts.question)), 16, decode_eviction=eviction)
+    tokens, final = decode_jit(model.params, model.config, cache, first, position, jnp.array([-1], jnp.int32), 16,
+                               jnp.int32(n), eviction)
+    assert np.asarray(tokens)[0, :n].tolist() == expected["tokens"][:n]
+    end = int(cache.end[0])
+    held = np.array(cache.valid[:, 0])  # [L, S, KVH] after the question
+    held[:, end: end + n] = True  # the fed tokens' slots
+    kept = np.asarray(final.valid[:, 0])
+    for layer in range(held.shape[0]):
+        for head in range(held.shape[2]):
+            present = np.flatnonzero(held[layer, :, head])
+            evicted = [i for i, slot in enumerate(present) if not kept[layer, slot, head]]
+            assert evicted == sorted(step[layer][head] for step in expected["decode_evicted"]), (layer, head)
+            assert len(evicted) == n

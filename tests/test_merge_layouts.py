@@ -111,6 +111,9 @@ def test_layout_refusals(model):
         ParallelCompConfig(merge_layout="diagonal")
     with pytest.raises(pcomp_jax.ConfigError, match="merged-stage calibration .* merge_layout=reprefill does not build"):
         ParallelCompConfig(merge_layout="reprefill", calibration_preset="remove_shallow_middle")
+    for option in ({"stage_eviction": True, "capacity": 8}, {"decode_eviction": True}):
+        with pytest.raises(pcomp_jax.ConfigError, match=f"{next(iter(option))} acts on the merged cache"):
+            ParallelCompConfig(merge_layout="reprefill", **option)
     long_chunks = dataclasses.replace(BASE, chunk_len=120, top_k_chunks=2, merge_layout="sequential")
     with pytest.raises(pcomp_jax.InputTooLongError, match="laid end to end"):
         answer(model, make_sentences(150, 6), "who ran?", long_chunks, 8)
@@ -123,18 +126,22 @@ def test_eval_columns_that_differ_after_the_prefill_share_it(model, monkeypatch,
     calls = []
     real = pipeline.prefill_context
     monkeypatch.setattr(pipeline, "prefill_context", lambda *a, **k: calls.append(1) or real(*a, **k))
+    methods = (MethodSpec.of("parallel"), MethodSpec.of("sequential", merge_layout="sequential"),
+               MethodSpec.of("calibrated", calibration_preset="remove_shallow_middle"),
+               MethodSpec.of("stage_evict", capacity=6, stage_eviction=True),  # chunks kept whole: shares
+               MethodSpec.of("decode_evict", decode_eviction=True),
+               MethodSpec.of("evict", capacity=16))
     config = EvalConfig(
         output_dir=str(tmp_path / "out"), pipeline=dataclasses.replace(BASE, chunk_len=48),
-        methods=(MethodSpec.of("parallel"), MethodSpec.of("sequential", merge_layout="sequential"),
-                 MethodSpec.of("calibrated", calibration_preset="remove_shallow_middle"),
-                 MethodSpec.of("evict", capacity=16)),
-        tasks=("passkey",), lengths=(150, 200), depths=(0.5,), max_new_tokens=4,
+        methods=methods, tasks=("passkey",), lengths=(150, 200), depths=(0.5,), max_new_tokens=4,
     )
     evaluate(config, model, progress=False)
-    assert len(calls) == 2 * 2  # per input: one shared by three columns, one for eviction
-    alone = answer(model, *_passkey(model, 200), dataclasses.replace(BASE, chunk_len=48, merge_layout="sequential"), 4)
-    with open(tmp_path / "out" / "sequential" / "predictions.jsonl", encoding="utf-8") as f:
-        assert alone.text in [__import__("json").loads(line)["prediction"] for line in f]
+    assert len(calls) == 2 * 2  # per input: one shared by five columns, one for eviction
+    for spec in methods:  # each column as if run alone
+        alone = answer(model, *_passkey(model, 200), spec.pipeline(config.pipeline), 4)
+        with open(tmp_path / "out" / spec.name / "predictions.jsonl", encoding="utf-8") as f:
+            records = {r["length"]: r for r in map(__import__("json").loads, f)}
+        assert (records[200]["prediction"], records[200]["selected_chunks"]) == (alone.text, alone.selected_chunks)
 
 
 def _passkey(model, length):

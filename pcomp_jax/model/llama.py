@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ..attention import dense_attention, dense_causal_attention
+from ..attention import dense_attention, dense_causal_attention, query_probs
 from ..axes import axes_field, logical_axes  # noqa: F401  (logical_axes: re-exported)
 from ..cache import KVCache, write_layer
 from .config import ModelConfig
@@ -145,6 +145,7 @@ def cached_forward(
     cache: KVCache,
     attention: AttentionFn = dense_attention,
     drop_from_cache: Callable | None = None,
+    observe_at: jax.Array | None = None,
 ):
     """Appends ``tokens [B, T]`` (at ``positions [B, T]``) to ``cache`` and runs the model.
 
@@ -152,6 +153,9 @@ def cached_forward(
     up to its own. drop_from_cache(q, keys, valid, layer_index, query_slots): optional hook
     returning a reduced ``valid [B, S, KVH]`` (calibration over the cache); dropped slots
     are ignored by this call and leave that layer's cache.
+    When the cache keeps an ``attention_window``, the attention probabilities of the new
+    tokens at ``observe_at`` (``[R]`` indices into T, -1 = an all-zero row; default all T)
+    join it as its newest rows.
     Returns ``(logits [B, T, V] float32, updated cache)``.
     """
     t = tokens.shape[1]
@@ -162,8 +166,10 @@ def cached_forward(
     x = weights.embed[tokens]
     cos, sin = rope_tables(cfg, positions)
 
+    observe_at = jnp.arange(t) if observe_at is None else observe_at
+
     def layer(x, layer_in):
-        lw, k_cache, v_cache, valid, index = layer_in
+        lw, k_cache, v_cache, valid, window, index = layer_in
         q, k, v = _qkv(x, lw, cos, sin, cfg)
         k_cache = write_layer(k_cache, k, cache.end)
         v_cache = write_layer(v_cache, v, cache.end)
@@ -171,9 +177,15 @@ def cached_forward(
             valid = drop_from_cache(q, k_cache, valid, index, new_slots)
         valid = valid | written[:, :, None]  # [B, S, KVH]
         mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & causal[:, None]  # [B, KVH, T, S]
-        return _finish_layer(x, attention(q, k_cache, v_cache, mask), lw, cfg), (k_cache, v_cache, valid)
+        if window is not None:
+            rows = jnp.clip(observe_at, 0, t - 1)
+            probs = query_probs(q[:, rows], k_cache, mask[:, :, rows]).sum(axis=2)  # [B, KVH, R, S]
+            probs = jnp.where((observe_at >= 0)[None, None, :, None], probs, 0.0)
+            window = jnp.concatenate([window, probs], axis=2)[:, :, -window.shape[2]:]
+        return _finish_layer(x, attention(q, k_cache, v_cache, mask), lw, cfg), (k_cache, v_cache, valid, window)
 
-    layers_in = (weights.layers, cache.keys, cache.values, cache.valid, jnp.arange(cfg.num_layers))
-    x, (keys, values, valid) = jax.lax.scan(layer, x, layers_in)
-    new_cache = KVCache(keys=keys, values=values, valid=valid, end=cache.end + t)
+    layers_in = (weights.layers, cache.keys, cache.values, cache.valid, cache.attention_window,
+                 jnp.arange(cfg.num_layers))
+    x, (keys, values, valid, window) = jax.lax.scan(layer, x, layers_in)
+    new_cache = KVCache(keys=keys, values=values, valid=valid, end=cache.end + t, attention_window=window)
     return _logits(weights, x, cfg), new_cache
