@@ -150,6 +150,15 @@ class ParallelCompConfig:
                 )
 
 
+    @classmethod
+    def preset(cls, name: str, **changes) -> ParallelCompConfig:
+        """A named preset (``PIPELINE_PRESETS``) with ``changes`` on top:
+        ``ParallelCompConfig.preset("paper_llama3", capacity=512)``. In YAML: ``preset: name``
+        in a pipeline section, the section's other fields on top."""
+        if name not in PIPELINE_PRESETS:
+            raise ConfigError(f"preset={name!r} is not allowed; allowed: {', '.join(PIPELINE_PRESETS)}")
+        return cls(**{**PIPELINE_PRESETS[name], **changes})
+
     @property
     def baseline_kv_budget(self) -> int:
         """Context tokens kept by the snapkv and streaming baselines."""
@@ -157,6 +166,19 @@ class ParallelCompConfig:
             return self.kv_budget
         return self.top_k_chunks * (self.capacity if self.capacity is not None else self.chunk_len)
 
+
+# The authors' quick-start settings (ALGORITHM.md, "Reference defaults"), for the large
+# models they were chosen for: chunks at token counts, the parallel layout, k = 3, no
+# eviction (their eviction setting is capacity 512 on top), chunk length per model family.
+# The library's own defaults were chosen for the default model by the retrieval sweep.
+_PAPER = {"sentence_chunks": False, "merge_layout": "parallel", "top_k_chunks": 3, "capacity": None,
+          "obs_window": 8, "pool_kernel": 7, "stage_eviction": False, "decode_eviction": False}
+PIPELINE_PRESETS = {
+    "paper_llama2": {**_PAPER, "chunk_len": 3600},
+    "paper_llama3": {**_PAPER, "chunk_len": 7600},
+    "paper_llama3_1": {**_PAPER, "chunk_len": 6000},
+    "paper_qwen2": {**_PAPER, "chunk_len": 6000},
+}
 
 TASK_KINDS = ("passkey", "number_string", "kv_retrieval", "needle")  # pcomp_jax.tasks
 
@@ -244,6 +266,13 @@ def from_dict(cls, data: dict, where: str = ""):
         raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    if cls is ParallelCompConfig and "preset" in data:  # the preset's fields, the section's on top
+        data = dict(data)
+        name = data.pop("preset")
+        if name not in PIPELINE_PRESETS:
+            raise ConfigError(f"config field {where + 'preset'!r}: {name!r} is not allowed; allowed: "
+                              + ", ".join(PIPELINE_PRESETS))
+        data = {**PIPELINE_PRESETS[name], **data}
     kwargs = {}
     for key, value in data.items():
         path = f"{where}{key}"

@@ -22,7 +22,7 @@ from .chunking import PromptParts, context_budget, truncate_middle
 from .compress import ChunkScorer, QueryNLL, RecentTokens, SnapKV, TokenScorer
 from .errors import ConfigError
 from .decode import DecodeEviction, StageEviction
-from .prefill import PrefillSpec
+from .prefill import MERGE_LAYOUTS, MergeLayout, ParallelLayout, PrefillSpec
 
 
 class InputFit:
@@ -71,7 +71,8 @@ class Method:
     None to evict nothing. A chunked method evicts to the config's ``capacity`` (None: keep
     all) inside each chunk, or, with the config's ``stage_eviction``, to ``capacity x
     top_k_chunks`` over the merged cache, and with ``decode_eviction`` holds the cache at a
-    fixed size while decoding; a one-row method with a token scorer compresses
+    fixed size while decoding; its kept chunks are merged in the config's ``merge_layout``
+    (every chunk kept: always the parallel layout); a one-row method with a token scorer compresses
     its row to ``kv_budget``; a one-row method without one generates with plain full
     attention. Methods without a token scorer ignore ``capacity``, ``stage_eviction`` and
     ``decode_eviction``.
@@ -112,6 +113,13 @@ class Method:
         if not (config.stage_eviction and self.chunked and self.token_scorer is not None):
             return None
         return StageEviction(config.capacity * config.top_k_chunks, config.obs_window, config.pool_kernel)
+
+    def merge_layout(self, config) -> MergeLayout:
+        """Where the kept chunks sit for the question: the config's ``merge_layout`` for a
+        method that keeps its top-k chunks; a method that keeps every chunk (pcw) lays them
+        at their own positions whatever the config says (laid end to end, every chunk would
+        be the whole input)."""
+        return MERGE_LAYOUTS[config.merge_layout] if self.top_k else ParallelLayout()
 
     def decode_eviction(self, config):
         """The decode-time eviction (``decode.DecodeEviction``) under ``config``, or None."""

@@ -25,7 +25,6 @@ from .decode import check_max_new_tokens, decode_selection, generate_ids
 from .errors import InputTooLongError, PcompError
 from .methods import Method, get_method
 from .prefill import (
-    MERGE_LAYOUTS,
     ChunkSelection,
     MergeLayout,
     ParallelLayout,
@@ -74,11 +73,19 @@ def stage_rules(rules, stage: str) -> tuple:
 
 
 def merge_layout(model: Model, config: ParallelCompConfig) -> MergeLayout:
-    """The config's merge layout, refused where it would not be exact for ``model``."""
-    layout = MERGE_LAYOUTS[config.merge_layout]
+    """The method's merge layout under ``config`` (``Method.merge_layout``), refused where it
+    would not be exact for ``model``, or where k chunks of ``chunk_len`` laid end to end
+    cannot fit in its window."""
+    layout = get_method(config.method).merge_layout(config)
     if layout.moves_keys and not rope_shift_is_exact(model.config):
         raise ConfigError(f"merge_layout={config.merge_layout!r} rotates cached keys to new positions, which is "
                           f"not exact with {model.config.rope.type!r} rope; use parallel or reprefill")
+    laid_out = config.top_k_chunks * config.chunk_len
+    if (layout.moves_keys or layout.reprefills) and laid_out >= model.config.window:
+        raise ConfigError(
+            f"merge_layout={config.merge_layout!r} lays the kept chunks end to end, and top_k_chunks x chunk_len = "
+            f"{laid_out} tokens do not fit in the model's window of {model.config.window}; lower top_k_chunks or "
+            "chunk_len, or use merge_layout=parallel (the paper's presets, ParallelCompConfig.preset, do)")
     return layout
 
 

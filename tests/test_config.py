@@ -33,11 +33,31 @@ def test_overrides_parse_yaml_values():
         ("colour=red", "unknown config field 'colour'"),
         ("pipeline=3", "pipeline must be a mapping"),
         ("nonsense", "--set takes field=value"),
+        ("pipeline.preset=paper", "config field 'pipeline.preset': 'paper' is not allowed; allowed: paper_llama2"),
     ],
 )
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("'", "'")):
         load_config(overrides=[override])
+
+
+def test_paper_presets_are_the_reference_defaults(tmp_path):
+    """ALGORITHM.md's reference defaults: k = 3 by query NLL, calibration and eviction off in
+    the quick start (eviction: capacity 512, w = 8, kernel 7), chunk length per model family."""
+    for name, chunk_len in {"paper_llama2": 3600, "paper_llama3": 7600, "paper_llama3_1": 6000,
+                            "paper_qwen2": 6000}.items():
+        cfg = ParallelCompConfig.preset(name)
+        assert (cfg.chunk_len, cfg.top_k_chunks, cfg.capacity, cfg.obs_window, cfg.pool_kernel) == (chunk_len, 3, None, 8, 7)
+        assert (cfg.method, cfg.sentence_chunks, cfg.merge_layout, cfg.calibration, cfg.calibration_preset) == (
+            "parallelcomp", False, "parallel", (), None)
+        assert not (cfg.stage_eviction or cfg.decode_eviction)
+    assert ParallelCompConfig.preset("paper_llama3", capacity=512).capacity == 512
+    path = tmp_path / "paper.yaml"
+    path.write_text("pipeline:\n  preset: paper_llama3\n  top_k_chunks: 4\n")
+    cfg = load_config(str(path), ["pipeline.capacity=512"]).pipeline
+    assert cfg == ParallelCompConfig.preset("paper_llama3", top_k_chunks=4, capacity=512)
+    with pytest.raises(ConfigError, match="preset='x' is not allowed; allowed: paper_llama2"):
+        ParallelCompConfig.preset("x")
 
 
 def test_bad_files(tmp_path):

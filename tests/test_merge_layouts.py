@@ -114,6 +114,13 @@ def test_layout_refusals(model):
     for option in ({"stage_eviction": True, "capacity": 8}, {"decode_eviction": True}):
         with pytest.raises(pcomp_jax.ConfigError, match=f"{next(iter(option))} acts on the merged cache"):
             ParallelCompConfig(merge_layout="reprefill", **option)
+    window = model.config.window
+    too_long = dataclasses.replace(BASE, chunk_len=window // 2, top_k_chunks=2, merge_layout="sequential")
+    with pytest.raises(pcomp_jax.ConfigError, match=f"top_k_chunks x chunk_len = {window} tokens do not fit"):
+        answer(model, make_sentences(150, 6), "who ran?", too_long, 8)  # refused before any prefill
+    pcw = dataclasses.replace(BASE, method="pcw", chunk_len=window // 2, merge_layout="sequential")
+    assert answer(model, make_sentences(150, 6), "who ran?", pcw, 4).token_ids == answer(
+        model, make_sentences(150, 6), "who ran?", dataclasses.replace(pcw, merge_layout="parallel"), 4).token_ids
     long_chunks = dataclasses.replace(BASE, chunk_len=120, top_k_chunks=2, merge_layout="sequential")
     with pytest.raises(pcomp_jax.InputTooLongError, match="laid end to end"):
         answer(model, make_sentences(150, 6), "who ran?", long_chunks, 8)

@@ -5,7 +5,8 @@ Python::
     MethodSpec.of("parallelcomp_evict", method="parallelcomp", capacity=128, max_length=16384)
     MethodSpec.of("no_preset", calibration_preset=None)   # None is a value: the preset is turned off
 
-YAML (a flat mapping per method; every key besides ``name`` and ``max_length`` is a
+YAML (a flat mapping per method; ``preset: paper_llama3`` takes a named pipeline preset's
+fields; every other key besides ``name`` and ``max_length`` is a
 ``ParallelCompConfig`` field, and ``null`` sets that field to None)::
 
     methods:
@@ -19,7 +20,7 @@ import dataclasses
 import typing
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, ParallelCompConfig, check_field_types, from_dict
+from ..config import PIPELINE_PRESETS, ConfigError, ParallelCompConfig, check_field_types, from_dict
 
 if TYPE_CHECKING:
     from .runner import Item
@@ -65,6 +66,13 @@ class MethodSpec:
         except (TypeError, ValueError):
             raise ConfigError(f"method {self.name!r}: changes must be (field, value) pairs, "
                               f"got {self.changes!r}") from None
+        preset = [value for key, value in pairs if key == "preset"]
+        if preset:  # a named pipeline preset's fields, the entry's own on top
+            if preset[0] not in PIPELINE_PRESETS:
+                raise ConfigError(f"method {self.name!r}: preset={preset[0]!r} is not allowed; allowed: "
+                                  + ", ".join(PIPELINE_PRESETS))
+            own = [(key, value) for key, value in pairs if key != "preset"]
+            pairs = [kv for kv in PIPELINE_PRESETS[preset[0]].items() if kv[0] not in dict(own)] + own
         for key, _ in pairs:
             if key not in PIPELINE_FIELDS:
                 raise ConfigError(f"method {self.name!r}: unknown field {key!r}; allowed fields: name, max_length, "
