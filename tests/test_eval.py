@@ -327,3 +327,30 @@ def test_cli_reports_bad_configs(tmp_path, capsys):
     assert main(["--set", "depths=[2]", "--output-dir", str(tmp_path / "o")]) == 2
     assert "depths must lie in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_summary_only_merges_a_sweep_run_in_parts(model, eval_config, tmp_path, capsys):
+    """A sweep run length by length (``--set lengths=[...]``) gets one table from its finished
+    predictions with --summary-only, which loads no model and runs nothing."""
+    from pcomp_jax.eval import main
+
+    part = dataclasses.replace(eval_config, lengths=(150,), perplexity=dataclasses.replace(
+        eval_config.perplexity, prefix_lengths=()))
+    evaluate(part, model, progress=False)
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(
+        f"model: /nonexistent/model\noutput_dir: {eval_config.output_dir}\ntext_file: {eval_config.text_file}\n"
+        "tasks: [passkey, needle]\nlengths: [150, 300]\ndepths: [0.2, 0.8]\nmax_new_tokens: 4\n"
+        "pipeline: {chunk_len: 48, obs_window: 4}\n"
+        "methods: [{name: full, method: full, max_length: 200}, {name: pc, method: parallelcomp, capacity: 16}]\n")
+    pending = open(f"{eval_config.output_dir}/pc/predictions.jsonl").read()
+    with open(f"{eval_config.output_dir}/pc/predictions.jsonl", "a") as f:
+        f.write('{"id": "passkey/L300/d0.2/s0", "sco')  # a record being written by a running sweep
+    assert main(["--config", str(config_file), "--summary-only"]) == 0
+    assert "| method | 150 tokens |" in capsys.readouterr().out  # only what has run
+    summary = json.load(open(f"{eval_config.output_dir}/summary.json"))
+    assert summary["pc"]["synthetic"]["passkey"]["150"]["n"] == 2 and "300" not in summary["pc"]["synthetic"]["passkey"]
+    assert open(f"{eval_config.output_dir}/pc/predictions.jsonl").read() == pending + '{"id": "passkey/L300/d0.2/s0", "sco'
+    assert main(["--config", str(config_file), "--summary-only", "--set",
+                 "methods=[{name: other, method: parallelcomp}]"]) == 2
+    assert "no results of method(s) other" in capsys.readouterr().err

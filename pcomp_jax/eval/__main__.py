@@ -11,7 +11,7 @@ import sys
 from ..errors import PcompError
 from . import __doc__ as PACKAGE_DOC
 from .config import load_eval_config
-from .runner import evaluate
+from .runner import evaluate, summarize
 from .summary import summary_markdown
 
 
@@ -22,11 +22,13 @@ def main(argv=None) -> int:
                    help="override a field, e.g. --set lengths=[8192] --set pipeline.chunk_len=1024 (repeatable)")
     p.add_argument("--output-dir", help="shorthand for --set output_dir=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--summary-only", action="store_true",
+                   help="run nothing: rewrite the summary, metrics and plots from the finished predictions")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     try:
         config = load_eval_config(args.config, overrides)
-        metrics = evaluate(config, progress=not args.no_progress)
+        metrics = summarize(config) if args.summary_only else evaluate(config, progress=not args.no_progress)
     except PcompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -149,30 +149,33 @@ class Runner:
 # ---- files: append-only predictions, resumable ---------------------------------------------
 
 
-def read_predictions(path: str) -> dict[str, dict]:
-    """Finished records by id. A last line cut short by a killed run is ignored (and rewritten)."""
+def read_predictions(path: str, repair: bool = True) -> dict[str, dict]:
+    """Finished records by id. A last line cut short by a killed run is ignored (and, with
+    ``repair``, cut from the file, so that appends start on a fresh line)."""
     done = {}
     if not os.path.exists(path):
         return done
-    with open(path, "rb+") as f:  # drop a last line cut short by a kill, so appends start on a fresh line
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-            print(f"warning: {path} ended in a record cut short (an interrupted run?); that item runs again",
-                  file=sys.stderr)
+    if repair:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+                print(f"warning: {path} ended in a record cut short (an interrupted run?); that item runs again",
+                      file=sys.stderr)
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-                print(f"warning: {path}:{number} is not a complete prediction record (an interrupted or foreign "
-                      "write?); it is ignored and its item runs again", file=sys.stderr)
-                continue
-            done[record["id"]] = record
+        lines = f.read().split("\n")
+    for number, line in enumerate(lines[:-1], 1):  # the text after the last newline is not a finished record
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            print(f"warning: {path}:{number} is not a complete prediction record (an interrupted or foreign "
+                  "write?); it is ignored and its item runs again", file=sys.stderr)
+            continue
+        done[record["id"]] = record
     return done
 
 
@@ -267,6 +270,19 @@ def write_results(config: EvalConfig, items: list[Item], done: dict[str, dict], 
     plot_heatmaps(metrics, config.output_dir)
     plot_perplexity(metrics, config.output_dir, window)
     return metrics
+
+
+def summarize(config: EvalConfig) -> dict[str, dict]:
+    """Rewrites the metrics, summary and plots from the predictions already in
+    ``config.output_dir`` (nothing runs, no model loads): e.g. one table for a sweep run in
+    parts with ``--set lengths=[...]``. Items not run show as "-"."""
+    items = synthetic_items(config) + longbench_items(config) + perplexity_items(config)
+    missing = [spec.name for spec in config.methods if not os.path.isdir(os.path.join(config.output_dir, spec.name))]
+    if missing:
+        raise ConfigError(f"no results of method(s) {', '.join(missing)} in {config.output_dir}/; run them first")
+    done = {spec.name: read_predictions(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), repair=False)
+            for spec in config.methods}  # a running sweep may be appending: read, never cut
+    return write_results(config, items, done, None)
 
 
 def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str, dict]:
