@@ -374,11 +374,12 @@ def forward(model, ids, positions, cache=None, calibration=None, stage=None, cac
         q = linear(model, h, pre + "self_attn.q_proj").reshape(t_new, num_heads, dim)
         k = linear(model, h, pre + "self_attn.k_proj").reshape(t_new, kv_heads, dim)
         v = linear(model, h, pre + "self_attn.v_proj").reshape(t_new, kv_heads, dim)
+        k_raw = k.transpose(1, 0, 2)  # [KVH, T, D] before RoPE
         q = apply_rope(q, positions, model["theta"])
         k = apply_rope(k, positions, model["theta"])
         k_new = k.transpose(1, 0, 2)  # [KVH, T, D]
         v_new = v.transpose(1, 0, 2)
-        per_layer.append({"q": q, "k": k_new, "v": v_new})
+        per_layer.append({"q": q, "k": k_new, "v": v_new, "k_raw": k_raw})
 
         if cache is None:
             n_past, k_all, v_all = 0, k_new, v_new
@@ -526,8 +527,15 @@ def reference_parallelcomp(
     bounds=None,
     stage_budget=None,
     decode_eviction=False,
+    merge_layout="parallel",
 ):
     """The whole ParallelComp pipeline (stages 1, 1b, 1c, 2, 3).
+
+    merge_layout: "parallel" (ALGORITHM.md: every kept chunk's entries at its own row
+    positions, the question after the longest kept row) or "sequential" (the kept chunks one
+    after another in document order: a kept token at row position r of chunk c has its key
+    computed from the layer's pre-RoPE key at r + the lengths of the kept chunks before c;
+    the question after P and every kept chunk).
 
     decode_eviction: hold every layer's cache at its size after the question prefill while
     decoding (ALGORITHM.md stage 3, the reference's ``kv_cache_dynamic``): each layer keeps
@@ -615,12 +623,22 @@ def reference_parallelcomp(
         for c, i in enumerate(selected):
             st = rows[i][layer]
             pos = kept[layer][c]  # [KVH, n]
-            ks.append(np.stack([st["k"][g, pos[g]] for g in range(kv_heads)]))
+            if merge_layout == "sequential":
+                shift = sum(bounds[j][1] - bounds[j][0] for j in selected[:c])
+                ks.append(np.stack([apply_rope(st["k_raw"][g, pos[g]][:, None, :], pos[g] + shift, model["theta"])[:, 0]
+                                    for g in range(kv_heads)]))
+            else:
+                ks.append(np.stack([st["k"][g, pos[g]] for g in range(kv_heads)]))
             vs.append(np.stack([st["v"][g, pos[g]] for g in range(kv_heads)]))
         cache.append((np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)))
 
     # Question prefill after the longest kept row's content.
-    start = max(len_p + bounds[i][1] - bounds[i][0] for i in selected)
+    if merge_layout == "sequential":
+        start = len_p + sum(bounds[i][1] - bounds[i][0] for i in selected)
+    elif merge_layout == "parallel":
+        start = max(len_p + bounds[i][1] - bounds[i][0] for i in selected)
+    else:
+        raise ValueError(f"merge_layout must be parallel or sequential, got {merge_layout!r}")
     cache_keep = None
     eviction = None if stage_budget is None else {
         "budget": stage_budget, "obs_window": obs_window, "pool_kernel": pool_kernel, "prefix_len": len_p}

@@ -29,6 +29,7 @@ CASES = {
     "evict": ParallelCompConfig(chunk_len=40, top_k_chunks=2, capacity=12, group_size=8),
     "evict_pool3_w4": ParallelCompConfig(chunk_len=56, top_k_chunks=3, capacity=20, obs_window=4, pool_kernel=3, group_size=8),
     "pcw_no_eviction": ParallelCompConfig(method="parallelcomp", chunk_len=40, top_k_chunks=8, capacity=None, group_size=8),
+    "sequential": ParallelCompConfig(chunk_len=40, top_k_chunks=3, capacity=12, group_size=8, merge_layout="sequential"),
 }
 
 
@@ -53,6 +54,7 @@ def test_pipeline_matches_numpy_reference(hf_checkpoints, variant, case):
         ref.load_reference_model(path), parts.prefix, parts.context, parts.question, config.chunk_len,
         config.top_k_chunks, config.capacity, config.obs_window, config.pool_kernel, 10, stop_token_ids(model),
         bounds=chunk_bounds(len(parts.context), config.chunk_len, parts.breaks),  # chunks end at sentence ends
+        merge_layout=config.merge_layout,
     )
     ours = answer(model, context, question, config, max_new_tokens=10)
     np.testing.assert_allclose(ours.chunk_scores, expected["chunk_scores"], atol=1e-4)
@@ -111,6 +113,7 @@ def test_calibration_matches_numpy_reference(hf_checkpoints, case):
         ref.load_reference_model(path), parts.prefix, parts.context, parts.question, config.chunk_len,
         config.top_k_chunks, config.capacity, config.obs_window, config.pool_kernel, 10, stop_token_ids(model),
         calibration=as_reference_rules(rules), bounds=chunk_bounds(len(parts.context), config.chunk_len, parts.breaks),
+        merge_layout=config.merge_layout,
     )
     fired = sum(len(h) for c in expected["chunk_masked"] for layer in c for h in layer)
     fired += sum(len(h) for layer in expected["merged_masked"] for h in layer)
@@ -165,7 +168,7 @@ def test_stage_eviction_matches_numpy_reference(hf_checkpoints, variant):
     expected = ref.reference_parallelcomp(
         ref.load_reference_model(path), parts.prefix, parts.context, parts.question, config.chunk_len,
         config.top_k_chunks, None, config.obs_window, config.pool_kernel, 10, stop_token_ids(model),
-        bounds=bounds, stage_budget=budget,
+        bounds=bounds, stage_budget=budget, merge_layout=config.merge_layout,
     )
     assert sum(len(h) for layer in expected["merged_evicted"] for h in layer) > 0, "nothing evicted: a vacuous test"
     ours = answer(model, context, question, config, max_new_tokens=10)
@@ -198,7 +201,7 @@ def test_decode_eviction_matches_numpy_reference(hf_checkpoints, variant):
         return ref.reference_parallelcomp(
             reference_model, parts.prefix, parts.context, parts.question, config.chunk_len, config.top_k_chunks,
             config.capacity, config.obs_window, config.pool_kernel, max_new_tokens, stop_ids, bounds=bounds,
-            decode_eviction=True)
+            decode_eviction=True, merge_layout=config.merge_layout)
 
     expected = reference(10, stop_token_ids(model))
     ours = answer(model, context, question, config, max_new_tokens=10)
