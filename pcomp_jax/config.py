@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .calibrate import PRESETS, STAGES, CalibrationRule
+from .distributed import DistributedConfig
 from .errors import ConfigError
 from .methods import method_names
 from .prefill import MERGE_LAYOUTS
@@ -214,6 +215,7 @@ class RunConfig:
     max_new_tokens: int = 16
     pipeline: ParallelCompConfig = dataclasses.field(default_factory=ParallelCompConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         check_field_types(self)

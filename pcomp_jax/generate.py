@@ -20,6 +20,7 @@ import time
 from .checkpoints import DTYPES, load_model
 from .config import RunConfig, load_config, to_dict
 from .decode import generate_full
+from .distributed import add_distributed_flags, distributed_overrides, initialize, is_main
 from .errors import PcompError
 from .methods import WholeInput, get_method, method_names
 from .io import read_context_file, read_text
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="shorthand for --set max_new_tokens=...")
     p.add_argument("--no-chat", action="store_true", help="do not use the model's chat template")
     p.add_argument("--output-json", metavar="PATH", help="also write the result as JSON to PATH")
+    add_distributed_flags(p)
     return p
 
 
@@ -54,6 +56,7 @@ def _overrides(args) -> list[str]:
             extra.append(f"{field}={json.dumps(value) if isinstance(value, str) else value}")
     if args.no_chat:
         extra.append("pipeline.chat=false")
+    extra += distributed_overrides(args)
     if args.prompt is not None and args.method is None:
         extra.append("pipeline.method=full")  # a lone prompt runs with full attention (the registry's name)
     return extra
@@ -62,6 +65,7 @@ def _overrides(args) -> list[str]:
 def run(args) -> dict:
     """Runs the command; returns the JSON record."""
     config: RunConfig = load_config(args.config, _overrides(args))
+    initialize(config.distributed)  # before any other JAX call
     start = time.perf_counter()
     model = load_model(config.model, dtype=config.dtype)
     load_s = time.perf_counter() - start
@@ -80,7 +84,7 @@ def run(args) -> dict:
         task = make_task(config.task.kind, model.tokenizer, config.task.length, config.task.depth, config.task.seed, text)
         if args.question:
             task = Task(task.context, args.question, "")
-    result = answer(model, task.context, task.question, config.pipeline, config.max_new_tokens, progress=True)
+    result = answer(model, task.context, task.question, config.pipeline, config.max_new_tokens, progress=is_main())
     return {
         "method": result.method,
         "question": task.question,
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except PcompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not is_main():  # every process has the same answer; process 0 reports it
+        return 0
     print(record["answer"].strip())
     if "selected_chunks" in record:
         verdict = {True: "right", False: "wrong", None: "unknown"}[record["correct"]]

@@ -62,8 +62,28 @@ def shardings(tree, mesh: Mesh, rules=LOGICAL_RULES):
 
 
 def shard(tree, mesh: Mesh, rules=LOGICAL_RULES):
-    """Places ``tree`` (weights, rows, a selection, a cache) on ``mesh`` according to ``rules``."""
-    return jax.device_put(tree, shardings(tree, mesh, rules))
+    """Places ``tree`` (weights, rows, a selection, a cache) on ``mesh`` according to ``rules``.
+
+    When ``mesh`` spans several processes, each process gives only the part of every array
+    its own devices hold (``jax.make_array_from_process_local_data``): its share of the
+    chunk rows, a full copy of what is replicated. Every process passes the same ``tree``."""
+    targets = shardings(tree, mesh, rules)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, targets)
+    return jax.tree.map(_place_local_share, tree, targets)
+
+
+def _place_local_share(value, sharding: NamedSharding):
+    """The global array of ``sharding`` from this process's slice of ``value`` (the whole
+    value, the same on every process)."""
+    value = np.asarray(value)
+    indices = list(sharding.addressable_devices_indices_map(value.shape).values())
+    local = tuple(
+        slice(min(ix[d].start or 0 for ix in indices), max(value.shape[d] if ix[d].stop is None else ix[d].stop
+                                                            for ix in indices))
+        for d in range(value.ndim)
+    )
+    return jax.make_array_from_process_local_data(sharding, value[local], value.shape)
 
 
 def shard_weights(weights, mesh: Mesh, rules=LOGICAL_RULES):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..distributed import add_distributed_flags, distributed_overrides, initialize, is_main
 from ..errors import PcompError
 from . import __doc__ as PACKAGE_DOC
 from .config import load_eval_config
@@ -24,14 +25,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--summary-only", action="store_true",
                    help="run nothing: rewrite the summary, metrics and plots from the finished predictions")
+    add_distributed_flags(p)
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    overrides += distributed_overrides(args)
     try:
         config = load_eval_config(args.config, overrides)
-        metrics = summarize(config) if args.summary_only else evaluate(config, progress=not args.no_progress)
+        if args.summary_only:
+            metrics = summarize(config)
+        else:
+            initialize(config.distributed)  # before any other JAX call; every process runs the same sweep
+            metrics = evaluate(config, progress=not args.no_progress)
     except PcompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not is_main():  # process 0 writes and prints the results
+        return 0
     print(summary_markdown(metrics))
     print(f"results in {config.output_dir}/ (summary.md, summary.json, <method>/predictions.jsonl, metrics.json, PNGs)")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import ConfigError, ParallelCompConfig, check_field_types
+from ..distributed import DistributedConfig
 from ..tasks import SYNTHETIC_TASKS
 from .methods import DEFAULT_METHODS, MethodSpec
 
@@ -57,6 +58,7 @@ class EvalConfig:
     longbench_limit: int | None = None
     max_new_tokens: int | None = None
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         if isinstance(self.methods, (list, tuple)):  # mappings (YAML, Python) become MethodSpecs

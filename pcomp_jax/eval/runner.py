@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, ParallelCompConfig, to_dict
+from ..distributed import is_main, main_decides
 from ..errors import PcompError
 from ..io import read_text
 from ..tasks import make_task
@@ -295,9 +296,16 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
         read_text(config.text_file, "the needle task's")  # fail before any work
     if config.perplexity.prefix_lengths:
         read_text(config.perplexity.text_file, "the perplexity")
-    os.makedirs(config.output_dir, exist_ok=True)
-    for spec in config.methods:  # settings of every method are checked before anything runs
-        check_or_write_settings(os.path.join(config.output_dir, spec.name), method_settings(config, spec))
+    refusal = None
+    if is_main():  # only process 0 reads and writes the result files
+        try:
+            os.makedirs(config.output_dir, exist_ok=True)
+            for spec in config.methods:  # settings of every method are checked before anything runs
+                check_or_write_settings(os.path.join(config.output_dir, spec.name), method_settings(config, spec))
+        except ConfigError as err:
+            refusal = err
+    if not main_decides(np.array(refusal is None)):
+        raise refusal or ConfigError("process 0 refused the run's settings (see its output)")
     if model is None:
         from ..checkpoints import load_model
 
@@ -306,20 +314,23 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
         check_method_fits(model, spec.pipeline(config.pipeline), spec.name)
     runner = Runner(model, config)
     done = {spec.name: read_predictions(os.path.join(config.output_dir, spec.name, "predictions.jsonl"))
-            for spec in config.methods}
+            if is_main() else {} for spec in config.methods}
     wanted = [(spec, item) for item in items for spec in config.methods if spec.runs(item)]
-    pending = [(spec, item) for spec, item in wanted if item.id not in done[spec.name]]
+    finished = main_decides(np.array([item.id in done[spec.name] for spec, item in wanted], bool))
+    pending = [pair for pair, was_done in zip(wanted, finished) if not was_done]
     skipped = len(wanted) - len(pending)
-    if skipped:
+    if skipped and is_main():
         print(f"resuming: {skipped} finished predictions kept, {len(pending)} to run", file=sys.stderr)
-    bar = tqdm(pending, desc="eval", unit="item", disable=not progress)
+    bar = tqdm(pending, desc="eval", unit="item", disable=not (progress and is_main()))
     try:
         for spec, item in bar:
             bar.set_postfix_str(f"{spec.name} {item.id}")
             record = runner.run(item, spec.pipeline(config.pipeline))
             record["method"] = spec.name
-            append_record(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), record)
+            if is_main():
+                append_record(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), record)
             done[spec.name][item.id] = record
     finally:  # metrics, summary and plots of what is finished, also when a run stops early
-        metrics = write_results(config, items, done, getattr(model.config, "window", None))
+        window = getattr(model.config, "window", None)
+        metrics = write_results(config, items, done, window) if is_main() else {}
     return metrics

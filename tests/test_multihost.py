@@ -1,0 +1,134 @@
+"""Several processes as one run (jax.distributed): two local CPU processes with two devices
+each give the same selection and tokens as one process with four devices, joined by
+explicit flags or by JAX's SLURM detection; a peer that never starts is a clear error."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(devices: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_NUM_CPU_DEVICES=str(devices), **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def run_args(hf_checkpoints, tmp_path_factory):
+    path, _ = hf_checkpoints("llama_gqa_untied")
+    book = tmp_path_factory.mktemp("mh") / "book.txt"
+    book.write_text(" ".join(f"The {w} sat on mat number {i}." for i, w in enumerate(["cat", "dog", "owl"] * 12)))
+
+    def args(out):
+        return [sys.executable, "-m", "pcomp_jax.generate", "--config", "configs/demo.yaml", "--model", path,
+                "--context-file", str(book), "--question", "where did the owl sit?", "--max-new-tokens", "6",
+                "--set", "pipeline.chunk_len=48", "--set", "pipeline.top_k_chunks=2", "--set",
+                "pipeline.group_size=4", "--output-json", str(out)]
+
+    return args
+
+
+def launch(commands_and_envs):
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, env in commands_and_envs]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=TIMEOUT_S)
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            p.kill()
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_process(run_args, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "r.json"
+    [(rc, _, err)] = launch([(run_args(out), cpu_env(4))])
+    assert rc == 0, err
+    return json.loads(out.read_text())
+
+
+def check_same(one, out_dir, results):
+    for rc, _, err in results:
+        assert rc == 0, err
+    assert [line for line in results[1][1].splitlines() if not line.startswith("[Gloo]")] == []  # only process 0 prints
+    assert os.listdir(out_dir) == ["r.json"]  # and writes
+    two = json.loads((out_dir / "r.json").read_text())
+    assert two["selected_chunks"] == one["selected_chunks"] and two["token_ids"] == one["token_ids"]
+    assert two["chunk_scores"] == pytest.approx(one["chunk_scores"], abs=1e-5)
+
+
+def test_two_processes_with_flags_equal_one(run_args, one_process, tmp_path):
+    port = free_port()
+    results = launch([
+        (run_args(tmp_path / "r.json") + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                          "--process-id", str(i)], cpu_env(2))
+        for i in range(2)
+    ])
+    check_same(one_process, tmp_path, results)
+
+
+def test_two_processes_found_by_slurm_detection_equal_one(run_args, one_process, tmp_path):
+    job = free_port() - (65535 - 2**12 + 1)  # JAX takes the coordinator port from the job id
+    job = job if job >= 0 else free_port()
+    results = launch([
+        (run_args(tmp_path / "r.json"),
+         cpu_env(2, SLURM_JOB_ID=str(100000 + job % 4096), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                 SLURM_PROCID=str(i), SLURM_LOCALID=str(i)))
+        for i in range(2)
+    ])
+    check_same(one_process, tmp_path, results)
+
+
+def test_a_peer_that_never_starts_is_a_clear_error(run_args, tmp_path):
+    port = free_port()
+    [(rc, out, err)] = launch([(run_args(tmp_path / "r.json") + [
+        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0",
+        "--set", "distributed.timeout_s=5"], cpu_env(2))])
+    assert rc == 2 and "Traceback" not in err
+    assert "did not all join at coordinator 127.0.0.1:" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_on_two_processes_writes_once_and_resumes(hf_checkpoints, tmp_path):
+    path, _ = hf_checkpoints("llama_gqa_untied")
+
+    def eval_cmd(out_dir):
+        config = tmp_path / "eval.yaml"
+        config.write_text(
+            f"model: {path}\ntasks: [passkey]\nlengths: [300]\ndepths: [0.5]\nmax_new_tokens: 4\n"
+            "pipeline: {chunk_len: 48, top_k_chunks: 2, group_size: 4}\n"
+            "methods: [{name: pc, method: parallelcomp}, {name: pc_seq, method: parallelcomp, merge_layout: sequential}]\n")
+        return [sys.executable, "-m", "pcomp_jax.eval", "--config", str(config), "--output-dir", str(out_dir),
+                "--no-progress"]
+
+    [(rc, _, err)] = launch([(eval_cmd(tmp_path / "one"), cpu_env(4))])
+    assert rc == 0, err
+    for attempt in range(2):  # the second run finds everything done (process 0's files decide)
+        port = free_port()
+        results = launch([(eval_cmd(tmp_path / "two") + ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                                         "2", "--process-id", str(i)], cpu_env(2)) for i in range(2)])
+        for rc, _, err in results:
+            assert rc == 0, err
+        assert "resuming: 2 finished predictions kept, 0 to run" in results[0][2] or attempt == 0
+    for method in ("pc", "pc_seq"):
+        one = [json.loads(line) for line in open(tmp_path / "one" / method / "predictions.jsonl")]
+        two = [json.loads(line) for line in open(tmp_path / "two" / method / "predictions.jsonl")]
+        assert len(two) == 1  # written once, not once per process nor again on resume
+        assert [(r["prediction"], r["selected_chunks"]) for r in one] == [(r["prediction"], r["selected_chunks"]) for r in two]
