@@ -132,3 +132,30 @@ def test_eval_on_two_processes_writes_once_and_resumes(hf_checkpoints, tmp_path)
         two = [json.loads(line) for line in open(tmp_path / "two" / method / "predictions.jsonl")]
         assert len(two) == 1  # written once, not once per process nor again on resume
         assert [(r["prediction"], r["selected_chunks"]) for r in one] == [(r["prediction"], r["selected_chunks"]) for r in two]
+
+
+def test_launch_files_are_consistent_and_their_commands_parse():
+    """deploy/: the Kubernetes Indexed Job's flags agree with its Job and headless Service,
+    and the commands of both launch files parse with the CLI's own parser."""
+    import shlex
+
+    import yaml
+
+    from pcomp_jax.generate import build_parser
+
+    service, job = yaml.safe_load_all(open(os.path.join(ROOT, "deploy", "kubernetes.yaml")))
+    pod = job["spec"]["template"]["spec"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    assert pod["subdomain"] == service["metadata"]["name"] and job["spec"]["completionMode"] == "Indexed"
+    command = shlex.split(pod["containers"][0]["args"][0].replace('"$JOB_COMPLETION_INDEX"', "1"))
+    args = build_parser().parse_args(command[3:])
+    port = service["spec"]["ports"][0]["port"]
+    assert args.coordinator == f"{job['metadata']['name']}-0.{service['metadata']['name']}:{port}"
+    assert args.num_processes == job["spec"]["completions"] == job["spec"]["parallelism"] and args.process_id == 1
+    assert os.path.exists(os.path.join(ROOT, args.config))
+
+    lines = [line for line in open(os.path.join(ROOT, "deploy", "slurm.sbatch")) if line.startswith("srun ")]
+    for line in lines:
+        command = shlex.split(line.replace("${SLURM_JOB_ID}", "7"))
+        args = build_parser().parse_args(command[4:])
+        assert os.path.exists(os.path.join(ROOT, args.config)) and args.coordinator is None  # SLURM detection
