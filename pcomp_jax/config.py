@@ -70,7 +70,10 @@ class ParallelCompConfig:
       ranges scaled to the model's depth, applied at ``calibration_preset_stage``.
     attention: causal prefill backend: ``auto`` (GPU: cuDNN for bfloat16 without chunk-stage
       calibration, else Pallas; CPU: blockwise), ``dense``,
-      ``blockwise``, ``pallas`` or ``cudnn``. num_devices: devices on the ``chunk`` mesh axis (None: all).
+      ``blockwise``, ``pallas`` or ``cudnn``. num_devices: devices used (None: all, of every
+      process). model_parallel: devices of the ``model`` mesh axis (tensor parallelism: query
+      and KV heads, MLP width and vocabulary split over them; must divide each); the other
+      factor of num_devices is the ``chunk`` axis (chunk rows split over it).
     kv_budget: context tokens the snapkv and streaming baselines keep (None: as many as
       ParallelComp keeps, ``top_k_chunks x (capacity or chunk_len)``).
     """
@@ -96,6 +99,7 @@ class ParallelCompConfig:
     calibration_preset_stage: str = "merged"
     attention: str = "auto"
     num_devices: int | None = None
+    model_parallel: int = 1
     kv_budget: int | None = None
 
     def __post_init__(self):
@@ -133,6 +137,12 @@ class ParallelCompConfig:
             _check_min("score_last_tokens", self.score_last_tokens, 1)
         if self.num_devices is not None:
             _check_min("num_devices", self.num_devices, 1)
+        _check_min("model_parallel", self.model_parallel, 1)
+        if self.num_devices is not None and self.num_devices % self.model_parallel:
+            raise ConfigError(f"model_parallel={self.model_parallel} must divide num_devices={self.num_devices}")
+        if self.model_parallel > 1 and self.attention in ("pallas", "cudnn"):
+            raise ConfigError(f"attention={self.attention!r} is one kernel per device and cannot be split over "
+                              "model_parallel devices; use attention: blockwise or dense")
         if self.kv_budget is not None:
             _check_min("kv_budget", self.kv_budget, 1)
         if self.calibration_preset is not None:

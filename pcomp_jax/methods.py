@@ -136,8 +136,10 @@ class Method:
         # Without eviction every scorer keeps the same tokens; SnapKV's keeps the compiled
         # prefill the one of the evicting methods (so the chunk scores agree to the bit).
         scorer = SnapKV() if self.token_scorer is None else self.token_scorer
+        # Split over model_parallel devices, the prefill needs a backend XLA can partition.
+        attention = "blockwise" if config.model_parallel > 1 and config.attention == "auto" else config.attention
         return PrefillSpec(capacity=self.capacity(config), token_scorer=scorer.for_config(config),
-                           chunk_scorer=self.chunk_scorer, attention=config.attention, chunk_rules=tuple(chunk_rules))
+                           chunk_scorer=self.chunk_scorer, attention=attention, chunk_rules=tuple(chunk_rules))
 
     def check_calibration(self, rules) -> None:
         """Refuses calibration rules for a method that does not take them."""

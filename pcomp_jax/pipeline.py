@@ -34,7 +34,7 @@ from .prefill import (
     select_chunks,
     to_host,
 )
-from .sharding import make_mesh, shard_weights
+from .sharding import check_model_fits_mesh, make_mesh, rules_for, shard_weights
 
 
 @dataclasses.dataclass
@@ -110,11 +110,20 @@ def reprefill_ids(pre: "ContextPrefill") -> np.ndarray:
     return np.concatenate([pre.parts.prefix, *chunks, pre.parts.question])
 
 
+def model_mesh(model: Model, config: ParallelCompConfig):
+    """The ``(chunk, model)`` device mesh of ``config`` (``sharding.make_mesh``), refused when
+    its ``model`` axis does not divide ``model``'s heads, MLP width or vocabulary."""
+    mesh = make_mesh(config.num_devices, config.model_parallel)
+    check_model_fits_mesh(model.config, mesh)
+    return mesh
+
+
 def check_config_fits(model: Model, config: ParallelCompConfig) -> None:
     """The checks of the settings alone against ``model`` (calibration against the method and
     the model's depth, the attention backend on this platform, the merge layout), made before
     any input is read. Raises ``ConfigError``."""
     merge_layout(model, config)
+    model_mesh(model, config)
     rules = calibration_rules(config, model.config.num_layers)
     get_method(config.method).prefill_spec(config, stage_rules(rules, "chunk")).attention_fn(model.dtype)
 
@@ -249,14 +258,14 @@ def prefill_context(
     if method.plain_row:
         raise ConfigError(f"method {method.name!r} reads one plain row; it has no chunk prefill")
     cfg = model.config
-    mesh = make_mesh(config.num_devices)
+    mesh = model_mesh(model, config)
     if not config.sentence_chunks:
         parts = dataclasses.replace(parts, breaks=None)
     chunk_len, overlap = method.chunk_len(config, parts), method.chunk_overlap(config)
     rows = build_rows(parts, chunk_len, cfg.window, score_last_tokens=config.score_last_tokens, overlap=overlap)
     spec = method.prefill_spec(config, chunk_rules)
     rows_per_group(config.group_size, rows.num_chunks, mesh)  # a bad group size is refused before any work
-    weights = shard_weights(model.params, mesh)
+    weights = shard_weights(model.params, mesh, rules_for(cfg, mesh))
     prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
     top_k = method.kept_chunks(config, rows.num_chunks)
     state, scores = select_chunks(weights, cfg, rows, spec, top_k, mesh, config.group_size, progress)

@@ -195,14 +195,15 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def rows_per_group(group_size: int, num_chunks: int, mesh: Mesh) -> int:
-    """Rows per prefill call: ``group_size`` (a multiple of the device count), but never more
-    than the input needs, rounded up to the device count."""
-    if group_size < 1 or group_size % mesh.size:
+    """Rows per prefill call: ``group_size`` (a multiple of the devices on the mesh's ``chunk``
+    axis), but never more than the input needs, rounded up to that device count."""
+    n = mesh.shape["chunk"]
+    if group_size < 1 or group_size % n:
         raise ConfigError(
-            f"group_size={group_size} must be a multiple of the number of devices ({mesh.size}) "
+            f"group_size={group_size} must be a multiple of the number of devices on the chunk axis ({n}) "
             "so that every device gets the same number of chunk rows"
         )
-    return min(group_size, mesh.size * math.ceil(num_chunks / mesh.size))
+    return min(group_size, n * math.ceil(num_chunks / n))
 
 
 def select_chunks(

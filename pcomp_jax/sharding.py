@@ -12,6 +12,8 @@ replicated. Several hosts join through ``jax.distributed.initialize()`` before
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -21,9 +23,12 @@ from .axes import logical_axes
 from .errors import ConfigError
 
 CHUNK_AXIS = "chunk"
+MODEL_AXIS = "model"
 
-# (logical axis, mesh axis or None). Only the chunk rows' leading axis is split; weights,
-# the running selection (its kept chunks are few) and caches are replicated.
+# (logical axis, mesh axis or None). The chunk rows are split over ``chunk`` (data
+# parallelism over chunks); attention heads, KV heads (so the chunk caches, the selection
+# and the decoding cache too), the MLP width and the vocabulary over ``model`` (tensor
+# parallelism; XLA inserts the collectives). Everything else is replicated.
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("chunk", CHUNK_AXIS),  # chunk rows of one prefill group
     ("row", None),  # token slots of a chunk row
@@ -34,22 +39,46 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("cache_slots", None),  # KV cache slots
     ("observed", None),  # the last queries kept for decode-time eviction
     ("layers", None),
-    ("vocab", None),
+    ("vocab", MODEL_AXIS),
     ("embed", None),
-    ("q_heads", None),
-    ("kv_heads", None),
+    ("q_heads", MODEL_AXIS),
+    ("kv_heads", MODEL_AXIS),
     ("head_dim", None),
-    ("mlp", None),
+    ("mlp", MODEL_AXIS),
 )
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with axis ``chunk`` over the first ``num_devices`` devices (default: all)."""
+def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
+    """A 2-D mesh ``(chunk, model)`` over the first ``num_devices`` devices (default: all,
+    of every process): ``model_parallel`` devices on ``model``, the rest of the factor on
+    ``chunk``."""
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
         raise ConfigError(f"num_devices must be between 1 and {len(devices)} (the devices available), got {n}")
-    return Mesh(np.asarray(devices[:n]), (CHUNK_AXIS,))
+    if model_parallel < 1 or n % model_parallel:
+        raise ConfigError(f"model_parallel={model_parallel} must divide the {n} devices used (num_devices)")
+    return Mesh(np.asarray(devices[:n]).reshape(n // model_parallel, model_parallel), (CHUNK_AXIS, MODEL_AXIS))
+
+
+def check_model_fits_mesh(cfg, mesh: Mesh) -> None:
+    """Refuses a ``model`` axis that does not divide the model's query heads, KV heads and
+    MLP width (what ``LOGICAL_RULES`` splits over it). cfg: a ``ModelConfig``."""
+    size = mesh.shape[MODEL_AXIS]
+    sizes = {"query heads": cfg.num_heads, "KV heads": cfg.num_kv_heads, "MLP width": cfg.intermediate_size}
+    bad = [f"{n} {name}" for name, n in sizes.items() if n % size]
+    if bad:
+        raise ConfigError(f"model_parallel={size} must divide the model's query heads ({cfg.num_heads}), KV heads "
+                          f"({cfg.num_kv_heads}) and MLP width ({cfg.intermediate_size}); {', '.join(bad)} do not; "
+                          f"choose a divisor of {math.gcd(*sizes.values())}")
+
+
+def rules_for(cfg, mesh: Mesh) -> tuple[tuple[str, str | None], ...]:
+    """``LOGICAL_RULES`` for ``cfg`` on ``mesh``: the vocabulary stays whole (replicated) when
+    the ``model`` axis does not divide it."""
+    if cfg.vocab_size % mesh.shape[MODEL_AXIS] == 0:
+        return LOGICAL_RULES
+    return tuple((name, None if name == "vocab" else axis) for name, axis in LOGICAL_RULES)
 
 
 def shardings(tree, mesh: Mesh, rules=LOGICAL_RULES):
