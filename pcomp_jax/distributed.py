@@ -95,6 +95,11 @@ def initialize(cfg: DistributedConfig) -> bool:
             return False  # no cluster detected and no flags: one process
         raise PcompError(f"cannot start the distributed run: {err}") from None
     except RuntimeError as err:
+        if "before any JAX" in str(err):  # this process already computed (e.g. the CLI called from Python)
+            if not cfg.explicit:
+                return False  # nothing to join
+            raise PcompError("a distributed run must be joined before this process runs any JAX computation; "
+                             "start it as its own process (python -m ...)") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PcompError(f"{failure}: {first}") from None
     finally:

@@ -25,6 +25,7 @@ from .errors import PcompError
 from .methods import WholeInput, get_method, method_names
 from .io import read_context_file, read_text
 from .pipeline import answer
+from .sharding import make_mesh
 from .tasks import Task, make_task
 
 
@@ -67,7 +68,8 @@ def run(args) -> dict:
     config: RunConfig = load_config(args.config, _overrides(args))
     initialize(config.distributed)  # before any other JAX call
     start = time.perf_counter()
-    model = load_model(config.model, dtype=config.dtype)
+    mesh = make_mesh(config.pipeline.num_devices, config.pipeline.model_parallel)
+    model = load_model(config.model, dtype=config.dtype, mesh=mesh)  # an orbax directory: restored onto the mesh
     load_s = time.perf_counter() - start
     if args.prompt is not None:
         method = get_method(config.pipeline.method)

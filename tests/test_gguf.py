@@ -87,3 +87,34 @@ def test_orbax_save_and_restore(gguf_models, tmp_path):
     assert pcomp_jax.load_model(str(saved), dtype="bfloat16").params.layers.wq.dtype == np.dtype("bfloat16")
     with pytest.raises(pcomp_jax.CheckpointError, match="already exists"):
         pcomp_jax.save_model(model, str(saved))
+
+
+def test_convert_script_and_restore_onto_a_2x2_mesh(gguf_models, hf_checkpoints, tmp_path, capsys):
+    """scripts/convert_checkpoint.py makes an orbax checkpoint of a Hugging Face directory and
+    of a GGUF file; restored straight onto a (chunk 2, model 2) mesh, the weights come back
+    split over heads and MLP, with the logits of the unsharded model."""
+    import importlib.util
+
+    from pcomp_jax.sharding import MODEL_AXIS, make_mesh
+
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "convert_checkpoint.py"))
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    hf_dir, _ = hf_checkpoints("llama_gqa_untied")
+    mesh = make_mesh(4, model_parallel=2)
+    ids = np.random.default_rng(2).integers(0, tiny.VOCAB_SIZE, size=(1, 30))
+    for name, source in (("from_hf", hf_dir), ("from_gguf", gguf_models["qwen2_bias"][0])):
+        out = tmp_path / name
+        assert convert.main([source, str(out)]) == 0
+        assert f"wrote {out}" in capsys.readouterr().out
+        plain, placed = pcomp_jax.load_model(source), pcomp_jax.load_model(str(out), mesh=mesh)
+        assert placed.params.layers.wq.sharding.spec[2] == MODEL_AXIS
+        assert placed.params.layers.w_down.sharding.spec[1] == MODEL_AXIS
+        assert placed.params.layers.wk.addressable_shards[0].data.shape[2] == plain.config.num_kv_heads // 2
+        np.testing.assert_allclose(pcomp_jax.forward(placed, ids), pcomp_jax.forward(plain, ids), atol=1e-5)
+        assert placed.tokenizer("the cat 42")["input_ids"] == plain.tokenizer("the cat 42")["input_ids"]
+    assert convert.main([hf_dir, str(tmp_path / "from_hf")]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(pcomp_jax.ConfigError, match="model_parallel=4 must divide"):
+        pcomp_jax.load_model(str(tmp_path / "from_hf"), mesh=make_mesh(4, model_parallel=4))

@@ -33,8 +33,13 @@ def run_args(hf_checkpoints, tmp_path_factory):
     book = tmp_path_factory.mktemp("mh") / "book.txt"
     book.write_text(" ".join(f"The {w} sat on mat number {i}." for i, w in enumerate(["cat", "dog", "owl"] * 12)))
 
-    def args(out):
-        return [sys.executable, "-m", "pcomp_jax.generate", "--config", "configs/demo.yaml", "--model", path,
+    orbax_dir = tmp_path_factory.mktemp("mh_orbax") / "model"
+    subprocess.run([sys.executable, "scripts/convert_checkpoint.py", path, str(orbax_dir)], cwd=ROOT, check=True,
+                   env=cpu_env(1), capture_output=True, timeout=TIMEOUT_S)
+
+    def args(out, model=path):
+        model = str(orbax_dir) if model == "orbax" else model
+        return [sys.executable, "-m", "pcomp_jax.generate", "--config", "configs/demo.yaml", "--model", model,
                 "--context-file", str(book), "--question", "where did the owl sit?", "--max-new-tokens", "6",
                 "--set", "pipeline.chunk_len=48", "--set", "pipeline.top_k_chunks=2", "--set",
                 "pipeline.group_size=4", "--output-json", str(out)]
@@ -85,10 +90,11 @@ def test_two_processes_with_flags_equal_one(run_args, one_process, tmp_path):
 
 
 def test_two_processes_found_by_slurm_detection_equal_one(run_args, one_process, tmp_path):
+    """Also: the model is an orbax checkpoint, restored by each process onto its devices."""
     job = free_port() - (65535 - 2**12 + 1)  # JAX takes the coordinator port from the job id
     job = job if job >= 0 else free_port()
     results = launch([
-        (run_args(tmp_path / "r.json"),
+        (run_args(tmp_path / "r.json", model="orbax"),
          cpu_env(2, SLURM_JOB_ID=str(100000 + job % 4096), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                  SLURM_PROCID=str(i), SLURM_LOCALID=str(i)))
         for i in range(2)
@@ -159,3 +165,18 @@ def test_launch_files_are_consistent_and_their_commands_parse():
         command = shlex.split(line.replace("${SLURM_JOB_ID}", "7"))
         args = build_parser().parse_args(command[4:])
         assert os.path.exists(os.path.join(ROOT, args.config)) and args.coordinator is None  # SLURM detection
+
+
+def test_initialize_after_jax_has_run_in_this_process():
+    """From Python, after JAX has computed: no flags is one process; flags are a clear error."""
+    import jax.numpy as jnp
+
+    from pcomp_jax.distributed import DistributedConfig, initialize
+    from pcomp_jax.errors import ConfigError, PcompError
+
+    jnp.ones(2).block_until_ready()
+    assert initialize(DistributedConfig()) is False
+    with pytest.raises(PcompError, match="must be joined before this process runs any JAX computation"):
+        initialize(DistributedConfig("127.0.0.1:1", 2, 0, timeout_s=5))
+    with pytest.raises(ConfigError, match="distributed.process_id is missing"):
+        DistributedConfig("127.0.0.1:1", 2)

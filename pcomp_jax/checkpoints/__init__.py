@@ -74,7 +74,7 @@ def _resolve_dtype(dtype):
     return dtype
 
 
-def load_model(source: str | os.PathLike | None = None, dtype="float32") -> Model:
+def load_model(source: str | os.PathLike | None = None, dtype="float32", mesh=None) -> Model:
     """Loads a model.
 
     source: None or ``"smollm2-135m-instruct"`` for the embedded default; otherwise a
@@ -82,20 +82,35 @@ def load_model(source: str | os.PathLike | None = None, dtype="float32") -> Mode
       Qwen2ForCausalLM), a ``.gguf`` file (llama, qwen2), or a directory written by
       ``save_model`` (orbax).
     dtype: ``"float32"`` or ``"bfloat16"`` (or the jnp dtype) for the weights.
+    mesh: optional ``(chunk, model)`` mesh (``sharding.make_mesh``): the weights come back
+      placed by ``sharding.rules_for`` (split over ``model``); an orbax directory is
+      restored straight into those shardings, each process reading only its shards.
     """
+    from ..sharding import check_model_fits_mesh, rules_for, shard_weights, shardings
+
     dtype = _resolve_dtype(dtype)
     if source is None or source == DEFAULT_MODEL:
         source = default_model_path()
     source = os.fspath(source)
     if os.path.isdir(source) and is_orbax_dir(source):
-        return Model(*load_orbax_dir(source, dtype), source)
+        place = None
+        if mesh is not None:
+            def place(cfg, target):
+                check_model_fits_mesh(cfg, mesh)
+                return shardings(target, mesh, rules_for(cfg, mesh))
+        return Model(*load_orbax_dir(source, dtype, place), source)
     if os.path.isdir(source):
         cfg = read_hf_config(source)
-        return Model(cfg, load_hf_weights(source, cfg, dtype), load_hf_tokenizer(source), source)
-    if source.endswith(".gguf") or os.path.isfile(source):
+        model = Model(cfg, load_hf_weights(source, cfg, dtype), load_hf_tokenizer(source), source)
+    elif source.endswith(".gguf") or os.path.isfile(source):
         ckpt = GGUFCheckpoint(source)
-        return Model(ckpt.config, ckpt.weights(dtype), ckpt.tokenizer(), source)
-    raise CheckpointError(
-        f"model source {source!r} is neither a directory nor a file; give a Hugging Face checkpoint "
-        f"directory, a .gguf file, or {DEFAULT_MODEL!r} (the default)"
-    )
+        model = Model(ckpt.config, ckpt.weights(dtype), ckpt.tokenizer(), source)
+    else:
+        raise CheckpointError(
+            f"model source {source!r} is neither a directory nor a file; give a Hugging Face checkpoint "
+            f"directory, a .gguf file, or {DEFAULT_MODEL!r} (the default)"
+        )
+    if mesh is None:
+        return model
+    check_model_fits_mesh(model.config, mesh)
+    return dataclasses.replace(model, params=shard_weights(model.params, mesh, rules_for(model.config, mesh)))

@@ -73,17 +73,23 @@ def read_config(path: str) -> tuple[ModelConfig, str]:
     return ModelConfig(**raw, rope=RopeConfig(**rope)), record["dtype"]
 
 
-def load_orbax_dir(path: str, dtype):
+def load_orbax_dir(path: str, dtype, place=None):
     """``(config, weights, tokenizer)`` from a directory written by ``save_model``.
 
-    The weights are restored in their saved dtype and then cast to ``dtype``."""
+    The weights are restored in their saved dtype and then cast to ``dtype``. place:
+    optional ``place(cfg, target) -> shardings`` (a ``Weights`` tree of ``Sharding``s): each
+    array is then restored straight into its sharding, reading only this process's shards."""
     import orbax.checkpoint as ocp
 
     cfg, saved_dtype = read_config(path)
     params_dir = os.path.join(os.path.abspath(path), "params")
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{path!r} has {MARKER} but no params/ directory")
-    weights = ocp.StandardCheckpointer().restore(params_dir, weight_shapes(cfg, jnp.dtype(saved_dtype)))
+    target = weight_shapes(cfg, jnp.dtype(saved_dtype))
+    if place is not None:
+        target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target,
+                              place(cfg, target))
+    weights = ocp.StandardCheckpointer().restore(params_dir, target)
     weights = jax.tree.map(lambda x: x.astype(dtype), weights)
     tokenizer = None
     if os.path.isdir(os.path.join(path, "tokenizer")):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, ParallelCompConfig, to_dict
 from ..distributed import is_main, main_decides
+from ..sharding import make_mesh
 from ..errors import PcompError
 from ..io import read_text
 from ..tasks import make_task
@@ -309,7 +310,8 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
     if model is None:
         from ..checkpoints import load_model
 
-        model = load_model(config.model, dtype=config.dtype)
+        mesh = make_mesh(config.pipeline.num_devices, config.pipeline.model_parallel)
+        model = load_model(config.model, dtype=config.dtype, mesh=mesh)  # an orbax directory: restored onto it
     for spec in config.methods:
         check_method_fits(model, spec.pipeline(config.pipeline), spec.name)
     runner = Runner(model, config)
