@@ -134,9 +134,9 @@ def test_calibration_matches_numpy_reference(hf_checkpoints, case):
         assert removed == expected["merged_masked"][layer][head], f"layer {layer}, KV head {head}"
 
 
-def removed_from_merged_cache(model, parts, config, spec, **question_prefill_options):
-    """(layer, KV head, ranks among the merged cache's valid entries that the question
-    prefill removed) for the top-2 selection of ``spec``'s chunk prefill."""
+def top2_selection(model, parts, config, spec):
+    """Stage 1 by hand: the top-2 selection of ``spec``'s chunk prefill, P's K/V, and the
+    question padded to 64 ids."""
     rows = build_rows(parts, config.chunk_len, model.config.window)
     state = empty_selection(model.config, 2, spec.kept_tokens(rows), model.dtype)
     for group in rows.groups(8):
@@ -144,6 +144,13 @@ def removed_from_merged_cache(model, parts, config, spec, **question_prefill_opt
     prefix_k, prefix_v = prefill_prefix(model.params, model.config, jnp.asarray(parts.prefix))
     question_ids = np.zeros(64, np.int32)
     question_ids[: len(parts.question)] = parts.question
+    return state, prefix_k, prefix_v, question_ids
+
+
+def removed_from_merged_cache(model, parts, config, spec, **question_prefill_options):
+    """(layer, KV head, ranks among the merged cache's valid entries that the question
+    prefill removed) for the top-2 selection of ``spec``'s chunk prefill."""
+    state, prefix_k, prefix_v, question_ids = top2_selection(model, parts, config, spec)
     before, _ = merge_selection(prefix_k, prefix_v, state, room=64 + 16)
     after, _, _ = question_prefill(model.params, model.config, prefix_k, prefix_v, state, jnp.asarray(question_ids),
                                    jnp.int32(len(parts.question)), 16, **question_prefill_options)
@@ -212,13 +219,7 @@ def test_decode_eviction_matches_numpy_reference(hf_checkpoints, variant):
     n = 12
     expected = reference(n + 1, [])
     spec = PrefillSpec(capacity=config.capacity, token_scorer=SnapKV(config.obs_window, config.pool_kernel))
-    rows = build_rows(parts, config.chunk_len, model.config.window)
-    state = empty_selection(model.config, 2, spec.kept_tokens(rows), model.dtype)
-    for group in rows.groups(8):
-        state = keep_best_chunks(state, prefill_group(model.params, model.config, group, spec), 2)
-    prefix_k, prefix_v = prefill_prefix(model.params, model.config, jnp.asarray(parts.prefix))
-    question_ids = np.zeros(64, np.int32)
-    question_ids[: len(parts.question)] = parts.question
+    state, prefix_k, prefix_v, question_ids = top2_selection(model, parts, config, spec)
     eviction = DecodeEviction(config.obs_window, config.pool_kernel)
     cache, first, position = question_prefill(
         model.params, model.config, prefix_k, prefix_v, state, jnp.asarray(question_ids),
