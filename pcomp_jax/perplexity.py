@@ -34,7 +34,7 @@ from .errors import PcompError
 from .methods import get_method
 from .model.config import ModelConfig
 from .model.llama import Weights
-from .pipeline import calibration_rules, check_merged_fits, merge_layout, prefill_context, reprefill_ids, stage_rules
+from .pipeline import calibration_rules, check_laid_out_fits, merge_layout, prefill_context, reprefill_ids, stage_rules
 from .prefill import ChunkSelection, MergeLayout, ParallelLayout
 
 
@@ -126,7 +126,7 @@ def continuation_nll(
         return ContinuationScore(_plain_row_nll(model, np.concatenate([parts.prefix, parts.context, parts.question]),
                                                 continuation_ids), [])
     pre = prefill_context(model, parts, config, stage_rules(rules, "chunk"), method=method)
-    check_merged_fits(model, pre, layout, m)
+    check_laid_out_fits(model, pre.parts, [e - s for s, e in pre.kept_bounds], layout, m)
     if layout.reprefills:
         return ContinuationScore(_plain_row_nll(model, reprefill_ids(pre), continuation_ids), pre.selected_chunks)
     tail = np.concatenate([parts.question, continuation_ids])

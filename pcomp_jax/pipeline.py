@@ -74,33 +74,29 @@ def stage_rules(rules, stage: str) -> tuple:
 
 def merge_layout(model: Model, config: ParallelCompConfig) -> MergeLayout:
     """The method's merge layout under ``config`` (``Method.merge_layout``), refused where it
-    would not be exact for ``model``, or where k chunks of ``chunk_len`` laid end to end
-    cannot fit in its window."""
+    would not be exact for ``model``."""
     layout = get_method(config.method).merge_layout(config)
     if layout.moves_keys and not rope_shift_is_exact(model.config):
         raise ConfigError(f"merge_layout={config.merge_layout!r} rotates cached keys to new positions, which is "
                           f"not exact with {model.config.rope.type!r} rope; use parallel or reprefill")
-    laid_out = config.top_k_chunks * config.chunk_len
-    if (layout.moves_keys or layout.reprefills) and laid_out >= model.config.window:
-        raise ConfigError(
-            f"merge_layout={config.merge_layout!r} lays the kept chunks end to end, and top_k_chunks x chunk_len = "
-            f"{laid_out} tokens do not fit in the model's window of {model.config.window}; lower top_k_chunks or "
-            "chunk_len, or use merge_layout=parallel (the paper's presets, ParallelCompConfig.preset, do)")
     return layout
 
 
-def check_merged_fits(model: Model, pre: "ContextPrefill", layout: MergeLayout, max_new_tokens: int) -> None:
-    """Laid end to end (sequential, reprefill), P + the kept chunks + Q + the answer must fit
-    in the model's window."""
+def check_laid_out_fits(model: Model, parts: PromptParts, kept_lengths, layout: MergeLayout, max_new_tokens: int,
+                        fewest: bool = False) -> None:
+    """Laid end to end (sequential, reprefill), P + the kept chunks (``kept_lengths``, their
+    token counts) + Q + the answer must fit in the model's window. ``fewest``: the lengths
+    are the shortest chunks any selection could keep (checked before the prefill)."""
     if not (layout.moves_keys or layout.reprefills):
         return
-    kept = int(sum(e - s for s, e in pre.kept_bounds))
-    need = len(pre.parts.prefix) + kept + len(pre.parts.question) + max_new_tokens
+    kept = int(sum(kept_lengths))
+    need = len(parts.prefix) + kept + len(parts.question) + max_new_tokens
     if need > model.config.window:
+        which = f"even the {len(kept_lengths)} shortest chunks" if fewest else "the kept chunks"
         raise InputTooLongError(
-            f"the kept chunks laid end to end ({kept} tokens, with P, Q and {max_new_tokens} new tokens: {need}) do not "
-            f"fit in the model's window of {model.config.window} tokens; lower top_k_chunks or chunk_len, or use "
-            "merge_layout=parallel"
+            f"{which} laid end to end ({kept} tokens, with P, Q and {max_new_tokens} new tokens: {need}) do not fit "
+            f"in the model's window of {model.config.window} tokens; lower top_k_chunks or chunk_len, or use "
+            "merge_layout=parallel (the paper's presets, ParallelCompConfig.preset, do)"
         )
 
 
@@ -198,6 +194,10 @@ def answer_parts(
         gen = generate_ids(model, np.concatenate([parts.prefix, parts.context, parts.question]), max_new_tokens)
         timings["generate"] = time.perf_counter() - t
         return Answer(gen.text, gen.token_ids, [], [], timings, config.method, context_tokens, 1)
+    if layout.moves_keys or layout.reprefills:  # refused before the prefill when no selection could fit
+        lengths = sorted(e - s for s, e in context_chunks(parts, config, method))
+        check_laid_out_fits(model, parts, lengths[: method.kept_chunks(config, len(lengths))], layout,
+                            max_new_tokens, fewest=True)
     key = prefill_key(config)
     if prefills is not None and key in prefills:
         pre = prefills[key]
@@ -206,7 +206,7 @@ def answer_parts(
         if prefills is not None:
             prefills[key] = pre
     timings["prefill"] = timings.get("prefill", 0.0) + time.perf_counter() - t
-    check_merged_fits(model, pre, layout, max_new_tokens)
+    check_laid_out_fits(model, pre.parts, [e - s for s, e in pre.kept_bounds], layout, max_new_tokens)
     if layout.reprefills:
         t = time.perf_counter()
         gen = generate_ids(model, reprefill_ids(pre), max_new_tokens)
@@ -248,6 +248,12 @@ class ContextPrefill:
         return [self.bounds[c] for c in self.selected_chunks]
 
 
+def context_chunks(parts: PromptParts, config: ParallelCompConfig, method: Method) -> list[tuple[int, int]]:
+    """``(start, end)`` of every chunk of ``parts.context`` under ``config`` (``chunking.chunk_bounds``)."""
+    breaks = parts.breaks if config.sentence_chunks else None
+    return chunk_bounds(len(parts.context), method.chunk_len(config, parts), breaks, method.chunk_overlap(config))
+
+
 def prefill_context(
     model: Model, parts: PromptParts, config: ParallelCompConfig, chunk_rules=(), progress=False,
     method: Method | None = None,
@@ -269,7 +275,7 @@ def prefill_context(
     prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
     top_k = method.kept_chunks(config, rows.num_chunks)
     state, scores = select_chunks(weights, cfg, rows, spec, top_k, mesh, config.group_size, progress)
-    bounds = chunk_bounds(len(parts.context), chunk_len, parts.breaks, overlap)
+    bounds = context_chunks(parts, config, method)
     return ContextPrefill(parts, state, prefix_keys, prefix_values, [float(s) for s in scores], weights, bounds)
 
 

@@ -106,7 +106,7 @@ def test_layouts_run_through_answer_and_perplexity(model):
         assert scored.token_nll.shape == (10,) and np.isfinite(scored.token_nll).all()
 
 
-def test_layout_refusals(model):
+def test_layout_refusals(model, monkeypatch):
     with pytest.raises(pcomp_jax.ConfigError, match="merge_layout='diagonal' is not allowed"):
         ParallelCompConfig(merge_layout="diagonal")
     with pytest.raises(pcomp_jax.ConfigError, match="merged-stage calibration .* merge_layout=reprefill does not build"):
@@ -116,8 +116,12 @@ def test_layout_refusals(model):
             ParallelCompConfig(merge_layout="reprefill", **option)
     window = model.config.window
     too_long = dataclasses.replace(BASE, chunk_len=window // 2, top_k_chunks=2, merge_layout="sequential")
-    with pytest.raises(pcomp_jax.ConfigError, match=f"top_k_chunks x chunk_len = {window} tokens do not fit"):
-        answer(model, make_sentences(150, 6), "who ran?", too_long, 8)  # refused before any prefill
+    from pcomp_jax import pipeline
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "prefill_context", lambda *a, **k: pytest.fail("the prefill ran before the refusal"))
+        with pytest.raises(pcomp_jax.InputTooLongError, match="even the 2 shortest chunks laid end to end"):
+            answer(model, make_sentences(150, 6), "who ran?", too_long, 8)  # refused before any prefill
     pcw = dataclasses.replace(BASE, method="pcw", chunk_len=window // 2, merge_layout="sequential")
     assert answer(model, make_sentences(150, 6), "who ran?", pcw, 4).token_ids == answer(
         model, make_sentences(150, 6), "who ran?", dataclasses.replace(pcw, merge_layout="parallel"), 4).token_ids
