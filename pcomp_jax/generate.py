@@ -24,7 +24,9 @@ from .distributed import add_distributed_flags, distributed_overrides, initializ
 from .errors import PcompError
 from .methods import WholeInput, get_method, method_names
 from .io import read_context_file, read_text
+from .memory import estimate_memory
 from .pipeline import answer
+from .chunking import encode_parts
 from .sharding import make_mesh
 from .tasks import Task, make_task
 
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="shorthand for --set max_new_tokens=...")
     p.add_argument("--no-chat", action="store_true", help="do not use the model's chat template")
     p.add_argument("--output-json", metavar="PATH", help="also write the result as JSON to PATH")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run nothing: print the estimated peak device memory (compiled, not run) and whether it fits")
     add_distributed_flags(p)
     return p
 
@@ -72,6 +76,8 @@ def run(args) -> dict:
     model = load_model(config.model, dtype=config.dtype, mesh=mesh)  # an orbax directory: restored onto the mesh
     load_s = time.perf_counter() - start
     if args.prompt is not None:
+        if args.dry_run:
+            raise PcompError("--dry-run estimates a run on a long input (--config, --context-file); not with --prompt")
         method = get_method(config.pipeline.method)
         if not (method.plain_row and method.fit == WholeInput()):
             raise PcompError("--prompt runs with full attention only; use --context-file/--question for other methods")
@@ -86,6 +92,13 @@ def run(args) -> dict:
         task = make_task(config.task.kind, model.tokenizer, config.task.length, config.task.depth, config.task.seed, text)
         if args.question:
             task = Task(task.context, args.question, "")
+    if args.dry_run:
+        parts = encode_parts(model.tokenizer, task.context, task.question, config.pipeline.instruction,
+                             config.pipeline.answer_prefix, config.pipeline.chat)
+        estimate = estimate_memory(model, parts, config.pipeline, config.max_new_tokens)
+        print(estimate.table())
+        estimate.check(config.pipeline)  # refused (exit 2) when it cannot fit
+        return {"dry_run": True, "peak_bytes": estimate.peak, "timings_s": {"load": load_s}}
     result = answer(model, task.context, task.question, config.pipeline, config.max_new_tokens, progress=is_main())
     return {
         "method": result.method,
@@ -111,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not is_main():  # every process has the same answer; process 0 reports it
+        return 0
+    if record.get("dry_run"):
         return 0
     print(record["answer"].strip())
     if "selected_chunks" in record:

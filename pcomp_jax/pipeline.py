@@ -254,6 +254,15 @@ def context_chunks(parts: PromptParts, config: ParallelCompConfig, method: Metho
     return chunk_bounds(len(parts.context), method.chunk_len(config, parts), breaks, method.chunk_overlap(config))
 
 
+def context_rows(model: Model, parts: PromptParts, config: ParallelCompConfig, method: Method):
+    """The chunk rows (``chunking.Rows``) of ``parts`` under ``config`` and ``method``."""
+    if not config.sentence_chunks:
+        parts = dataclasses.replace(parts, breaks=None)
+    chunk_len, overlap = method.chunk_len(config, parts), method.chunk_overlap(config)
+    return build_rows(parts, chunk_len, model.config.window, score_last_tokens=config.score_last_tokens,
+                      overlap=overlap)
+
+
 def prefill_context(
     model: Model, parts: PromptParts, config: ParallelCompConfig, chunk_rules=(), progress=False,
     method: Method | None = None,
@@ -265,10 +274,7 @@ def prefill_context(
         raise ConfigError(f"method {method.name!r} reads one plain row; it has no chunk prefill")
     cfg = model.config
     mesh = model_mesh(model, config)
-    if not config.sentence_chunks:
-        parts = dataclasses.replace(parts, breaks=None)
-    chunk_len, overlap = method.chunk_len(config, parts), method.chunk_overlap(config)
-    rows = build_rows(parts, chunk_len, cfg.window, score_last_tokens=config.score_last_tokens, overlap=overlap)
+    rows = context_rows(model, parts, config, method)
     spec = method.prefill_spec(config, chunk_rules)
     rows_per_group(config.group_size, rows.num_chunks, mesh)  # a bad group size is refused before any work
     weights = shard_weights(model.params, mesh, rules_for(cfg, mesh))
