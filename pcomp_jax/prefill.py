@@ -228,9 +228,14 @@ def select_chunks(
     state = empty_selection(cfg, top_k, spec.kept_tokens(rows), weights.embed.dtype)
     scores = []
     for group in tqdm(groups, desc="chunk groups", unit="group", disable=not progress):
+        previous = state
         scored = prefill_group(weights, cfg, shard(group, mesh), spec)
         scores.append(scored.scores)
         state = keep_best_chunks(state, scored, top_k)
+        # JAX dispatches asynchronously: without a wait the loop would place every group's
+        # rows at once. Waiting for the previous group keeps at most two in flight, so
+        # memory stays flat in the input length (and the progress bar moves with the work).
+        jax.block_until_ready(previous)
     jax.block_until_ready(state)
     return state, np.concatenate([to_host(s) for s in scores])[:num_chunks]
 

@@ -171,7 +171,8 @@ def test_every_pipeline_pytree_declares_one_axis_name_per_dimension(model):
     placed = shard(group, mesh)
     assert placed.tokens.sharding.spec == jax.sharding.PartitionSpec("chunk", None)
     assert len(placed.tokens.sharding.device_set) == 4 and placed.prefix_len == rows.prefix_len
-    assert shardings(selection, mesh).keys.spec == jax.sharding.PartitionSpec(None, None, None, None, None)
+    kept = shardings(selection, mesh).keys  # KV heads on the model axis (size 1 here: whole on every device)
+    assert kept.spec == jax.sharding.PartitionSpec(None, None, None, "model", None) and kept.is_fully_replicated
 
 
 def test_rows_groups_pad_with_empty_rows_that_continue_the_chunk_ids(model):
