@@ -48,9 +48,11 @@ class ParallelCompConfig:
       ends, else token counts; ``chunking.chunk_bounds``); False: at token counts alone.
     chunk_overlap: tokens each chunk repeats from before its start (0: none).
     merge_layout: where the kept chunks sit for the question (``prefill.MERGE_LAYOUTS``):
-      ``parallel`` (the paper's: every chunk at its own row positions), ``sequential``
-      (one after another, keys rotated on; not with ``dynamic`` rope) or ``reprefill``
-      (the kept chunks run again as one row with full attention).
+      ``parallel`` (the default and the paper's: every chunk at its own row positions; it
+      works for any k and chunk length), ``sequential`` (one after another, keys rotated
+      on; not with ``dynamic`` rope; P + the kept chunks + Q + the answer must fit in the
+      window; the retrieval sweep's choice for the default model, in its configs) or
+      ``reprefill`` (the kept chunks run again as one row with full attention).
     stage_eviction: evict after the merge instead of inside each chunk: the chunks keep
       every token through stage 1, and the merged cache's chunk entries are cut to
       ``capacity x top_k_chunks`` per layer and KV head by the question's SnapKV scores

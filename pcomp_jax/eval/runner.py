@@ -205,7 +205,7 @@ def method_settings(config: EvalConfig, spec: MethodSpec) -> dict:
 # Pipeline fields added after results may exist whose value here reproduces what runs made
 # before them did (an option that is off): a record without them still resumes.
 NEUTRAL_PIPELINE_FIELDS = {"chunk_overlap": 0, "merge_layout": "parallel", "stage_eviction": False,
-                           "decode_eviction": False}
+                           "decode_eviction": False, "model_parallel": 1}
 
 
 def _with_neutral_fields(old: dict, new: dict) -> dict:
