@@ -283,7 +283,7 @@ def from_dict(cls, data: dict, where: str = ""):
     if cls is ParallelCompConfig and "preset" in data:  # the preset's fields, the section's on top
         data = dict(data)
         name = data.pop("preset")
-        if name not in PIPELINE_PRESETS:
+        if not isinstance(name, str) or name not in PIPELINE_PRESETS:
             raise ConfigError(f"config field {where + 'preset'!r}: {name!r} is not allowed; allowed: "
                               + ", ".join(PIPELINE_PRESETS))
         data = {**PIPELINE_PRESETS[name], **data}

@@ -74,6 +74,8 @@ def initialize(cfg: DistributedConfig) -> bool:
     """
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
+    if not cfg.explicit and os.environ.get("SLURM_NTASKS") == "1":
+        return False  # a one-task job: nothing to join (JAX's detection would hide all GPUs but SLURM_LOCALID's)
     if hasattr(jax.config, "jax_cpu_collectives_implementation"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
     where = f"coordinator {cfg.coordinator}" if cfg.explicit else "the detected cluster's coordinator"

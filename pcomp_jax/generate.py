@@ -96,7 +96,8 @@ def run(args) -> dict:
         parts = encode_parts(model.tokenizer, task.context, task.question, config.pipeline.instruction,
                              config.pipeline.answer_prefix, config.pipeline.chat)
         estimate = estimate_memory(model, parts, config.pipeline, config.max_new_tokens)
-        print(estimate.table())
+        if is_main():
+            print(estimate.table())
         estimate.check(config.pipeline)  # refused (exit 2) when it cannot fit
         return {"dry_run": True, "peak_bytes": estimate.peak, "timings_s": {"load": load_s}}
     result = answer(model, task.context, task.question, config.pipeline, config.max_new_tokens, progress=is_main())

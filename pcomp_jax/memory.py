@@ -7,7 +7,10 @@ XLA's buffer plan (``memory_analysis``), per device: the weights, the running se
 and the largest of the stages: one group of chunk rows through every layer
 (``prefill.prefill_group``, with the configured attention backend), the question on the
 merged cache (``decode.question_prefill``) and the decoding loop (``decode.greedy_decode``).
-A one-row method (``full``, ``truncate``, ``snapkv`` ...) has the row prefill and decoding.
+A one-row method (``full``, ``truncate``) has the row prefill and decoding. Not counted:
+a second chunk group in flight (the loop keeps at most two), the input cache beside the
+decoding loop's, and ``merge_layout=reprefill``'s one-row re-read (estimated as the
+merged question prefill).
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def estimate_memory(model, parts: PromptParts, config, max_new_tokens: int) -> M
     steps = decode_budget(max_new_tokens)
     stops = jax.ShapeDtypeStruct((1,), jnp.int32)
     one = jax.ShapeDtypeStruct((1,), jnp.int32)
-    device = mesh.devices.flat[0]
+    device = mesh.local_devices[0]
     if method.plain_row:
         from .decode import _prefill_prompt
 

@@ -74,8 +74,8 @@ class Method:
     fixed size while decoding; its kept chunks are merged in the config's ``merge_layout``
     (every chunk kept: always the parallel layout); a one-row method with a token scorer compresses
     its row to ``kv_budget``; a one-row method without one generates with plain full
-    attention. Methods without a token scorer ignore ``capacity``, ``stage_eviction`` and
-    ``decode_eviction``.
+    attention. Methods without a token scorer ignore ``capacity`` and ``stage_eviction``;
+    ``decode_eviction`` acts only for chunked methods with a token scorer.
     calibration: whether stage-1c rules may be used with it.
     """
 

@@ -28,7 +28,7 @@ import optax
 
 from .checkpoints import Model
 from .chunking import PromptParts
-from .config import ParallelCompConfig
+from .config import ConfigError, ParallelCompConfig
 from .decode import merged_forward, pad_ids, row_forward
 from .errors import PcompError
 from .methods import get_method
@@ -118,6 +118,9 @@ def continuation_nll(
     check_split(prefix_ids, continuation_ids, query_len)
     m = len(continuation_ids)
     method = get_method(config.method)
+    if method.decode_eviction(config) is not None:
+        raise ConfigError("decode_eviction acts while generating; perplexity scores the continuation in one pass "
+                          "on the merged cache, so it cannot apply: turn it off for perplexity")
     rules = calibration_rules(config, model.config.num_layers)
     parts = PromptParts(prefix=prefix_ids[:1], context=prefix_ids[1:-query_len], question=prefix_ids[-query_len:])
     parts = method.fit(parts, model.config.window, m)

@@ -129,7 +129,8 @@ def prefill_key(config: ParallelCompConfig) -> ParallelCompConfig:
     layout, stage and decode eviction, merged-stage calibration): configs with equal keys
     share stage 1."""
     preset = config.calibration_preset if config.calibration_preset_stage == "chunk" else None
-    capacity = None if config.stage_eviction else config.capacity  # stage eviction: the chunks keep all
+    stage = get_method(config.method).stage_eviction(config) is not None
+    capacity = None if stage else config.capacity  # stage eviction: the chunks keep every token
     return dataclasses.replace(config, merge_layout="parallel", stage_eviction=False, decode_eviction=False,
                                capacity=capacity, calibration=stage_rules(config.calibration, "chunk"),
                                calibration_preset=preset, calibration_preset_stage="merged" if preset is None else "chunk")

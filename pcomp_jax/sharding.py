@@ -5,8 +5,9 @@ the ``KVCache``) declares the logical names of its arrays' axes next to their sh
 (``pcomp_jax.axes``). ``LOGICAL_RULES`` is the one place that says which logical axis goes
 to which mesh axis; ``shardings(tree, mesh)`` reads them through flax's
 ``logical_to_mesh_sharding``, and ``shard(tree, mesh)`` places a tree accordingly. The
-chunk axis of the prefill rows is split over the mesh axis ``chunk``; everything else is
-replicated. Several hosts join through ``jax.distributed.initialize()`` before
+chunk axis of the prefill rows is split over the mesh axis ``chunk``; attention heads, KV
+heads, the MLP width and the vocabulary over ``model`` (tensor parallelism); everything
+else is replicated. Several hosts join through ``jax.distributed.initialize()`` before
 ``make_mesh`` is called; the same code then spans all of their devices.
 """
 
@@ -58,6 +59,10 @@ def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
         raise ConfigError(f"num_devices must be between 1 and {len(devices)} (the devices available), got {n}")
     if model_parallel < 1 or n % model_parallel:
         raise ConfigError(f"model_parallel={model_parallel} must divide the {n} devices used (num_devices)")
+    left_out = sorted({d.process_index for d in devices} - {d.process_index for d in devices[:n]})
+    if left_out:
+        raise ConfigError(f"num_devices={n} leaves process(es) {left_out} without a device in the mesh; every "
+                          f"process of the run must take part: use num_devices={len(devices)} (all) or fewer processes")
     return Mesh(np.asarray(devices[:n]).reshape(n // model_parallel, model_parallel), (CHUNK_AXIS, MODEL_AXIS))
 
 
@@ -99,7 +104,15 @@ def shard(tree, mesh: Mesh, rules=LOGICAL_RULES):
     targets = shardings(tree, mesh, rules)
     if jax.process_count() == 1:
         return jax.device_put(tree, targets)
-    return jax.tree.map(_place_local_share, tree, targets)
+    return jax.tree.map(_place_on, tree, targets)
+
+
+def _place_on(value, sharding: NamedSharding):
+    """One leaf onto ``sharding`` across processes: a global array already there as it is,
+    another global array resharded, host data from this process's share."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return value if value.sharding == sharding else jax.device_put(value, sharding)
+    return _place_local_share(value, sharding)
 
 
 def _place_local_share(value, sharding: NamedSharding):

@@ -8,7 +8,8 @@ Each length runs in a fresh process (so each peak is its own): random context to
 the pipeline of ``--config``'s settings (default configs/demo.yaml) through
 ``answer_parts``, timed to the last token. Reported per length: wall seconds, the
 process's peak resident memory (``ru_maxrss``) and its growth over the memory held right
-before the run (the model loaded, nothing compiled), and the preflight's estimated peak
+before the preflight and the run (the model loaded; the growth holds the compilation of
+the preflight's and the run's stages), and the preflight's estimated peak
 per device (``pcomp_jax.memory``, XLA's buffer plan). ``random-small`` is a 4-layer
 Llama (hidden 256, 8 heads, 4 KV heads, vocabulary 32000, window 8192) with random
 weights, so that 1M tokens run on a CPU. On the CPU the measured growth also holds XLA's
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
                "--config", args.config] + [x for o in args.overrides for x in ("--set", o)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"error: length {length} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            print(f"error: length {length} failed: {last}", file=sys.stderr)
             return 2
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)

@@ -34,6 +34,7 @@ def test_overrides_parse_yaml_values():
         ("pipeline=3", "pipeline must be a mapping"),
         ("nonsense", "--set takes field=value"),
         ("pipeline.preset=paper", "config field 'pipeline.preset': 'paper' is not allowed; allowed: paper_llama2"),
+        ("pipeline.preset=[a]", "config field 'pipeline.preset': \\['a'\\] is not allowed; allowed: paper_llama2"),
     ],
 )
 def test_bad_values_are_named(override, message):

@@ -89,6 +89,12 @@ def test_perplexity_methods_agree_where_nothing_is_dropped(model):
     assert not np.allclose(chunked.token_nll, ref, atol=1e-3)  # two of four chunks are really dropped
 
 
+def test_perplexity_refuses_decode_eviction(model):
+    ids = np.arange(200, dtype=np.int32) % 100 + 5
+    with pytest.raises(ConfigError, match="decode_eviction acts while generating"):
+        continuation_nll(model, ids[:150], ids[150:160], ParallelCompConfig(chunk_len=48, decode_eviction=True), 8)
+
+
 def test_perplexity_bad_inputs(model):
     with pytest.raises(PcompError, match="no tokens to score"):
         continuation_nll(model, np.arange(50), np.zeros(0, np.int32))

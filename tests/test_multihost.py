@@ -160,11 +160,19 @@ def test_launch_files_are_consistent_and_their_commands_parse():
     assert args.num_processes == job["spec"]["completions"] == job["spec"]["parallelism"] and args.process_id == 1
     assert os.path.exists(os.path.join(ROOT, args.config))
 
-    lines = [line for line in open(os.path.join(ROOT, "deploy", "slurm.sbatch")) if line.startswith("srun ")]
+    from pcomp_jax.config import load_config
+
+    script = open(os.path.join(ROOT, "deploy", "slurm.sbatch")).read().replace("\\\n", " ")
+    options = dict(line.split()[1].lstrip("-").split("=") for line in script.splitlines() if line.startswith("#SBATCH"))
+    devices = int(options["nodes"]) * int(options["ntasks-per-node"])  # one accelerator per task
+    assert "/" not in options["output"]  # opened by SLURM before the script runs: no directory to create
+    lines = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert lines
     for line in lines:
         command = shlex.split(line.replace("${SLURM_JOB_ID}", "7"))
         args = build_parser().parse_args(command[4:])
         assert os.path.exists(os.path.join(ROOT, args.config)) and args.coordinator is None  # SLURM detection
+        assert load_config(args.config, args.overrides).pipeline.group_size % devices == 0
 
 
 def test_initialize_after_jax_has_run_in_this_process():

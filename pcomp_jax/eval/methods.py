@@ -68,7 +68,7 @@ class MethodSpec:
                               f"got {self.changes!r}") from None
         preset = [value for key, value in pairs if key == "preset"]
         if preset:  # a named pipeline preset's fields, the entry's own on top
-            if preset[0] not in PIPELINE_PRESETS:
+            if not isinstance(preset[0], str) or preset[0] not in PIPELINE_PRESETS:
                 raise ConfigError(f"method {self.name!r}: preset={preset[0]!r} is not allowed; allowed: "
                                   + ", ".join(PIPELINE_PRESETS))
             own = [(key, value) for key, value in pairs if key != "preset"]

@@ -305,6 +305,8 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
                 check_or_write_settings(os.path.join(config.output_dir, spec.name), method_settings(config, spec))
         except ConfigError as err:
             refusal = err
+        except (OSError, ValueError) as err:  # an unwritable output_dir, a corrupt settings.json
+            refusal = ConfigError(f"cannot use {config.output_dir}: {err}")
     if not main_decides(np.array(refusal is None)):
         raise refusal or ConfigError("process 0 refused the run's settings (see its output)")
     if model is None:
