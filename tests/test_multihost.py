@@ -62,11 +62,26 @@ def launch(commands_and_envs):
 
 
 @pytest.fixture(scope="module")
-def one_process(run_args, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "r.json"
-    [(rc, _, err)] = launch([(run_args(out), cpu_env(4))])
-    assert rc == 0, err
-    return json.loads(out.read_text())
+def one_process(hf_checkpoints, run_args):
+    """The same run in this process (four CPU devices, as conftest sets)."""
+    import pcomp_jax
+    from pcomp_jax.config import load_config
+
+    cmd = run_args("unused.json")
+    overrides = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
+    config = load_config("configs/demo.yaml", overrides + ["max_new_tokens=6"])
+    book = cmd[cmd.index("--context-file") + 1]
+    result = pcomp_jax.answer(pcomp_jax.load_model(hf_checkpoints("llama_gqa_untied")[0]), open(book).read(),
+                              cmd[cmd.index("--question") + 1], config.pipeline, config.max_new_tokens)
+    assert jax_devices() == 4
+    return {"selected_chunks": result.selected_chunks, "token_ids": result.token_ids,
+            "chunk_scores": result.chunk_scores}
+
+
+def jax_devices() -> int:
+    import jax
+
+    return len(jax.devices())
 
 
 def check_same(one, out_dir, results):
