@@ -129,7 +129,7 @@ def continuation_nll(
         return ContinuationScore(_plain_row_nll(model, np.concatenate([parts.prefix, parts.context, parts.question]),
                                                 continuation_ids), [])
     pre = prefill_context(model, parts, config, stage_rules(rules, "chunk"), method=method)
-    check_laid_out_fits(model, pre.parts, [e - s for s, e in pre.kept_bounds], layout, m)
+    check_laid_out_fits(model, pre.parts, pre.kept_lengths, layout, m)
     if layout.reprefills:
         return ContinuationScore(_plain_row_nll(model, reprefill_ids(pre), continuation_ids), pre.selected_chunks)
     tail = np.concatenate([parts.question, continuation_ids])

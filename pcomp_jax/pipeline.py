@@ -207,7 +207,7 @@ def answer_parts(
         if prefills is not None:
             prefills[key] = pre
     timings["prefill"] = timings.get("prefill", 0.0) + time.perf_counter() - t
-    check_laid_out_fits(model, pre.parts, [e - s for s, e in pre.kept_bounds], layout, max_new_tokens)
+    check_laid_out_fits(model, pre.parts, pre.kept_lengths, layout, max_new_tokens)
     if layout.reprefills:
         t = time.perf_counter()
         gen = generate_ids(model, reprefill_ids(pre), max_new_tokens)
@@ -247,6 +247,11 @@ class ContextPrefill:
     def kept_bounds(self) -> list[tuple[int, int]]:
         """``(start, end)`` of the kept chunks, in document order."""
         return [self.bounds[c] for c in self.selected_chunks]
+
+    @property
+    def kept_lengths(self) -> list[int]:
+        """Token counts of the kept chunks, in document order."""
+        return [e - s for s, e in self.kept_bounds]
 
 
 def context_chunks(parts: PromptParts, config: ParallelCompConfig, method: Method) -> list[tuple[int, int]]:
