@@ -213,4 +213,7 @@ def causal_attention(name: str, needs_key_mask: bool = False, dtype=None):
         raise ConfigError("the cudnn attention backend takes no calibration keep-mask; use blockwise or pallas")
     if name == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"the cudnn attention backend needs an NVIDIA GPU (this run is on {jax.default_backend()})")
+    if name == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ConfigError(f"the cudnn attention backend takes bfloat16 or float16 inputs, not {jnp.dtype(dtype).name}; "
+                          "load the model with dtype bfloat16, or use attention pallas or blockwise")
     return CAUSAL_BACKENDS[name]

@@ -13,7 +13,9 @@ the preflight's and the run's stages), and the preflight's estimated peak
 per device (``pcomp_jax.memory``, XLA's buffer plan). ``random-small`` is a 4-layer
 Llama (hidden 256, 8 heads, 4 KV heads, vocabulary 32000, window 8192) with random
 weights, so that 1M tokens run on a CPU. On the CPU the measured growth also holds XLA's
-compiler and host-side buffers, so it bounds the device buffers from above.
+compiler and host-side buffers, so it bounds the device buffers from above; on an
+accelerator the row also holds the device allocator's peak (``peak_bytes_in_use``), the
+number the preflight estimates.
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ def one(length: int, model_name: str, config_path: str, overrides: list[str]) ->
     result = answer_parts(model, parts, config, max_new_tokens=8)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     return {"length": length, "seconds": round(seconds, 1), "peak_rss": peak, "growth": peak - before,
+            "device_peak": (stats or {}).get("peak_bytes_in_use"),
             "estimate_peak": estimate.peak, "estimate_weights": estimate.weights, "chunks": result.num_chunks,
             "device": str(jax.devices()[0])}
 
@@ -93,8 +97,9 @@ def main(argv=None) -> int:
         print(json.dumps(one(args.one, args.model, args.config, args.overrides)))
         return 0
     rows = []
-    print("| context tokens | chunks | seconds | peak RSS MiB | growth during the run MiB | preflight peak MiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| context tokens | chunks | seconds | peak RSS MiB | growth during the run MiB | device peak MiB | "
+          "preflight peak MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for length in args.lengths:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", str(length), "--model", args.model,
                "--config", args.config] + [x for o in args.overrides for x in ("--set", o)]
@@ -106,8 +111,9 @@ def main(argv=None) -> int:
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         mib = lambda b: f"{b / 2**20:,.0f}"
+        device = mib(row["device_peak"]) if row["device_peak"] else "-"
         print(f"| {length:,} | {row['chunks']} | {row['seconds']} | {mib(row['peak_rss'])} | {mib(row['growth'])} | "
-              f"{mib(row['estimate_peak'])} |", flush=True)
+              f"{device} | {mib(row['estimate_peak'])} |", flush=True)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(rows, f, indent=1)

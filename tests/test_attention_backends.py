@@ -78,3 +78,11 @@ def test_pallas_compiled_on_gpu(dtype):
     out = pallas_causal_attention(q, k, v, keep).astype(jnp.float32)
     ref = dense_causal_attention(q, k, v, keep).astype(jnp.float32)
     np.testing.assert_allclose(out, ref, atol=1e-4 if dtype == jnp.float32 else 2e-2)
+
+
+def test_cudnn_refuses_float32_naming_the_fix(monkeypatch):
+    # Seen on an H100 (docs/bench/gpu): cuDNN's flash attention raises NotImplementedError on float32.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="cudnn attention backend takes bfloat16 or float16 inputs, not float32"):
+        causal_attention("cudnn", dtype=jnp.float32)
+    assert causal_attention("cudnn", dtype=jnp.bfloat16) is CAUSAL_BACKENDS["cudnn"]
