@@ -8,7 +8,8 @@ Prefill needs only causal attention inside each row (padding sits after the real
 where causality hides it), so its backends share the signature
 ``(q, k, v, key_keep=None) -> out`` (``key_keep``: calibration's per-KV-head key mask):
 ``dense_causal_attention``, the flash-style ``blockwise_causal_attention`` (memory linear
-in the row length), the Pallas kernel and cuDNN. ``causal_attention(name, ...)`` picks one.
+in the row length), our Pallas kernel, cuDNN, and the kernels JAX ships (splash attention
+for TPU, Mosaic GPU flash attention for Hopper). ``causal_attention(name, ...)`` picks one.
 """
 
 from __future__ import annotations
@@ -171,11 +172,21 @@ def _blockwise_row(q, k, v, key_bias, block: int) -> jnp.ndarray:
     return out.transpose(0, 3, 1, 2, 4).reshape(t, h, d)
 
 
+def compiled_on(platform: str, kernel, *args):
+    """``kernel(*args, interpret=False)`` where the program is lowered for ``platform``, the
+    interpreted kernel elsewhere. Decided when lowering (``jax.lax.platform_dependent``), not by
+    the machine that traces: a program exported from the CPU for a GPU or TPU gets the kernel."""
+    return jax.lax.platform_dependent(*args, default=lambda *a: kernel(*a, interpret=True),
+                                      **{platform: lambda *a: kernel(*a, interpret=False)})
+
+
 def pallas_causal(q, k, v, key_keep=None):
-    """The Pallas kernel (``kernels.pallas_attention``); interpreted where there is no GPU."""
+    """The Pallas kernel (``kernels.pallas_attention``): compiled with Triton for CUDA, interpreted elsewhere."""
     from .kernels.pallas_attention import pallas_causal_attention
 
-    return pallas_causal_attention(q, k, v, key_keep, interpret=jax.default_backend() != "gpu")
+    if key_keep is None:
+        key_keep = jnp.ones((q.shape[0], k.shape[2], q.shape[1]), bool)
+    return compiled_on("cuda", pallas_causal_attention, q, k, v, key_keep)
 
 
 def cudnn_causal_attention(q, k, v, key_keep=None):
@@ -185,35 +196,69 @@ def cudnn_causal_attention(q, k, v, key_keep=None):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
+def splash_causal(q, k, v, key_keep=None):
+    """JAX's splash attention (``kernels.library_kernels``): compiled for TPU, interpreted elsewhere."""
+    from .kernels.library_kernels import splash_causal_attention
+
+    if key_keep is not None:
+        raise ConfigError("the splash attention backend takes no calibration keep-mask; use blockwise or pallas")
+    return compiled_on("tpu", lambda q, k, v, interpret: splash_causal_attention(q, k, v, interpret=interpret), q, k, v)
+
+
+def mosaic_gpu_causal(q, k, v, key_keep=None):
+    """JAX's Mosaic GPU flash attention for Hopper (``kernels.library_kernels``)."""
+    from .kernels.library_kernels import mosaic_gpu_causal_attention
+
+    if q.shape[-1] % 64:
+        raise ConfigError(f"the mosaic_gpu attention backend needs a head size that is a multiple of 64, this model's is "
+                          f"{q.shape[-1]}; use attention cudnn or pallas")
+    return mosaic_gpu_causal_attention(q, k, v, key_keep)
+
+
 CAUSAL_BACKENDS = {
     "dense": dense_causal_attention,
     "blockwise": blockwise_causal_attention,
     "pallas": pallas_causal,
     "cudnn": cudnn_causal_attention,
+    "splash": splash_causal,
+    "mosaic_gpu": mosaic_gpu_causal,
 }
+NO_KEY_MASK = ("cudnn", "splash", "mosaic_gpu")  # kernels whose masks cannot vary per row and KV head
+SIXTEEN_BIT = ("cudnn", "mosaic_gpu")  # kernels that take bfloat16 or float16 inputs only
 
 
 def causal_attention(name: str, needs_key_mask: bool = False, dtype=None):
     """The causal prefill backend called ``name``.
 
     ``auto`` picks per platform: on GPU cuDNN for 16-bit inputs without a calibration
-    key-mask, otherwise Pallas; elsewhere blockwise at every length (measured on the CPU:
-    4.4x faster than dense already for four 1088-token rows:
+    key-mask, otherwise Pallas; on TPU splash attention without a key mask, otherwise
+    blockwise; on the CPU blockwise at every length (measured: 4.4x faster than dense already
+    for four 1088-token rows:
     ``python scripts/bench_attention_blocks.py --lengths 1088 --batch 4 --blocks 512``).
+    A backend that cannot run this configuration raises ``ConfigError`` saying what to use.
     """
+    platform = jax.default_backend()
+    half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if name == "auto":
-        if jax.default_backend() == "gpu":
-            half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        if platform == "gpu":
             name = "cudnn" if half and not needs_key_mask else "pallas"
+        elif platform == "tpu":
+            name = "blockwise" if needs_key_mask else "splash"
         else:
             name = "blockwise"
     if name not in CAUSAL_BACKENDS:
         raise ConfigError(f"attention backend {name!r} is not available; choose one of: auto, {', '.join(CAUSAL_BACKENDS)}")
-    if name == "cudnn" and needs_key_mask:
-        raise ConfigError("the cudnn attention backend takes no calibration keep-mask; use blockwise or pallas")
-    if name == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"the cudnn attention backend needs an NVIDIA GPU (this run is on {jax.default_backend()})")
-    if name == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ConfigError(f"the cudnn attention backend takes bfloat16 or float16 inputs, not {jnp.dtype(dtype).name}; "
+    if name in NO_KEY_MASK and needs_key_mask:
+        raise ConfigError(f"the {name} attention backend takes no calibration keep-mask; use blockwise or pallas")
+    if name == "cudnn" and platform != "gpu":
+        raise ConfigError(f"the cudnn attention backend needs an NVIDIA GPU (this run is on {platform})")
+    if name == "mosaic_gpu":
+        from .kernels.library_kernels import mosaic_gpu_available
+
+        missing = mosaic_gpu_available()
+        if missing:
+            raise ConfigError(missing)
+    if name in SIXTEEN_BIT and dtype is not None and not half:
+        raise ConfigError(f"the {name} attention backend takes bfloat16 or float16 inputs, not {jnp.dtype(dtype).name}; "
                           "load the model with dtype bfloat16, or use attention pallas or blockwise")
     return CAUSAL_BACKENDS[name]

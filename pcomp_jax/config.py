@@ -18,7 +18,7 @@ from .distributed import DistributedConfig
 from .errors import ConfigError
 from .methods import method_names
 from .prefill import MERGE_LAYOUTS
-ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "pallas", "cudnn")
+ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "pallas", "cudnn", "splash", "mosaic_gpu")
 
 
 def _check_choice(name, value, allowed):
@@ -71,8 +71,9 @@ class ParallelCompConfig:
     calibration_preset: a named preset (``calibrate.PRESETS``) added to the rules, with layer
       ranges scaled to the model's depth, applied at ``calibration_preset_stage``.
     attention: causal prefill backend: ``auto`` (GPU: cuDNN for bfloat16 without chunk-stage
-      calibration, else Pallas; CPU: blockwise), ``dense``,
-      ``blockwise``, ``pallas`` or ``cudnn``. num_devices: devices used (None: all, of every
+      calibration, else Pallas; TPU: splash without chunk-stage calibration, else blockwise;
+      CPU: blockwise), ``dense``, ``blockwise``, ``pallas``, ``cudnn``, ``splash`` or
+      ``mosaic_gpu`` (Hopper, 16-bit). num_devices: devices used (None: all, of every
       process). model_parallel: devices of the ``model`` mesh axis (tensor parallelism: query
       and KV heads, MLP width and vocabulary split over them; must divide each); the other
       factor of num_devices is the ``chunk`` axis (chunk rows split over it).
@@ -142,7 +143,7 @@ class ParallelCompConfig:
         _check_min("model_parallel", self.model_parallel, 1)
         if self.num_devices is not None and self.num_devices % self.model_parallel:
             raise ConfigError(f"model_parallel={self.model_parallel} must divide num_devices={self.num_devices}")
-        if self.model_parallel > 1 and self.attention in ("pallas", "cudnn"):
+        if self.model_parallel > 1 and self.attention in ("pallas", "cudnn", "splash", "mosaic_gpu"):
             raise ConfigError(f"attention={self.attention!r} is one kernel per device and cannot be split over "
                               "model_parallel devices; use attention: blockwise or dense")
         if self.kv_budget is not None:

@@ -113,7 +113,7 @@ class PrefillSpec:
     (``compress.SnapKV``, ``compress.RecentTokens`` or your own ``TokenScorer``); when
     nothing is evicted every scorer keeps the same tokens. chunk_scorer: ranks chunks (``compress.QueryNLL``).
     attention: the causal backend by name (``auto``, ``dense``, ``blockwise``, ``pallas``,
-    ``cudnn``; see ``attention.causal_attention``). chunk_rules: stage-``chunk``
+    ``cudnn``, ``splash``, ``mosaic_gpu``; see ``attention.causal_attention``). chunk_rules: stage-``chunk``
     calibration rules (``calibrate.CalibrationRule``).
     """
 

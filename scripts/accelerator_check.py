@@ -49,7 +49,7 @@ ORIGINAL_PREALLOCATE = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
 def backends_for(platform_name: str) -> list[str]:
     """The causal prefill backends worth checking on ``platform_name`` (interpreted kernels
     are left to the tests: they are slow and prove nothing about the hardware)."""
-    return {"gpu": ["dense", "blockwise", "pallas", "cudnn"], "tpu": ["dense", "blockwise"]}.get(
+    return {"gpu": ["dense", "blockwise", "pallas", "cudnn", "mosaic_gpu"], "tpu": ["dense", "blockwise", "splash"]}.get(
         platform_name, ["dense", "blockwise"])
 
 

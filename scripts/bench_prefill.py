@@ -132,7 +132,7 @@ def run_one(args) -> dict:
         compiled = lambda: _prefill_prompt._cache_size()
     else:
         config = ParallelCompConfig(chunk_len=args.chunk_len, top_k_chunks=args.top_k, capacity=args.capacity,
-                                    group_size=args.group_size, chat=False)
+                                    group_size=args.group_size, chat=False, attention=args.attention)
         parts = PromptParts(prefix=rng.integers(0, vocab, 16).astype(np.int32),
                             context=rng.integers(0, vocab, length).astype(np.int32),
                             question=rng.integers(0, vocab, 24).astype(np.int32))
@@ -145,7 +145,8 @@ def run_one(args) -> dict:
         row_len = 16 + math.ceil(length / rows) + 24
         flops = layer_flops(cfg, rows * row_len, row_len)
         compiled = lambda: prefill_group._cache_size()
-    return {"method": method, "length": length, **timed_calls(call, args.repeats), "compilations": compiled(),
+    return {"method": method, "length": length, "attention": args.attention if method == "ours_parallelcomp" else "auto",
+            **timed_calls(call, args.repeats), "compilations": compiled(),
             "flops": flops, "peak_memory_bytes": peak_memory_bytes(), "device": str(jax.devices()[0].device_kind)}
 
 
@@ -230,6 +231,7 @@ def main():
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--capacity", type=int, default=None)
     p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--attention", default="auto", help="the ParallelComp prefill's attention backend (pipeline.attention)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per (method, length) run")
     p.add_argument("--output-dir", default="runs/bench")
@@ -253,7 +255,8 @@ def main():
     peak = float(done.stdout.strip().splitlines()[-1])
     records = []
     passthrough = ["--shape", args.shape, "--dtype", args.dtype, "--chunk-len", str(args.chunk_len), "--top-k",
-                   str(args.top_k), "--group-size", str(args.group_size), "--repeats", str(args.repeats)]
+                   str(args.top_k), "--group-size", str(args.group_size), "--repeats", str(args.repeats),
+                   "--attention", args.attention]
     if args.capacity:
         passthrough += ["--capacity", str(args.capacity)]
     for length in args.lengths:

@@ -86,3 +86,102 @@ def test_cudnn_refuses_float32_naming_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="cudnn attention backend takes bfloat16 or float16 inputs, not float32"):
         causal_attention("cudnn", dtype=jnp.float32)
     assert causal_attention("cudnn", dtype=jnp.bfloat16) is CAUSAL_BACKENDS["cudnn"]
+
+
+# -- the kernels JAX ships: splash attention (TPU) and Mosaic GPU flash attention (Hopper) --
+
+from pcomp_jax.kernels.library_kernels import mosaic_gpu_available, splash_causal_attention  # noqa: E402
+
+SMOLLM2_HEADS = (9, 3, 64)
+LLAMA3_8B_HEADS = (32, 8, 128)
+
+
+@pytest.mark.parametrize("heads,t,batch", [(SMOLLM2_HEADS, 256, 2), (SMOLLM2_HEADS, 200, 2), (LLAMA3_8B_HEADS, 130, 1)])
+def test_splash_interpreted_matches_dense(heads, t, batch):
+    # 200 and 130 are padded to 256 (a multiple of the TPU's 128 lanes): causality hides the padding.
+    h, kvh, d = heads
+    rng = np.random.default_rng(t)
+    q, k, v = (jnp.asarray(rng.normal(size=(batch, t, n, d)), jnp.float32) for n in (h, kvh, kvh))
+    out = splash_causal_attention(q, k, v, interpret=True)
+    np.testing.assert_allclose(out, dense_causal_attention(q, k, v), atol=2e-5)
+
+
+def test_splash_refuses_a_key_mask_and_auto_picks_it_on_tpu(monkeypatch):
+    with pytest.raises(ValueError, match="splash attention backend takes no calibration keep-mask; use blockwise or pallas"):
+        causal_attention("splash", needs_key_mask=True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert causal_attention("auto") is CAUSAL_BACKENDS["splash"]
+    assert causal_attention("auto", needs_key_mask=True) is CAUSAL_BACKENDS["blockwise"]
+
+
+def test_mosaic_gpu_is_probed_and_refused_with_the_reason_off_hopper():
+    missing = mosaic_gpu_available()
+    if missing is None:
+        pytest.skip("a Hopper GPU is here: the backend runs (test_mosaic_gpu_matches_dense_on_hopper)")
+    with pytest.raises(ValueError, match="mosaic_gpu|Mosaic GPU"):
+        causal_attention("mosaic_gpu", dtype=jnp.bfloat16)
+
+
+@pytest.mark.skipif(mosaic_gpu_available() is not None, reason=str(mosaic_gpu_available()))
+@pytest.mark.parametrize("heads,t", [(SMOLLM2_HEADS, 1088), (LLAMA3_8B_HEADS, 1000)])
+def test_mosaic_gpu_matches_dense_on_hopper(heads, t):
+    h, kvh, d = heads
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, t, n, d)), jnp.bfloat16) for n in (h, kvh, kvh))
+    out = causal_attention("mosaic_gpu", dtype=jnp.bfloat16)(q, k, v).astype(jnp.float32)
+    ref = dense_causal_attention(q, k, v).astype(jnp.float32)
+    np.testing.assert_allclose(out, ref, atol=3e-2)
+
+
+def export_chunk_prefill(platform: str, attention: str, heads=SMOLLM2_HEADS, dtype=jnp.bfloat16, serialize=True):
+    """``prefill.prefill_group`` (the whole chunk prefill: every layer, scoring, eviction) for a
+    2-layer model of the given head shape, exported for ``platform`` from abstract shapes."""
+    from jax import export
+
+    from pcomp_jax.checkpoints.orbax_dir import weight_shapes
+    from pcomp_jax.chunking import Rows
+    from pcomp_jax.model.config import ModelConfig
+    from pcomp_jax.prefill import PrefillSpec, prefill_group
+
+    h, kvh, d = heads
+    cfg = ModelConfig("LlamaForCausalLM", 1024, h * d, 4 * h * d, 2, h, kvh, d, 8192)
+    weights = weight_shapes(cfg, jnp.dtype(dtype))
+    g, r, qb = 4, 1088, 16
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    rows = Rows(tokens=ints(g, r), positions=ints(g, r), row_lengths=ints(g), chunk_lengths=ints(g), chunk_ids=ints(g),
+                question_targets=ints(g, qb), question_mask=jax.ShapeDtypeStruct((g, qb), jnp.bool_),
+                score_at=ints(g, qb), prefix_len=32, chunk_len=1040)
+    spec = PrefillSpec(capacity=256, attention=attention)
+    if not serialize:  # lowered for the platform, without export's check of custom-call stability
+        return prefill_group.trace(weights, cfg, rows, spec).lower(lowering_platforms=(platform,)).as_text()
+    # Triton calls carry no compatibility guarantee across jax versions: allowed here, in a test.
+    unstable = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")] if platform == "cuda" else []
+    exported = export.export(prefill_group, platforms=[platform], disabled_checks=unstable)(weights, cfg, rows, spec)
+    return exported.mlir_module()
+
+
+def test_chunk_prefill_with_splash_exports_for_tpu():
+    module = export_chunk_prefill("tpu", "splash")
+    assert "stablehlo.custom_call @tpu_custom_call" in module
+
+
+def test_chunk_prefill_with_pallas_exports_for_cuda():
+    module = export_chunk_prefill("cuda", "pallas", heads=LLAMA3_8B_HEADS)
+    assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1  # one kernel, inside the layer scan
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "mosaic_gpu"])
+def test_chunk_prefill_with_gpu_library_kernels_exports_for_cuda(backend, monkeypatch):
+    # cuDNN's and Mosaic GPU's lowerings ask the installed CUDA libraries for their versions:
+    # without a GPU's libraries they cannot lower, and the test says so.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the configuration checks of a GPU run
+    import pcomp_jax.kernels.library_kernels as library
+
+    monkeypatch.setattr(library, "mosaic_gpu_available", lambda: None)
+    try:
+        module = export_chunk_prefill("cuda", backend, heads=LLAMA3_8B_HEADS, serialize=False)
+    except (RuntimeError, AssertionError) as e:
+        if ON_GPU:
+            raise
+        pytest.skip(f"{backend} cannot be lowered without a GPU's CUDA libraries here ({type(e).__name__}: {e})")
+    assert "stablehlo.custom_call" in module
