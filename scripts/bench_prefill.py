@@ -2,6 +2,7 @@
 
     python scripts/bench_prefill.py --lengths 4096 8192 16384 32768 --output-dir docs/bench/cpu
     python scripts/bench_prefill.py --shape llama3-8b --dtype bfloat16 --lengths 32768 131072 --no-hf   # on a GPU
+    python scripts/bench_prefill.py --dtype float32 bfloat16 --lengths 16384   # both dtypes side by side
 
 Every (method, length) runs in a fresh subprocess, so peak memory is its own (RSS on the
 CPU, ``peak_bytes_in_use`` on an accelerator). Reported per run: median wall time over
@@ -34,15 +35,30 @@ def layer_flops(cfg, tokens: int, row_len: int) -> float:
     return cfg.num_layers * (linear + attention)
 
 
+def cpu_flags() -> str:
+    """The CPU's features that decide bfloat16 matmul speed, as ``/proc/cpuinfo`` lists them."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in wanted)
+
+
 def measure_matmul_peak(dtype_name: str) -> float:
-    """FLOP/s of a jitted square matmul of random numbers on the default device (median of 5):
-    4096 on the CPU, 8192 on an accelerator (a smaller one does not fill a GPU)."""
+    """FLOP/s of a jitted square matmul of random numbers on the default device (median of 5),
+    in the model's dot form (``model.llama.dot``: inputs in ``dtype_name``, float32
+    accumulation and result): 4096 on the CPU, 8192 on an accelerator (a smaller one does not
+    fill a GPU)."""
     import jax
     import jax.numpy as jnp
 
+    from pcomp_jax.model.llama import dot
+
     n = 4096 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype_name)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: dot("ij,jk->ik", x, x))
     f(a).block_until_ready()
     times = []
     for _ in range(5):
@@ -65,8 +81,8 @@ def load(args):
     import pcomp_jax
 
     if args.shape == "default":
-        return pcomp_jax.load_model(None, dtype=args.dtype)
-    return random_model(args.shape, args.dtype)
+        return pcomp_jax.load_model(None, dtype=args.dtype[0])
+    return random_model(args.shape, args.dtype[0])
 
 
 def random_model(shape: str, dtype: str):
@@ -145,13 +161,14 @@ def run_one(args) -> dict:
         row_len = 16 + math.ceil(length / rows) + 24
         flops = layer_flops(cfg, rows * row_len, row_len)
         compiled = lambda: prefill_group._cache_size()
-    return {"method": method, "length": length, "attention": args.attention if method == "ours_parallelcomp" else "auto",
+    return {"method": method, "length": length, "dtype": args.dtype[0],
+            "attention": args.attention if method == "ours_parallelcomp" else "auto",
             **timed_calls(call, args.repeats), "compilations": compiled(),
             "flops": flops, "peak_memory_bytes": peak_memory_bytes(), "device": str(jax.devices()[0].device_kind)}
 
 
 def run_hf(args, length, rng) -> dict:
-    """transformers' PyTorch LlamaForCausalLM (SDPA), the same GGUF weights, float32 on the CPU."""
+    """transformers' PyTorch LlamaForCausalLM (SDPA), the same GGUF weights, on the CPU in ``--dtype``."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -161,7 +178,7 @@ def run_hf(args, length, rng) -> dict:
         raise SystemExit("hf_full is measured for the default model only")
     torch.set_num_threads(os.cpu_count())
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(default_model_path()), gguf_file=DEFAULT_GGUF,
-                                                 dtype=torch.float32, attn_implementation="sdpa").eval()
+                                                 dtype=getattr(torch, args.dtype[0]), attn_implementation="sdpa").eval()
     ids = torch.tensor(rng.integers(0, model.config.vocab_size, size=(1, length)))
 
     def call(tokens=ids):
@@ -173,28 +190,37 @@ def run_hf(args, length, rng) -> dict:
     import pcomp_jax
 
     cfg = pcomp_jax.load_model().config
-    return {"method": "hf_full", "length": length, **timings, "compilations": 0,
+    return {"method": "hf_full", "length": length, "dtype": args.dtype[0], **timings, "compilations": 0,
             "flops": layer_flops(cfg, length, length), "peak_memory_bytes": peak_memory_bytes(), "device": "cpu (torch)"}
 
 
-def report(records: list[dict], peak: float, args) -> str:
-    by = {(r["method"], r["length"]): r for r in records}
-    lines = [f"matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s ({args.dtype})", "",
-             "| length | method | median s | tokens/s | GFLOP/s | MFU | peak mem GB | compile s | compilations |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def report(records: list[dict], peaks: dict, args) -> str:
+    """Markdown tables of ``records``; ``peaks``: dtype -> the matmul FLOP/s measured in this run."""
+    dtype_of = lambda r: r.get("dtype", args.dtype[0])
+    by = {(r["method"], r["length"], dtype_of(r)): r for r in records}
+    lines = [f"CPU features: {cpu_flags()}"] if not records or "cpu" in str(records[0].get("device", "cpu")).lower() else []
+    lines += [f"matmul peak measured in this run ({d}, the model's dot form): {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()]
+    lines += ["", "| length | method | dtype | median s | tokens/s | GFLOP/s | MFU | peak mem GB | compile s | compilations |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         achieved = r["flops"] / r["median_s"]
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
-        lines.append(f"| {r['length']} | {r['method']} | {r['median_s']:.2f} | {r['length'] / r['median_s']:.0f} | "
-                     f"{achieved / 1e9:.1f} | {achieved / peak:.0%} | {r['peak_memory_bytes'] / 1e9:.2f} | "
-                     f"{compile_s} | {r['compilations']} |")
-    lines += ["", "| length | ParallelComp vs our full (FLOP ratio) | our full vs HF full | ParallelComp vs HF full |",
-              "| --- | --- | --- | --- |"]
+        lines.append(f"| {r['length']} | {r['method']} | {dtype_of(r)} | {r['median_s']:.2f} | "
+                     f"{r['length'] / r['median_s']:.0f} | {achieved / 1e9:.1f} | {achieved / peaks[dtype_of(r)]:.0%} | "
+                     f"{r['peak_memory_bytes'] / 1e9:.2f} | {compile_s} | {r['compilations']} |")
+    cell = lambda a, b: f"{b['median_s'] / a['median_s']:.2f}x" if a and b else "n/a"
+    lines += ["", "| length | dtype | ParallelComp vs our full (FLOP ratio) | our full vs HF full | ParallelComp vs HF full |",
+              "| --- | --- | --- | --- | --- |"]
     for length in sorted({r["length"] for r in records}):
-        full, pc, hf = (by.get((m, length)) for m in METHODS)
-        cell = lambda a, b: f"{b['median_s'] / a['median_s']:.2f}x" if a and b else "n/a"
-        ratio = f" ({full['flops'] / pc['flops']:.2f}x)" if full and pc else ""
-        lines.append(f"| {length} | {cell(pc, full)}{ratio} | {cell(full, hf)} | {cell(pc, hf)} |")
+        for dtype in args.dtype:
+            full, pc, hf = (by.get((m, length, dtype)) for m in METHODS)
+            ratio = f" ({full['flops'] / pc['flops']:.2f}x)" if full and pc else ""
+            lines.append(f"| {length} | {dtype} | {cell(pc, full)}{ratio} | {cell(full, hf)} | {cell(pc, hf)} |")
+    if len(args.dtype) > 1:
+        lines += ["", "| length | method | bfloat16 vs float32 (time ratio, >1 = bfloat16 faster) |", "| --- | --- | --- |"]
+        for length in sorted({r["length"] for r in records}):
+            for method in METHODS:
+                lines.append(f"| {length} | {method} | {cell(by.get((method, length, 'bfloat16')), by.get((method, length, 'float32')))} |")
     return "\n".join(lines)
 
 
@@ -206,11 +232,14 @@ def plot(records: list[dict], path: str) -> None:
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     for method in METHODS:
-        rs = sorted((r for r in records if r["method"] == method), key=lambda r: r["length"])
-        if rs:
-            x = [r["length"] for r in rs]
-            ax_t.plot(x, [r["median_s"] for r in rs], marker="o", label=method)
-            ax_m.plot(x, [r["peak_memory_bytes"] / 1e9 for r in rs], marker="o", label=method)
+        for dtype in sorted({r.get("dtype", "") for r in records}):
+            rs = sorted((r for r in records if r["method"] == method and r.get("dtype", "") == dtype),
+                        key=lambda r: r["length"])
+            if rs:
+                x = [r["length"] for r in rs]
+                label = f"{method} {dtype}".strip()
+                ax_t.plot(x, [r["median_s"] for r in rs], marker="o", label=label)
+                ax_m.plot(x, [r["peak_memory_bytes"] / 1e9 for r in rs], marker="o", label=label)
     for ax, label in ((ax_t, "median prefill time (s)"), (ax_m, "peak memory (GB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")
@@ -226,7 +255,8 @@ def main():
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face's prefill")
     p.add_argument("--shape", default="default", help="default (SmolLM2) or llama3-8b (random weights)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
+                   help="one dtype, or both to compare them side by side in one run")
     p.add_argument("--chunk-len", type=int, default=1024)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--capacity", type=int, default=None)
@@ -240,50 +270,55 @@ def main():
     p.add_argument("--matmul-peak", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.matmul_peak:
-        print(measure_matmul_peak(args.dtype))
+        print(measure_matmul_peak(args.dtype[0]))
         return
     if args.one:
         print("RESULT " + json.dumps(run_one(args)))
         return
     methods = [m for m in args.methods if not (args.no_hf and m == "hf_full")]
     os.makedirs(args.output_dir, exist_ok=True)
-    # In a subprocess, like every run: JAX in this process would hold most of an accelerator's memory.
-    done = subprocess.run([sys.executable, __file__, "--matmul-peak", "--dtype", args.dtype], capture_output=True,
-                          text=True, timeout=args.timeout)
-    if done.returncode:
-        raise SystemExit(f"error: measuring the matmul peak failed: {done.stderr.strip()[-400:]}")
-    peak = float(done.stdout.strip().splitlines()[-1])
+    peaks = {}
+    for dtype in args.dtype:
+        # In a subprocess, like every run: JAX in this process would hold most of an accelerator's memory.
+        done = subprocess.run([sys.executable, __file__, "--matmul-peak", "--dtype", dtype], capture_output=True,
+                              text=True, timeout=args.timeout)
+        if done.returncode:
+            raise SystemExit(f"error: measuring the matmul peak failed: {done.stderr.strip()[-400:]}")
+        peaks[dtype] = float(done.stdout.strip().splitlines()[-1])
     records = []
-    passthrough = ["--shape", args.shape, "--dtype", args.dtype, "--chunk-len", str(args.chunk_len), "--top-k",
+    passthrough = ["--shape", args.shape, "--chunk-len", str(args.chunk_len), "--top-k",
                    str(args.top_k), "--group-size", str(args.group_size), "--repeats", str(args.repeats),
                    "--attention", args.attention]
     if args.capacity:
         passthrough += ["--capacity", str(args.capacity)]
     for length in args.lengths:
         for method in methods:
-            cmd = [sys.executable, __file__, "--one", method, "--length", str(length), *passthrough]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{method} {length}: timed out after {args.timeout}s", flush=True)
-                continue
-            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode or not result:
-                print(f"{method} {length}: failed (exit {done.returncode}): {done.stderr.strip()[-400:]}", flush=True)
-                continue
-            records.append(json.loads(result[0][7:]))
-            r = records[-1]
-            print(f"{method} {length}: {r['median_s']:.2f}s, {r['peak_memory_bytes'] / 1e9:.2f} GB", flush=True)
-            write_results(records, peak, args)  # after every run: a stopped benchmark keeps what it measured
-    print(write_results(records, peak, args))
+            for dtype in args.dtype:  # the dtypes of one (length, method) back to back: side by side in time
+                cmd = [sys.executable, __file__, "--one", method, "--length", str(length), "--dtype", dtype, *passthrough]
+                name = f"{method} {dtype} {length}"
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{name}: timed out after {args.timeout}s", flush=True)
+                    continue
+                result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if done.returncode or not result:
+                    print(f"{name}: failed (exit {done.returncode}): {done.stderr.strip()[-400:]}", flush=True)
+                    continue
+                records.append(json.loads(result[0][7:]))
+                r = records[-1]
+                print(f"{name}: {r['median_s']:.2f}s, {r['peak_memory_bytes'] / 1e9:.2f} GB", flush=True)
+                write_results(records, peaks, args)  # after every run: a stopped benchmark keeps what it measured
+    print(write_results(records, peaks, args))
     plot(records, os.path.join(args.output_dir, "prefill.png"))
 
 
-def write_results(records, peak, args) -> str:
+def write_results(records, peaks, args) -> str:
     """Writes ``results.json`` and ``results.md`` into the output directory; returns the table."""
-    text = report(records, peak, args)
+    text = report(records, peaks, args)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"matmul_peak_flops": peak, "args": vars(args), "records": records}, f, indent=1)
+        json.dump({"matmul_peak_flops": peaks, "cpu_features": cpu_flags(), "args": vars(args), "records": records}, f,
+                  indent=1)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text + "\n")
     return text

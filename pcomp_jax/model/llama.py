@@ -61,32 +61,40 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (xf.astype(x.dtype) * scale).astype(x.dtype)
 
 
+def dot(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, x, w)`` in mixed precision: inputs in the weights' dtype, products
+    accumulated and returned in float32 (``preferred_element_type``), as GPU and TPU matrix
+    units and CPUs with bfloat16 dot instructions compute them. For float32 weights: a plain
+    float32 einsum."""
+    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
 def _qkv(x, lw: LayerWeights, cos, sin, cfg: ModelConfig):
-    """Projects ``x [B, T, E]`` to rotated q ``[B,T,H,D]`` and rotated k, plain v ``[B,T,KVH,D]``."""
+    """Projects ``x [B, T, E]`` to rotated q ``[B,T,H,D]`` and rotated k, plain v ``[B,T,KVH,D]``,
+    in x's dtype (projections accumulated, biases added and RoPE applied in float32)."""
     h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-    q = jnp.einsum("bte,ehd->bthd", h, lw.wq)
-    k = jnp.einsum("bte,ehd->bthd", h, lw.wk)
-    v = jnp.einsum("bte,ehd->bthd", h, lw.wv)
+    q, k, v = (dot("bte,ehd->bthd", h, w) for w in (lw.wq, lw.wk, lw.wv))
     if lw.bq is not None:
         q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return apply_rope(q, cos, sin).astype(x.dtype), apply_rope(k, cos, sin).astype(x.dtype), v.astype(x.dtype)
 
 
 def _finish_layer(x, attn_out, lw: LayerWeights, cfg: ModelConfig):
-    """Output projection, residual, SwiGLU MLP and residual. x: ``[B, T, E]``."""
-    x = x + jnp.einsum("bthd,hde->bte", attn_out, lw.wo)
+    """Output projection, residual, SwiGLU MLP and residual. x: ``[B, T, E]``; the residual
+    stream stays in x's dtype, the MLP's activations in float32 until the down projection."""
+    x = (x + dot("bthd,hde->bte", attn_out, lw.wo)).astype(x.dtype)
     h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-    gate = jax.nn.silu(jnp.einsum("bte,ef->btf", h, lw.w_gate))
-    up = jnp.einsum("bte,ef->btf", h, lw.w_up)
-    return x + jnp.einsum("btf,fe->bte", gate * up, lw.w_down)
+    gate = jax.nn.silu(dot("bte,ef->btf", h, lw.w_gate))
+    up = dot("bte,ef->btf", h, lw.w_up)
+    return (x + dot("btf,fe->bte", gate * up, lw.w_down)).astype(x.dtype)
 
 
 def _logits(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and output projection: ``[B, P, E] -> [B, P, V]`` float32."""
     h = rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
     if weights.lm_head is None:
-        return jnp.einsum("bpe,ve->bpv", h, weights.embed, preferred_element_type=jnp.float32)
-    return jnp.einsum("bpe,ev->bpv", h, weights.lm_head, preferred_element_type=jnp.float32)
+        return dot("bpe,ve->bpv", h, weights.embed)
+    return dot("bpe,ev->bpv", h, weights.lm_head)
 
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v, mask)
