@@ -232,7 +232,7 @@ class RunConfig:
 
     def __post_init__(self):
         check_field_types(self)
-        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "auto"))
         _check_min("max_new_tokens", self.max_new_tokens, 1)
 
 

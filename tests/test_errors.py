@@ -47,7 +47,7 @@ def test_sliding_window_is_refused(tmp_path):
 def test_unknown_source_and_dtype(tmp_path):
     with pytest.raises(pcomp_jax.CheckpointError, match="neither a directory nor a file"):
         pcomp_jax.load_model(str(tmp_path / "nothing-here"))
-    with pytest.raises(ValueError, match="dtype 'float16' is not supported; choose one of: float32, bfloat16"):
+    with pytest.raises(ValueError, match="dtype 'float16' is not supported; choose one of: float32, bfloat16, auto"):
         pcomp_jax.load_model(None, dtype="float16")
 
 

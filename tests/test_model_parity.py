@@ -159,3 +159,11 @@ def test_bucket_lengths():
         size = bucket_length(n)
         assert n <= size <= max(64, n * 1.125 + 1)
     assert len({bucket_length(n) for n in range(1, 70000)}) < 80  # few buckets: few compilations
+
+
+def test_dtype_auto_is_bfloat16_on_accelerators_and_float32_on_cpus(hf_checkpoints, monkeypatch):
+    path, _ = hf_checkpoints("llama_gqa_untied")
+    assert pcomp_jax.load_model(path, dtype="auto").params.layers.wq.dtype == jnp.float32  # this CPU
+    for platform, dtype in (("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)):
+        monkeypatch.setattr(jax, "default_backend", lambda: platform)
+        assert pcomp_jax.load_model(path, dtype="auto").params.layers.wq.dtype == dtype
