@@ -234,6 +234,16 @@ def row_length(prefix_len: int, longest_chunk: int, question_bucket: int) -> int
     return bucket_length(prefix_len + longest_chunk + question_bucket)
 
 
+def check_row_fits(prefix_len: int, longest_chunk: int, question_len: int, window: int) -> None:
+    """Raises ``InputTooLongError`` when the longest row P + chunk + Q exceeds ``window``."""
+    p, c, q = prefix_len, longest_chunk, question_len
+    if p + c + q > window:
+        raise InputTooLongError(
+            f"a row (prefix {p} + chunk {c} + question {q} = {p + c + q} tokens) does not fit in "
+            f"the model's window of {window} tokens; lower chunk_len or shorten the question"
+        )
+
+
 def question_bucket(question_len: int) -> int:
     """The static question length Qb of a row (the question's bucket)."""
     return bucket_length(question_len, minimum=16)
@@ -273,11 +283,7 @@ def build_rows(
     p, q = len(parts.prefix), len(parts.question)
     bounds = chunk_bounds(len(parts.context), chunk_len, parts.breaks, overlap)
     longest = max(e - s for s, e in bounds)
-    if p + longest + q > window:
-        raise InputTooLongError(
-            f"a row (prefix {p} + chunk {longest} + question {q} = {p + longest + q} tokens) does not fit in "
-            f"the model's window of {window} tokens; lower chunk_len or shorten the question"
-        )
+    check_row_fits(p, longest, q, window)
     n = len(bounds) if num_rows is None else num_rows
     if n < len(bounds):
         raise PcompError(
