@@ -82,7 +82,8 @@ from .sharding import rules_for, shard, shard_weights
 
 # The config fields that shape what ``read_document`` computes; a stored document is
 # reused only under a config that agrees on them (the others act when a question is asked).
-READ_FIELDS = ("method", "chunk_len", "sentence_chunks", "chunk_overlap", "instruction", "chat", "attention")
+# Methods may differ if they read alike (``parallelcomp`` and ``pcw`` share the chunk rows).
+READ_FIELDS = ("chunk_len", "sentence_chunks", "chunk_overlap", "instruction", "chat", "attention")
 
 
 @flax.struct.dataclass
@@ -180,6 +181,9 @@ def check_same_reading(stored: ParallelCompConfig, config: ParallelCompConfig, w
     """Refuses ``config`` when it differs from ``stored`` in a field that shapes the reading."""
     diff = [f"{f}={getattr(stored, f)!r} (asked with {getattr(config, f)!r})" for f in READ_FIELDS
             if getattr(stored, f) != getattr(config, f)]
+    read, asked = get_method(stored.method), get_method(config.method)
+    if (reuses_chunk_caches(read), read.chunked) != (reuses_chunk_caches(asked), asked.chunked):
+        diff.append(f"method={stored.method!r} (asked with {config.method!r}, which reads the context otherwise)")
     if diff:
         raise ConfigError(f"{what} was read with {', '.join(diff)}; read the document again with this config")
 
