@@ -220,56 +220,86 @@ class Document:
         config: the document's (default), or one that differs only in what acts after the
         reading (top_k_chunks, capacity, obs_window, merge_layout, evictions, merged-stage
         calibration, ...; not ``READ_FIELDS``)."""
+        if not isinstance(question, str):
+            raise PcompError(f"the question must be a string, got {type(question).__name__}")
+        return self.ask_many([question], max_new_tokens, config, progress)[0]
+
+    def ask_many(self, questions, max_new_tokens: int = 32, config: ParallelCompConfig | None = None,
+                 progress: bool = False) -> list[Answer]:
+        """``[doc.ask(q, max_new_tokens, config) for q in questions]``, with each group of chunk
+        caches placed on the devices once for all the questions (a document kept on the
+        host moves each group once, not once per question). Each answer's
+        ``timings["question_scores"]`` is its share of the shared scoring time."""
         config = self.config if config is None else check_config(config)
         check_same_reading(self.config, config, "the document")
         check_document_config(self.model, config)
         check_max_new_tokens(max_new_tokens)
-        if not isinstance(question, str) or not question.strip():
-            raise PcompError("the question must be a non-empty string")
+        if isinstance(questions, str) or not all(isinstance(q, str) and q.strip() for q in questions):
+            raise PcompError("questions must be a list of non-empty strings")
+        if not questions:
+            return []
         t = time.perf_counter()
+        asked = [self.question_parts(question, config) for question in questions]
+        tokenize = (time.perf_counter() - t) / len(asked)
+        if self.groups is None:  # a one-row method: its row depends on the question
+            return [answer_parts(self.model, parts, config, max_new_tokens, progress, {"tokenize": tokenize})
+                    for parts in asked]
+        method = get_method(config.method)
+        layout = merge_layout(self.model, config)
+        t = time.perf_counter()
+        for parts in asked:
+            check_fewest_fit(self.model, parts, config, method, layout, max_new_tokens)
+        prefills = self.score_chunks(asked, config, method, progress)
+        share = (time.perf_counter() - t) / len(asked)
+        return [answer_selection(self.model, pre, config, max_new_tokens,
+                                 {"tokenize": tokenize, "question_scores": share}, len(pre.parts.context))
+                for pre in prefills]
+
+    def question_parts(self, question: str, config: ParallelCompConfig) -> PromptParts:
+        """The document's P and context with ``question``'s part Q, encoded as ``answer``
+        encodes it; refused when the template puts question-dependent text in P."""
         prefix, question_ids = encode_template(self.model.tokenizer, question, config.instruction,
                                                config.answer_prefix, config.chat)
         if not np.array_equal(prefix, self.parts.prefix):
             raise PcompError("the prompt prefix P differs for this question (the chat template puts question-"
                              "dependent text before the context), so the document's caches do not apply; "
                              "use pcomp_jax.answer()")
-        parts = dataclasses.replace(self.parts, question=question_ids)
-        timings = {"tokenize": time.perf_counter() - t}
-        method = get_method(config.method)
-        if self.groups is None:  # a one-row method: its row depends on the question
-            return answer_parts(self.model, parts, config, max_new_tokens, progress, timings)
-        t = time.perf_counter()
-        check_fewest_fit(self.model, parts, config, method, merge_layout(self.model, config), max_new_tokens)
-        pre = self.score_chunks(parts, config, method, progress)
-        timings["question_scores"] = time.perf_counter() - t
-        return answer_selection(self.model, pre, config, max_new_tokens, timings, len(parts.context))
+        return dataclasses.replace(self.parts, question=question_ids)
 
-    def score_chunks(self, parts: PromptParts, config: ParallelCompConfig, method: Method,
-                     progress: bool = False) -> ContextPrefill:
-        """Stage 1 for the question of ``parts`` from the stored caches (``question_group``
-        per group, running top-k): what ``pipeline.prefill_context`` gives."""
+    def score_chunks(self, asked: list[PromptParts], config: ParallelCompConfig, method: Method,
+                     progress: bool = False) -> list[ContextPrefill]:
+        """Stage 1 for the question of each of ``asked`` from the stored caches
+        (``question_group`` per group and question, running top-k per question): what
+        ``pipeline.prefill_context`` gives for each."""
         cfg = self.model.config
-        p, q = len(parts.prefix), len(parts.question)
-        longest = max(e - s for s, e in self.bounds)
-        check_row_fits(p, longest, q, cfg.window)
         spec = method.prefill_spec(config)
-        capacity = spec.kept_for(method.chunk_len(config, parts), row_length(p, longest, question_bucket(q)))
-        reads = spec.token_scorer.queries_read()
-        if capacity < longest and reads > q + 1:
-            raise PcompError(f"the question part has {q} tokens, but {type(spec.token_scorer).__name__} scores "
-                             f"tokens by the row's last {reads} queries (obs_window) and a document has only the "
-                             f"question's and the chunk's last token ({q + 1}); lower obs_window or use answer()")
+        longest = max(e - s for s, e in self.bounds)
         mesh = model_mesh(self.model, config)
         rows_per_group(self.groups[0].chunk_ids.shape[0], self.num_chunks, mesh)  # the stored groups fit the mesh
-        ids, scored = scored_question(parts.question, config.score_last_tokens)
-        ids, scored, length = jnp.asarray(ids), jnp.asarray(scored), jnp.int32(q)
         top_k = method.kept_chunks(config, self.num_chunks)
-        state = empty_selection(cfg, top_k, capacity, self.weights.embed.dtype)
-        score_group = lambda group: question_group(self.weights, cfg, shard(group, mesh), ids, length, scored, spec,
-                                                   capacity)
-        selection, scores = keep_best_of_groups(self.groups, score_group, state, top_k, self.num_chunks, progress)
-        return ContextPrefill(parts, selection, self.prefix_keys, self.prefix_values, [float(s) for s in scores],
-                              self.weights, self.bounds)
+        inputs, states = [], []
+        for parts in asked:
+            p, q = len(parts.prefix), len(parts.question)
+            check_row_fits(p, longest, q, cfg.window)
+            capacity = spec.kept_for(method.chunk_len(config, parts), row_length(p, longest, question_bucket(q)))
+            reads = spec.token_scorer.queries_read()
+            if capacity < longest and reads > q + 1:
+                raise PcompError(f"the question part has {q} tokens, but {type(spec.token_scorer).__name__} scores "
+                                 f"tokens by the row's last {reads} queries (obs_window) and a document has only "
+                                 f"the question's and the chunk's last token ({q + 1}); lower obs_window or use "
+                                 "answer()")
+            ids, scored = scored_question(parts.question, config.score_last_tokens)
+            inputs.append((jnp.asarray(ids), jnp.int32(q), jnp.asarray(scored), capacity))
+            states.append(empty_selection(cfg, top_k, capacity, self.weights.embed.dtype))
+
+        def score_group(group):
+            placed = shard(group, mesh)
+            return tuple(question_group(self.weights, cfg, placed, ids, length, scored, spec, capacity)
+                         for ids, length, scored, capacity in inputs)
+
+        kept = keep_best_of_groups(self.groups, score_group, tuple(states), top_k, self.num_chunks, progress)
+        return [ContextPrefill(parts, selection, self.prefix_keys, self.prefix_values, [float(s) for s in scores],
+                               self.weights, self.bounds) for parts, (selection, scores) in zip(asked, kept)]
 
     def save(self, path: str) -> None:
         """Writes the document to the directory ``path`` (must not exist yet) with orbax:
@@ -416,3 +446,29 @@ def load_document(model: Model, path: str, config: ParallelCompConfig, context: 
     if not host:
         groups = [shard(g, mesh) for g in groups]
     return Document(model, config, parts, groups, tree["prefix_keys"], tree["prefix_values"], bounds, weights, host)
+
+
+def answer_batch(
+    model: Model,
+    inputs,
+    config: ParallelCompConfig | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> list[Answer]:
+    """``[answer(model, context, question, config, max_new_tokens) for context, question in
+    inputs]``, reading each distinct context once: its questions are asked of one
+    ``read_document`` together (``Document.ask_many``). inputs: ``(context, question)`` pairs.
+    Answers come back in the order of ``inputs``."""
+    config = check_config(ParallelCompConfig() if config is None else config)
+    pairs = list(inputs)
+    if not all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+        raise PcompError("answer_batch takes a list of (context, question) pairs of strings")
+    by_context: dict[str, list[int]] = {}
+    for i, (context, _) in enumerate(pairs):
+        by_context.setdefault(context, []).append(i)
+    answers: list[Answer | None] = [None] * len(pairs)
+    for context, where in by_context.items():
+        doc = read_document(model, context, config, progress)
+        for i, result in zip(where, doc.ask_many([pairs[i][1] for i in where], max_new_tokens, progress=progress)):
+            answers[i] = result
+    return answers

@@ -255,27 +255,31 @@ def select_chunks(
     num_chunks = rows.num_chunks
     groups = rows.groups(rows_per_group(group_size, num_chunks, mesh))
     state = empty_selection(cfg, top_k, spec.kept_tokens(rows), weights.embed.dtype)
-    score_group = lambda group: prefill_group(weights, cfg, shard(group, mesh), spec)
-    return keep_best_of_groups(groups, score_group, state, top_k, num_chunks, progress)
+    score_group = lambda group: (prefill_group(weights, cfg, shard(group, mesh), spec),)
+    ((state, scores),) = keep_best_of_groups(groups, score_group, (state,), top_k, num_chunks, progress)
+    return state, scores
 
 
-def keep_best_of_groups(groups, score_group, state: ChunkSelection, top_k: int, num_chunks: int,
-                        progress: bool = False) -> tuple[ChunkSelection, np.ndarray]:
-    """The running top-k over groups of chunk rows: ``score_group(group) -> ChunkSelection``
-    of the group's chunks, kept with ``keep_best_chunks`` into ``state`` (``top_k`` chunks).
-    Returns the final state and the score of the first ``num_chunks`` chunks ``[num_chunks]``."""
-    scores = []
+def keep_best_of_groups(groups, score_group, states: tuple, top_k: int, num_chunks: int,
+                        progress: bool = False) -> list[tuple[ChunkSelection, np.ndarray]]:
+    """Running top-k selections over groups of chunk rows, several at once (e.g. one per
+    question asked of a document): ``score_group(group) -> tuple of ChunkSelection``, one
+    per state of ``states``, each kept with ``keep_best_chunks`` into its state (``top_k``
+    chunks). Returns, per state, the final selection and the score of the first
+    ``num_chunks`` chunks ``[num_chunks]``."""
+    scores = [[] for _ in states]
     for group in tqdm(groups, desc="chunk groups", unit="group", disable=not progress):
-        previous = state
+        previous = states
         scored = score_group(group)
-        scores.append(scored.scores)
-        state = keep_best_chunks(state, scored, top_k)
+        for kept, new in zip(scores, scored):
+            kept.append(new.scores)
+        states = tuple(keep_best_chunks(state, new, top_k) for state, new in zip(states, scored))
         # JAX dispatches asynchronously: without a wait the loop would place every group's
         # rows at once. Waiting for the previous group keeps at most two in flight, so
         # memory stays flat in the input length (and the progress bar moves with the work).
         jax.block_until_ready(previous)
-    jax.block_until_ready(state)
-    return state, np.concatenate([to_host(s) for s in scores])[:num_chunks]
+    jax.block_until_ready(states)
+    return [(state, np.concatenate([to_host(s) for s in kept])[:num_chunks]) for state, kept in zip(states, scores)]
 
 
 class MergeLayout:

@@ -47,13 +47,12 @@ def test_ask_is_answer(model, doc):
 
 
 # Options that act after the reading: the same document, asked under each.
+MERGED_RULE = CalibrationRule(layers=(0, 1), region="middle", region_size=4, threshold=0.02)
 AFTER_READING = [
-    dict(capacity=None, score_last_tokens=3),
+    dict(capacity=None, score_last_tokens=3, merge_layout="reprefill"),
     dict(top_k_chunks=3, capacity=24, obs_window=4, pool_kernel=3, decode_eviction=True),
     dict(method="pcw"),
-    dict(stage_eviction=True, merge_layout="sequential"),
-    dict(merge_layout="reprefill"),
-    dict(calibration=(CalibrationRule(layers=(0, 1), region="middle", region_size=4, threshold=0.02),)),
+    dict(stage_eviction=True, merge_layout="sequential", calibration=(MERGED_RULE,)),
 ]
 
 
@@ -136,3 +135,13 @@ def test_prefix_that_depends_on_the_question_is_refused(model):
     parts = pcomp_jax.chunking.encode_parts(model.tokenizer, CONTEXT, QUESTIONS[1], BASE.instruction,
                                             BASE.answer_prefix, BASE.chat)
     np.testing.assert_array_equal(parts.prefix, read_document(model, CONTEXT, BASE).parts.prefix)
+
+
+def test_answer_batch_reads_each_context_once(model):
+    other = make_context(100, seed=5)
+    inputs = [(CONTEXT, QUESTIONS[1]), (other, QUESTIONS[0]), (CONTEXT, QUESTIONS[0])]
+    batch = pcomp_jax.answer_batch(model, inputs, BASE, max_new_tokens=4)
+    for ours, (context, question) in zip(batch, inputs):
+        assert_same(ours, answer(model, context, question, BASE, max_new_tokens=4))
+    with pytest.raises(pcomp_jax.PcompError, match="list of \\(context, question\\) pairs"):
+        pcomp_jax.answer_batch(model, [CONTEXT], BASE)
