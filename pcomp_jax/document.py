@@ -188,6 +188,15 @@ def check_same_reading(stored: ParallelCompConfig, config: ParallelCompConfig, w
         raise ConfigError(f"{what} was read with {', '.join(diff)}; read the document again with this config")
 
 
+def check_same_devices(stored: ParallelCompConfig, config: ParallelCompConfig) -> None:
+    """Refuses asking on other devices than the document's caches and weights are placed on."""
+    diff = [f"{f}={getattr(stored, f)!r} (asked with {getattr(config, f)!r})" for f in ("num_devices", "model_parallel")
+            if getattr(stored, f) != getattr(config, f)]
+    if diff:
+        raise ConfigError(f"the document was placed with {', '.join(diff)}; ask with the same, or save it and "
+                          "load it with the new config")
+
+
 @dataclasses.dataclass
 class Document:
     """A context read once (``read_document``); ``ask`` answers questions about it.
@@ -232,6 +241,7 @@ class Document:
         ``timings["question_scores"]`` is its share of the shared scoring time."""
         config = self.config if config is None else check_config(config)
         check_same_reading(self.config, config, "the document")
+        check_same_devices(self.config, config)
         check_document_config(self.model, config)
         check_max_new_tokens(max_new_tokens)
         if isinstance(questions, str) or not all(isinstance(q, str) and q.strip() for q in questions):
@@ -373,16 +383,16 @@ def read_document(
     host: keep the caches in host memory as NumPy (brought to the devices one group at a
     time per question), so that a long document fits next to the model. load: a directory
     written by ``Document.save`` to restore instead of reading (``context`` may then be
-    left out; given, it must be the stored one). Raises ``ConfigError`` for what a document
+    left out; given, it must be the stored one; ``config`` None: the stored one). Raises ``ConfigError`` for what a document
     cannot reuse (module docstring).
     """
-    config = check_config(ParallelCompConfig() if config is None else config)
     if model.tokenizer is None:
         raise PcompError(f"{model.source!r} has no tokenizer; read_document() needs one to read text")
     if context is not None and not isinstance(context, str):
         raise PcompError("context must be a string")
     if load is not None:
-        return load_document(model, load, config, context, host)
+        return load_document(model, load, None if config is None else check_config(config), context, host)
+    config = check_config(ParallelCompConfig() if config is None else config)
     if context is None:
         raise PcompError("read_document needs the context (or load=, a directory written by Document.save)")
     check_document_config(model, config)
@@ -410,9 +420,10 @@ def read_document(
     return Document(model, config, parts, groups, prefix_keys, prefix_values, bounds, weights, host)
 
 
-def load_document(model: Model, path: str, config: ParallelCompConfig, context: str | None, host: bool) -> Document:
-    """A document written by ``Document.save``, checked against ``model``, ``config`` and
-    (when given) ``context``."""
+def load_document(model: Model, path: str, config: ParallelCompConfig | None, context: str | None,
+                  host: bool) -> Document:
+    """A document written by ``Document.save``, checked against ``model``, ``config`` (None:
+    the stored one) and (when given) ``context``, placed on ``config``'s devices."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -423,6 +434,7 @@ def load_document(model: Model, path: str, config: ParallelCompConfig, context: 
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"{path!r} is not a document written by Document.save: {err}") from err
     check_fingerprint(record["fingerprint"], model, path)
+    config = stored_config if config is None else config
     check_same_reading(stored_config, config, f"the document at {path!r}")
     check_document_config(model, config)
     tree = ocp.StandardCheckpointer().restore(os.path.join(path, "document"))

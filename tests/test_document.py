@@ -64,9 +64,10 @@ def test_ask_under_options_acting_after_the_reading(model, doc, changed):
 
 
 def test_other_chunking_and_one_row_methods(model):
-    """Overlapping chunks cut at token counts; one-row methods keep only the tokens and re-read them."""
-    for changed in (dict(chunk_overlap=8, sentence_chunks=False), dict(method="snapkv", kv_budget=24),
-                    dict(method="truncate")):
+    """Overlapping chunks cut at token counts on a 2 x 2 (chunk, model) mesh; one-row methods
+    keep only the tokens and re-read them."""
+    for changed in (dict(chunk_overlap=8, sentence_chunks=False, num_devices=4, model_parallel=2),
+                    dict(method="snapkv", kv_budget=24), dict(method="truncate")):
         config = dataclasses.replace(BASE, **changed)
         doc = read_document(model, CONTEXT, config)
         assert (doc.groups is None) == (config.method != "parallelcomp")
@@ -84,7 +85,7 @@ def test_host_document_saved_and_loaded(model, tmp_path):
     loaded = read_document(model, config=dataclasses.replace(BASE, top_k_chunks=3), load=str(tmp_path / "doc"))
     reference = answer(model, CONTEXT, QUESTIONS[0], dataclasses.replace(BASE, top_k_chunks=3), 5)
     assert_same(loaded.ask(QUESTIONS[0], 5), reference)
-    again = read_document(model, CONTEXT, BASE, host=True, load=str(tmp_path / "doc"))
+    again = read_document(model, CONTEXT, host=True, load=str(tmp_path / "doc"))  # the stored config
     assert_same(again.ask(QUESTIONS[1], 5), doc.ask(QUESTIONS[1], 5))
     with pytest.raises(pcomp_jax.PcompError, match="was read from another context"):
         read_document(model, make_context(150, seed=3), BASE, load=str(tmp_path / "doc"))
@@ -112,6 +113,8 @@ def test_refusals(model, doc):
                                                          calibration_preset_stage="chunk"))
     with pytest.raises(pcomp_jax.ConfigError, match=r"read with chunk_len=48 \(asked with 32\)"):
         doc.ask(QUESTIONS[0], config=dataclasses.replace(BASE, chunk_len=32))
+    with pytest.raises(pcomp_jax.ConfigError, match=r"placed with num_devices=None \(asked with 2\)"):
+        doc.ask(QUESTIONS[0], config=dataclasses.replace(BASE, num_devices=2))
     with pytest.raises(pcomp_jax.ConfigError, match=r"method='parallelcomp' \(asked with 'full', which reads"):
         doc.ask(QUESTIONS[0], config=dataclasses.replace(BASE, method="full"))
     # A short question part: SnapKV's observation window would reach back into the chunk.
