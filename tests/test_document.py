@@ -10,6 +10,9 @@ import pytest
 
 import pcomp_jax
 from pcomp_jax import CalibrationRule, ParallelCompConfig, answer, read_document
+from pcomp_jax.chunking import encode_parts
+from pcomp_jax.methods import get_method
+from pcomp_jax.pipeline import prefill_context
 
 WORDS = "the cat sat on a mat and then ran in the sun as the other one slept there".split()
 QUESTIONS = ("who slept in the sun?", "where did the cat sit, and what did the other one do?")
@@ -44,6 +47,14 @@ def assert_same(ours, reference):
 def test_ask_is_answer(model, doc):
     question = QUESTIONS[0]
     assert_same(doc.ask(question, max_new_tokens=6), answer(model, CONTEXT, question, BASE, max_new_tokens=6))
+    # Stage 1 itself: the same kept chunks, kept token positions (every layer and KV head) and caches.
+    parts = encode_parts(model.tokenizer, CONTEXT, question, BASE.instruction, BASE.answer_prefix, BASE.chat)
+    reference = prefill_context(model, parts, BASE).selection
+    ours = doc.score_chunks([doc.question_parts(question, BASE)], BASE, get_method(BASE.method))[0].selection
+    for field in ("chunk_ids", "chunk_valid", "kept_positions", "token_valid", "row_lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(ours, field)), np.asarray(getattr(reference, field)))
+    for field in ("keys", "values"):
+        np.testing.assert_allclose(np.asarray(getattr(ours, field)), np.asarray(getattr(reference, field)), atol=1e-5)
 
 
 # Options that act after the reading: the same document, asked under each.
@@ -67,7 +78,7 @@ def test_other_chunking_and_one_row_methods(model):
     """Overlapping chunks cut at token counts on a 2 x 2 (chunk, model) mesh; one-row methods
     keep only the tokens and re-read them."""
     for changed in (dict(chunk_overlap=8, sentence_chunks=False, num_devices=4, model_parallel=2),
-                    dict(method="snapkv", kv_budget=24), dict(method="truncate")):
+                    dict(method="snapkv", kv_budget=24)):
         config = dataclasses.replace(BASE, **changed)
         doc = read_document(model, CONTEXT, config)
         assert (doc.groups is None) == (config.method != "parallelcomp")
@@ -82,11 +93,10 @@ def test_host_document_saved_and_loaded(model, tmp_path):
     doc.save(str(tmp_path / "doc"))
     with pytest.raises(pcomp_jax.CheckpointError, match="already exists"):
         doc.save(str(tmp_path / "doc"))
-    loaded = read_document(model, config=dataclasses.replace(BASE, top_k_chunks=3), load=str(tmp_path / "doc"))
-    reference = answer(model, CONTEXT, QUESTIONS[0], dataclasses.replace(BASE, top_k_chunks=3), 5)
-    assert_same(loaded.ask(QUESTIONS[0], 5), reference)
+    loaded = read_document(model, config=BASE, load=str(tmp_path / "doc"))
+    assert_same(loaded.ask(QUESTIONS[0], 6), answer(model, CONTEXT, QUESTIONS[0], BASE, 6))
     again = read_document(model, CONTEXT, host=True, load=str(tmp_path / "doc"))  # the stored config
-    assert_same(again.ask(QUESTIONS[1], 5), doc.ask(QUESTIONS[1], 5))
+    assert_same(again.ask(QUESTIONS[0], 6), doc.ask(QUESTIONS[0], 6))
     with pytest.raises(pcomp_jax.PcompError, match="was read from another context"):
         read_document(model, make_context(150, seed=3), BASE, load=str(tmp_path / "doc"))
     with pytest.raises(pcomp_jax.ConfigError, match=r"read with chunk_len=48 \(asked with 64\)"):
@@ -135,7 +145,7 @@ def test_prefix_that_depends_on_the_question_is_refused(model):
     with pytest.raises(pcomp_jax.PcompError, match="prompt prefix P differs for this question"):
         doc.ask(QUESTIONS[0])
     # The library's own template keeps the question out of P: the parts agree with answer's.
-    parts = pcomp_jax.chunking.encode_parts(model.tokenizer, CONTEXT, QUESTIONS[1], BASE.instruction,
+    parts = encode_parts(model.tokenizer, CONTEXT, QUESTIONS[1], BASE.instruction,
                                             BASE.answer_prefix, BASE.chat)
     np.testing.assert_array_equal(parts.prefix, read_document(model, CONTEXT, BASE).parts.prefix)
 
