@@ -1,6 +1,7 @@
 """pcomp_jax: ParallelComp long-context inference for Llama-family models in JAX.
 
 Public API (a contract): ``load_model``, ``forward``, ``generate_full``, ``answer``,
+``read_document`` (a context read once, ``Document.ask`` per question), ``answer_batch``,
 ``ParallelCompConfig``, and ``Method`` / ``register_method`` for methods of your own.
 The pipeline's pure functions, for composing your own, live in ``pcomp_jax.chunking``
 (rows), ``pcomp_jax.prefill`` (sharded chunk prefill, running top-k, merge),
@@ -17,14 +18,18 @@ from .config import ConfigError, ParallelCompConfig, load_config
 from .methods import Method, register_method
 from .model.config import ModelConfig, RopeConfig
 from .pipeline import Answer, answer
+from .document import Document, answer_batch, read_document
 
 __all__ = [
     "Answer",
+    "Document",
     "CalibrationRule",
     "ConfigError",
     "Method",
     "ParallelCompConfig",
     "answer",
+    "answer_batch",
+    "read_document",
     "chunking",
     "compress",
     "decode",

@@ -74,6 +74,18 @@ def encode_parts(
         raise PcompError("the context is empty; give some text to answer the question about")
     if not question.strip():
         raise PcompError("the question is empty")
+    prefix, question_ids = encode_template(tokenizer, question, instruction, answer_prefix, chat, verbatim)
+    context_ids = np.asarray(tokenizer(context, add_special_tokens=False)["input_ids"], np.int32)
+    return PromptParts(prefix=prefix, context=context_ids, question=question_ids,
+                       breaks=text_breaks(tokenizer, context_ids))
+
+
+def encode_template(
+    tokenizer, question: str, instruction: str, answer_prefix: str, chat: bool, verbatim: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt around the context, as ``encode_parts`` lays it out: ``(prefix P [P],
+    question part Q [Q])`` token ids (int32). P is what the template puts before the context
+    (it does not depend on the question unless the chat template puts the question there)."""
     if verbatim:
         user = f"{instruction}{CONTEXT_MARK}{question}"
     elif instruction:
@@ -89,9 +101,7 @@ def encode_parts(
     before, after = text.split(CONTEXT_MARK)
     after = after + answer_prefix
     encode = lambda s, special: np.asarray(tokenizer(s, add_special_tokens=special)["input_ids"], np.int32)
-    context_ids = encode(context, False)
-    return PromptParts(prefix=encode(before, not chat), context=context_ids, question=encode(after, False),
-                       breaks=text_breaks(tokenizer, context_ids))
+    return encode(before, not chat), encode(after, False)
 
 
 def chunk_bounds(num_tokens: int, chunk_len: int, breaks: np.ndarray | None = None,
@@ -224,6 +234,33 @@ def row_length(prefix_len: int, longest_chunk: int, question_bucket: int) -> int
     return bucket_length(prefix_len + longest_chunk + question_bucket)
 
 
+def check_row_fits(prefix_len: int, longest_chunk: int, question_len: int, window: int) -> None:
+    """Raises ``InputTooLongError`` when the longest row P + chunk + Q exceeds ``window``."""
+    p, c, q = prefix_len, longest_chunk, question_len
+    if p + c + q > window:
+        raise InputTooLongError(
+            f"a row (prefix {p} + chunk {c} + question {q} = {p + c + q} tokens) does not fit in "
+            f"the model's window of {window} tokens; lower chunk_len or shorten the question"
+        )
+
+
+def question_bucket(question_len: int) -> int:
+    """The static question length Qb of a row (the question's bucket)."""
+    return bucket_length(question_len, minimum=16)
+
+
+def scored_question(question: np.ndarray, score_last_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The question tokens a chunk is scored on: ``(ids [Qb] int32, zero-padded; scored [Qb]
+    bool)``, every real token or only the last ``score_last_tokens``."""
+    q, q_bucket = len(question), question_bucket(len(question))
+    ids = np.zeros(q_bucket, np.int32)
+    ids[:q] = question
+    scored = np.arange(q_bucket) < q
+    if score_last_tokens is not None:
+        scored &= np.arange(q_bucket) >= q - score_last_tokens
+    return ids, scored
+
+
 def build_rows(
     parts: PromptParts,
     chunk_len: int,
@@ -246,18 +283,14 @@ def build_rows(
     p, q = len(parts.prefix), len(parts.question)
     bounds = chunk_bounds(len(parts.context), chunk_len, parts.breaks, overlap)
     longest = max(e - s for s, e in bounds)
-    if p + longest + q > window:
-        raise InputTooLongError(
-            f"a row (prefix {p} + chunk {longest} + question {q} = {p + longest + q} tokens) does not fit in "
-            f"the model's window of {window} tokens; lower chunk_len or shorten the question"
-        )
+    check_row_fits(p, longest, q, window)
     n = len(bounds) if num_rows is None else num_rows
     if n < len(bounds):
         raise PcompError(
             f"num_rows={n} is fewer than the {len(bounds)} chunks of this input; leave num_rows out "
             "(Rows.groups pads each group) or pass at least the number of chunks"
         )
-    q_bucket = bucket_length(q, minimum=16)
+    q_bucket = question_bucket(q)
     r = row_length(p, longest, q_bucket)
     tokens = np.zeros((n, r), np.int32)
     positions = np.zeros((n, r), np.int32)
@@ -266,16 +299,14 @@ def build_rows(
     targets = np.zeros((n, q_bucket), np.int32)
     mask = np.zeros((n, q_bucket), bool)
     score_at = np.zeros((n, q_bucket), np.int32)
-    scored = np.arange(q_bucket) < q
-    if score_last_tokens is not None:
-        scored &= np.arange(q_bucket) >= q - score_last_tokens
+    question_ids, scored = scored_question(parts.question, score_last_tokens)
     for i, (s, e) in enumerate(bounds):
         row = np.concatenate([parts.prefix, parts.context[s:e], parts.question])
         tokens[i, : len(row)] = row
         positions[i, : len(row)] = np.arange(len(row))
         row_lengths[i], chunk_lengths[i] = len(row), e - s
         q_start = p + e - s
-        targets[i, :q] = parts.question
+        targets[i] = question_ids
         mask[i] = scored
         score_at[i] = np.clip(q_start - 1 + np.arange(q_bucket), 0, r - 1)
     chunk_ids = np.arange(n, dtype=np.int32)

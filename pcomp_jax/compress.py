@@ -158,6 +158,12 @@ class TokenScorer:
     def for_config(self, config) -> "TokenScorer":
         return self
 
+    def queries_read(self) -> int | None:
+        """How many of the row's last queries the scores depend on (None: possibly all of
+        them). A ``pipeline.Document`` keeps only the chunks' keys and values, so it can
+        score tokens only with a scorer that reads no further back than the question."""
+        return None
+
     def __call__(self, q: jax.Array, k: jax.Array, row_lengths: jax.Array, content: jax.Array) -> jax.Array:
         raise NotImplementedError
 
@@ -173,6 +179,9 @@ class SnapKV(TokenScorer):
     def for_config(self, config) -> "SnapKV":
         return SnapKV(config.obs_window, config.pool_kernel)
 
+    def queries_read(self) -> int:
+        return self.obs_window
+
     def __call__(self, q, k, row_lengths, content):
         return snapkv_token_scores(q, k, row_lengths, self.obs_window, self.pool_kernel, content)
 
@@ -180,6 +189,9 @@ class SnapKV(TokenScorer):
 @dataclasses.dataclass(frozen=True)
 class RecentTokens(TokenScorer):
     """StreamingLLM's window: later content tokens score higher, so the most recent are kept."""
+
+    def queries_read(self) -> int:
+        return 0
 
     def __call__(self, q, k, row_lengths, content):
         slot = jnp.arange(content.shape[1], dtype=jnp.float32)[None, :]

@@ -195,10 +195,7 @@ def answer_parts(
         gen = generate_ids(model, np.concatenate([parts.prefix, parts.context, parts.question]), max_new_tokens)
         timings["generate"] = time.perf_counter() - t
         return Answer(gen.text, gen.token_ids, [], [], timings, config.method, context_tokens, 1)
-    if layout.moves_keys or layout.reprefills:  # refused before the prefill when no selection could fit
-        lengths = sorted(e - s for s, e in context_chunks(parts, config, method))
-        check_laid_out_fits(model, parts, lengths[: method.kept_chunks(config, len(lengths))], layout,
-                            max_new_tokens, fewest=True)
+    check_fewest_fit(model, parts, config, method, layout, max_new_tokens)
     key = prefill_key(config)
     if prefills is not None and key in prefills:
         pre = prefills[key]
@@ -207,6 +204,26 @@ def answer_parts(
         if prefills is not None:
             prefills[key] = pre
     timings["prefill"] = timings.get("prefill", 0.0) + time.perf_counter() - t
+    return answer_selection(model, pre, config, max_new_tokens, timings, context_tokens)
+
+
+def check_fewest_fit(model: Model, parts: PromptParts, config: ParallelCompConfig, method: Method,
+                     layout: MergeLayout, max_new_tokens: int) -> None:
+    """Refuses, before any prefill, a layout laying the kept chunks end to end when even the
+    shortest chunks a selection could keep would not fit (``check_laid_out_fits``)."""
+    if layout.moves_keys or layout.reprefills:
+        lengths = sorted(e - s for s, e in context_chunks(parts, config, method))
+        check_laid_out_fits(model, parts, lengths[: method.kept_chunks(config, len(lengths))], layout,
+                            max_new_tokens, fewest=True)
+
+
+def answer_selection(model: Model, pre: "ContextPrefill", config: ParallelCompConfig, max_new_tokens: int,
+                     timings: dict, context_tokens: int) -> Answer:
+    """Stages 2 and 3 of ``config``'s method on a done stage 1 (``pre``): merge in the
+    method's layout (or reprefill the kept chunks), question prefill, decoding."""
+    method = get_method(config.method)
+    rules = calibration_rules(config, model.config.num_layers)
+    layout = merge_layout(model, config)
     check_laid_out_fits(model, pre.parts, pre.kept_lengths, layout, max_new_tokens)
     if layout.reprefills:
         t = time.perf_counter()

@@ -126,8 +126,12 @@ class PrefillSpec:
     def kept_tokens(self, rows: Rows) -> int:
         """Tokens kept per chunk for ``rows``: ``capacity`` (or the chunk length when None),
         at most the row length. A static shape: it depends on ``rows``' shapes only."""
-        wanted = rows.chunk_len if self.capacity is None else self.capacity
-        return min(wanted, rows.row_len)
+        return self.kept_for(rows.chunk_len, rows.row_len)
+
+    def kept_for(self, chunk_len: int, row_len: int) -> int:
+        """``kept_tokens`` for rows of at most ``chunk_len`` context tokens and static length ``row_len``."""
+        wanted = chunk_len if self.capacity is None else self.capacity
+        return min(wanted, row_len)
 
     def attention_fn(self, dtype):
         """The causal attention backend this spec names, for weights of ``dtype``."""
@@ -155,25 +159,50 @@ def prefill_group(weights: Weights, cfg: ModelConfig, rows: Rows, spec: PrefillS
     chunks (padding rows invalid, score +inf).
     """
     capacity = spec.kept_tokens(rows)
-    slot = jnp.arange(rows.row_len)[None, :]
-    content = (slot >= rows.prefix_len) & (slot < rows.prefix_len + rows.chunk_lengths[:, None])  # [G, R]
+    content = content_slots(rows.prefix_len, rows.chunk_lengths, rows.row_len)
 
     def emit(q, k, v, layer_index):
-        idx, _ = keep_top_tokens(spec.token_scorer(q, k, rows.row_lengths, content), capacity)
-        return gather_tokens(k, idx), gather_tokens(v, idx), idx
+        return compress_row(spec, capacity, q, k, v, rows.row_lengths, content)
 
     key_keep = chunk_keep_fn(spec.chunk_rules, rows.row_lengths) if spec.chunk_rules else None
-    logits, (keys, values, kept) = prefill_forward(
+    logits, emitted = prefill_forward(
         weights, cfg, rows.tokens, rows.positions, logits_at=rows.score_at,
         attention=spec.attention_fn(weights.embed.dtype), emit=emit, key_keep=key_keep,
     )
-    chunk_valid = rows.chunk_lengths > 0
-    scores = jnp.where(chunk_valid, spec.chunk_scorer(logits, rows.question_targets, rows.question_mask), jnp.inf)
-    token_valid = jnp.arange(capacity)[None, :] < jnp.minimum(rows.chunk_lengths, capacity)[:, None]
+    return scored_chunks(spec, logits, rows.question_targets, rows.question_mask, emitted, rows.prefix_len,
+                         rows.chunk_lengths, rows.chunk_ids, capacity)
+
+
+def content_slots(prefix_len: int, chunk_lengths: jax.Array, width: int) -> jax.Array:
+    """Which row slots hold the chunk's own tokens (after P, before Q): ``[G, width]`` bool."""
+    slot = jnp.arange(width)[None, :]
+    return (slot >= prefix_len) & (slot < prefix_len + chunk_lengths[:, None])
+
+
+def compress_row(spec: PrefillSpec, capacity: int, q, k, v, row_lengths, content):
+    """Stage 1b in one layer: the ``capacity`` content tokens per KV head that
+    ``spec.token_scorer`` ranks best. q: ``[G, T, H, D]``; k, v: ``[G, T, KVH, D]`` (one layer
+    of G rows P + chunk + Q); row_lengths: ``[G]``; content: ``[G, T]``. Returns ``(keys,
+    values [G, cap, KVH, D], kept row positions [G, KVH, cap])``."""
+    idx, _ = keep_top_tokens(spec.token_scorer(q, k, row_lengths, content), capacity)
+    return gather_tokens(k, idx), gather_tokens(v, idx), idx
+
+
+def scored_chunks(spec: PrefillSpec, logits, targets, mask, emitted, prefix_len: int, chunk_lengths, chunk_ids,
+                  capacity: int) -> ChunkSelection:
+    """The ``ChunkSelection`` of G chunk rows from what their forward gave: ``logits [G, Qb,
+    V]`` at the positions that predict the question ``targets [G or 1, Qb]`` (scored where
+    ``mask``), ``emitted``: ``compress_row``'s output stacked over layers. Padding rows
+    (``chunk_lengths`` 0) are invalid with score +inf."""
+    keys, values, kept = emitted
+    chunk_valid = chunk_lengths > 0
+    targets = jnp.broadcast_to(targets, logits.shape[:2])
+    mask = jnp.broadcast_to(mask, logits.shape[:2])
+    scores = jnp.where(chunk_valid, spec.chunk_scorer(logits, targets, mask), jnp.inf)
+    token_valid = jnp.arange(capacity)[None, :] < jnp.minimum(chunk_lengths, capacity)[:, None]
     return ChunkSelection(
         keys=keys, values=values, kept_positions=kept, token_valid=token_valid, scores=scores,
-        chunk_ids=rows.chunk_ids.astype(jnp.int32), chunk_valid=chunk_valid,
-        row_lengths=rows.prefix_len + rows.chunk_lengths,
+        chunk_ids=chunk_ids.astype(jnp.int32), chunk_valid=chunk_valid, row_lengths=prefix_len + chunk_lengths,
     )
 
 
@@ -226,18 +255,31 @@ def select_chunks(
     num_chunks = rows.num_chunks
     groups = rows.groups(rows_per_group(group_size, num_chunks, mesh))
     state = empty_selection(cfg, top_k, spec.kept_tokens(rows), weights.embed.dtype)
-    scores = []
+    score_group = lambda group: (prefill_group(weights, cfg, shard(group, mesh), spec),)
+    ((state, scores),) = keep_best_of_groups(groups, score_group, (state,), top_k, num_chunks, progress)
+    return state, scores
+
+
+def keep_best_of_groups(groups, score_group, states: tuple, top_k: int, num_chunks: int,
+                        progress: bool = False) -> list[tuple[ChunkSelection, np.ndarray]]:
+    """Running top-k selections over groups of chunk rows, several at once (e.g. one per
+    question asked of a document): ``score_group(group) -> tuple of ChunkSelection``, one
+    per state of ``states``, each kept with ``keep_best_chunks`` into its state (``top_k``
+    chunks). Returns, per state, the final selection and the score of the first
+    ``num_chunks`` chunks ``[num_chunks]``."""
+    scores = [[] for _ in states]
     for group in tqdm(groups, desc="chunk groups", unit="group", disable=not progress):
-        previous = state
-        scored = prefill_group(weights, cfg, shard(group, mesh), spec)
-        scores.append(scored.scores)
-        state = keep_best_chunks(state, scored, top_k)
+        previous = states
+        scored = score_group(group)
+        for kept, new in zip(scores, scored):
+            kept.append(new.scores)
+        states = tuple(keep_best_chunks(state, new, top_k) for state, new in zip(states, scored))
         # JAX dispatches asynchronously: without a wait the loop would place every group's
         # rows at once. Waiting for the previous group keeps at most two in flight, so
         # memory stays flat in the input length (and the progress bar moves with the work).
         jax.block_until_ready(previous)
-    jax.block_until_ready(state)
-    return state, np.concatenate([to_host(s) for s in scores])[:num_chunks]
+    jax.block_until_ready(states)
+    return [(state, np.concatenate([to_host(s) for s in kept])[:num_chunks]) for state, kept in zip(states, scores)]
 
 
 class MergeLayout:

@@ -1,12 +1,12 @@
 """The pipeline on the real default model: with one kept chunk and no eviction, ParallelComp
 is exactly full attention over P + that chunk + Q (the equivalence that separates what the
-method does from what the model can read)."""
+method does from what the model can read); a document read once answers as ``answer`` does."""
 
 import numpy as np
 import pytest
 
 import pcomp_jax
-from pcomp_jax import ParallelCompConfig, answer
+from pcomp_jax import ParallelCompConfig, answer, read_document
 from pcomp_jax.chunking import chunk_bounds, encode_parts
 from pcomp_jax.decode import generate_ids
 from pcomp_jax.tasks import make_task
@@ -30,3 +30,14 @@ def test_one_kept_chunk_without_eviction_is_full_attention_over_it(model, kind, 
     start, end = chunk_bounds(len(parts.context), config.chunk_len, parts.breaks)[chunk]
     full = generate_ids(model, np.concatenate([parts.prefix, parts.context[start:end], parts.question]), 12)
     assert ours.token_ids == full.token_ids, (ours.text, full.text)
+
+
+def test_document_answers_a_passkey_as_answer_does(model):
+    task = make_task("passkey", model.tokenizer, 3072, 0.4, seed=3)
+    config = ParallelCompConfig(chunk_len=512, top_k_chunks=2, capacity=128)
+    ours = read_document(model, task.context, config).ask(task.question, max_new_tokens=12)
+    reference = answer(model, task.context, task.question, config, max_new_tokens=12)
+    assert ours.num_chunks == reference.num_chunks >= 6
+    np.testing.assert_allclose(ours.chunk_scores, reference.chunk_scores, atol=1e-5, rtol=0)
+    assert ours.selected_chunks == reference.selected_chunks
+    assert ours.token_ids == reference.token_ids and task.is_correct(ours.text), (ours.text, reference.text)

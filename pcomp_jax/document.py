@@ -1,0 +1,486 @@
+"""Reading a document once and asking it many questions.
+
+In a row ``P + chunk + Q`` attention is causal, so the keys and values of ``P + chunk``
+never depend on the question. ``read_document`` runs ``P + chunk`` of every chunk through
+every layer once (groups of rows sharded over the ``chunk`` mesh axis, as the prefill of
+``pipeline.answer``) and keeps each row's full cache; ``Document.ask`` then runs only the
+question part Q on top of every chunk's cache (``question_group``): the logits at Q give
+the chunk scores, the queries of Q give the SnapKV token scores, and the same compression,
+running top-k, merge and decoding as ``answer`` follow. ``doc.ask(q)`` gives what
+``answer(model, context, q, config)`` gives (scores to float rounding, the same selection
+and tokens).
+
+A document stores each row without the chunk's last token: that token runs again in front
+of Q, so its logits predict Q's first token (the chunk score needs them) without storing
+a hidden state.
+
+What cannot reuse the chunk caches:
+  * calibration rules of stage ``chunk`` change each chunk's own attention by what the
+    question's last queries attend to: refused at ``read_document`` (``ConfigError``);
+  * a token scorer that reads queries further back than the question (``TokenScorer.
+    queries_read``; SnapKV reads ``obs_window``) while it evicts: refused (the document
+    keeps keys and values, not the chunks' queries);
+  * one-row methods (``full``, ``truncate``, and the baselines ``snapkv`` and
+    ``streaming``, whose input is cut to fit next to the question): the document keeps
+    only the tokens and ``ask`` runs ``answer``'s one-row path on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .axes import axes_field, static_field
+from .cache import KVCache, write_layer
+from .checkpoints import Model
+from .chunking import PromptParts, check_row_fits, encode_parts, encode_template, question_bucket, row_length, \
+    scored_question
+from .config import ConfigError, ParallelCompConfig, from_dict, to_dict
+from .decode import check_max_new_tokens
+from .errors import CheckpointError, PcompError
+from .methods import Method, WholeInput, get_method
+from .model.config import ModelConfig
+from .model.llama import Weights, cached_forward, prefill_forward
+from .pipeline import (
+    Answer,
+    ContextPrefill,
+    answer_parts,
+    answer_selection,
+    calibration_rules,
+    check_config,
+    check_config_fits,
+    check_fewest_fit,
+    context_chunks,
+    context_rows,
+    merge_layout,
+    model_mesh,
+    stage_rules,
+)
+from .prefill import (
+    ChunkSelection,
+    PrefillSpec,
+    compress_row,
+    content_slots,
+    empty_selection,
+    keep_best_of_groups,
+    prefill_prefix,
+    rows_per_group,
+    scored_chunks,
+    to_host,
+)
+from .sharding import rules_for, shard, shard_weights
+
+# The config fields that shape what ``read_document`` computes; a stored document is
+# reused only under a config that agrees on them (the others act when a question is asked).
+# Methods may differ if they read alike (``parallelcomp`` and ``pcw`` share the chunk rows).
+READ_FIELDS = ("chunk_len", "sentence_chunks", "chunk_overlap", "instruction", "chat", "attention")
+
+
+@flax.struct.dataclass
+class ChunkCaches:
+    """One group of G chunk rows ``P + chunk`` through every layer, without the chunk's last token.
+
+    keys, values: ``[L, G, R0, KVH, D]`` (rotated at row positions); stored_lengths: ``[G]``
+    ``len(P) + len(chunk) - 1`` (0 for padding rows); last_tokens: ``[G]`` each chunk's last
+    token id; chunk_lengths: ``[G]`` (0: padding row); chunk_ids: ``[G]`` document index.
+    Static: prefix_len. Device arrays, or NumPy when the document is kept on the host.
+    """
+
+    keys: jax.Array = axes_field("layers", "chunk", "row", "kv_heads", "head_dim")
+    values: jax.Array = axes_field("layers", "chunk", "row", "kv_heads", "head_dim")
+    stored_lengths: jax.Array = axes_field("chunk")
+    last_tokens: jax.Array = axes_field("chunk")
+    chunk_lengths: jax.Array = axes_field("chunk")
+    chunk_ids: jax.Array = axes_field("chunk")
+    prefix_len: int = static_field()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def read_group(weights: Weights, cfg: ModelConfig, rows, spec: PrefillSpec) -> ChunkCaches:
+    """The caches of a group of G rows ``P + chunk`` (``chunking.Rows`` with an empty
+    question), with ``spec``'s attention backend."""
+    g = rows.tokens.shape[0]
+    _, (keys, values) = prefill_forward(weights, cfg, rows.tokens, rows.positions,
+                                        logits_at=jnp.zeros((g, 1), jnp.int32),
+                                        attention=spec.attention_fn(weights.embed.dtype))
+    ends = rows.prefix_len + rows.chunk_lengths
+    last = jnp.take_along_axis(rows.tokens, jnp.maximum(ends - 1, 0)[:, None], axis=1)[:, 0]
+    stored = jnp.where(rows.chunk_lengths > 0, ends - 1, 0).astype(jnp.int32)
+    return ChunkCaches(keys, values, stored, last, rows.chunk_lengths, rows.chunk_ids, prefix_len=rows.prefix_len)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "capacity"))
+def question_group(weights: Weights, cfg: ModelConfig, caches: ChunkCaches, question: jax.Array,
+                   question_len: jax.Array, scored: jax.Array, spec: PrefillSpec, capacity: int) -> ChunkSelection:
+    """Stage 1 + 1b of G chunk rows from their caches: each chunk's last token and the
+    question run on top of its cache (``cached_forward``, positions continuing the row).
+
+    question: ``[Qb]`` zero-padded Q ids (real up to ``question_len``); scored: ``[Qb]`` the
+    tokens the chunk score averages. The logits at the last chunk token and Q score the
+    chunk (``spec.chunk_scorer``); each layer keeps ``capacity`` content tokens by
+    ``spec.token_scorer`` over the whole row (``prefill.compress_row``), given the queries of
+    the tokens run here (the others are zero: ``TokenScorer.queries_read`` must not reach
+    them). Returns the G chunks' ``ChunkSelection``, as ``prefill.prefill_group`` does.
+    """
+    num_layers, g, stored_width, kvh, _ = caches.keys.shape
+    steps = question.shape[0] + 1
+    width = max(stored_width + steps, capacity)
+    pad = ((0, 0), (0, 0), (0, width - stored_width), (0, 0), (0, 0))
+    slots = jnp.arange(width)
+    valid = jnp.broadcast_to((slots[None, :] < caches.stored_lengths[:, None])[None, :, :, None],
+                             (num_layers, g, width, kvh))
+    cache = KVCache(jnp.pad(caches.keys, pad), jnp.pad(caches.values, pad), valid, caches.stored_lengths)
+    tokens = jnp.concatenate([caches.last_tokens[:, None], jnp.broadcast_to(question[None], (g, steps - 1))], axis=1)
+    positions = caches.stored_lengths[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
+    row_lengths = jnp.where(caches.chunk_lengths > 0, caches.stored_lengths + 1 + question_len, 0)
+    content = content_slots(caches.prefix_len, caches.chunk_lengths, width)
+
+    def emit(q, k, v, valid, layer_index):
+        q_row = write_layer(jnp.zeros((g, width, *q.shape[2:]), q.dtype), q, caches.stored_lengths)
+        return compress_row(spec, capacity, q_row, k, v, row_lengths, content)
+
+    logits, emitted = cached_forward(weights, cfg, tokens.astype(jnp.int32), positions, cache, emit=emit)
+    return scored_chunks(spec, logits[:, : steps - 1], question[None], scored[None], emitted, caches.prefix_len,
+                         caches.chunk_lengths, caches.chunk_ids, capacity)
+
+
+def reuses_chunk_caches(method: Method) -> bool:
+    """Whether ``method`` reads chunk rows ``P + chunk + Q`` of the whole context (so that a
+    document's caches serve every question); one-row methods do not."""
+    return not method.plain_row and isinstance(method.fit, WholeInput)
+
+
+def check_document_config(model: Model, config: ParallelCompConfig) -> None:
+    """Refuses, with one line naming the option, what a document cannot reuse its caches for."""
+    check_config_fits(model, config)
+    method = get_method(config.method)
+    if not reuses_chunk_caches(method):
+        return
+    rules = calibration_rules(config, model.config.num_layers)
+    if stage_rules(rules, "chunk"):
+        raise ConfigError("calibration rules of stage 'chunk' (calibration_preset_stage or a rule's stage) change "
+                          "each chunk's attention by the question's, so a document's chunk caches cannot be read "
+                          "before the question; use stage 'merged', or pcomp_jax.answer() per question")
+    scorer = method.prefill_spec(config).token_scorer
+    if scorer.queries_read() is None:
+        raise ConfigError(f"token scorer {type(scorer).__name__} of method {config.method!r} may read every query "
+                          "of a row, and a document keeps only the chunks' keys and values; use pcomp_jax.answer()")
+
+
+def check_same_reading(stored: ParallelCompConfig, config: ParallelCompConfig, what: str) -> None:
+    """Refuses ``config`` when it differs from ``stored`` in a field that shapes the reading."""
+    diff = [f"{f}={getattr(stored, f)!r} (asked with {getattr(config, f)!r})" for f in READ_FIELDS
+            if getattr(stored, f) != getattr(config, f)]
+    read, asked = get_method(stored.method), get_method(config.method)
+    if (reuses_chunk_caches(read), read.chunked) != (reuses_chunk_caches(asked), asked.chunked):
+        diff.append(f"method={stored.method!r} (asked with {config.method!r}, which reads the context otherwise)")
+    if diff:
+        raise ConfigError(f"{what} was read with {', '.join(diff)}; read the document again with this config")
+
+
+def check_same_devices(stored: ParallelCompConfig, config: ParallelCompConfig) -> None:
+    """Refuses asking on other devices than the document's caches and weights are placed on."""
+    diff = [f"{f}={getattr(stored, f)!r} (asked with {getattr(config, f)!r})" for f in ("num_devices", "model_parallel")
+            if getattr(stored, f) != getattr(config, f)]
+    if diff:
+        raise ConfigError(f"the document was placed with {', '.join(diff)}; ask with the same, or save it and "
+                          "load it with the new config")
+
+
+@dataclasses.dataclass
+class Document:
+    """A context read once (``read_document``); ``ask`` answers questions about it.
+
+    parts: P and the context's token ids and breaks (no question); config: the config it
+    was read with; groups: the chunk rows' caches per group (``ChunkCaches``), or None for
+    a one-row method (its questions re-read the tokens); prefix_keys/values: P's cache
+    ``[L, P, KVH, D]``; bounds: every chunk's ``(start, end)``; weights: the sharded weights.
+    """
+
+    model: Model
+    config: ParallelCompConfig
+    parts: PromptParts
+    groups: list[ChunkCaches] | None
+    prefix_keys: object
+    prefix_values: object
+    bounds: list[tuple[int, int]]
+    weights: object
+    host: bool = False
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.bounds)
+
+    def ask(self, question: str, max_new_tokens: int = 32, config: ParallelCompConfig | None = None,
+            progress: bool = False) -> Answer:
+        """Answers ``question`` about the document: the same ``Answer`` as
+        ``pcomp_jax.answer(model, context, question, config, max_new_tokens)``.
+
+        config: the document's (default), or one that differs only in what acts after the
+        reading (top_k_chunks, capacity, obs_window, merge_layout, evictions, merged-stage
+        calibration, ...; not ``READ_FIELDS``)."""
+        if not isinstance(question, str):
+            raise PcompError(f"the question must be a string, got {type(question).__name__}")
+        return self.ask_many([question], max_new_tokens, config, progress)[0]
+
+    def ask_many(self, questions, max_new_tokens: int = 32, config: ParallelCompConfig | None = None,
+                 progress: bool = False) -> list[Answer]:
+        """``[doc.ask(q, max_new_tokens, config) for q in questions]``, with each group of chunk
+        caches placed on the devices once for all the questions (a document kept on the
+        host moves each group once, not once per question). Each answer's
+        ``timings["question_scores"]`` is its share of the shared scoring time."""
+        config = self.config if config is None else check_config(config)
+        check_same_reading(self.config, config, "the document")
+        check_same_devices(self.config, config)
+        check_document_config(self.model, config)
+        check_max_new_tokens(max_new_tokens)
+        if isinstance(questions, str) or not all(isinstance(q, str) and q.strip() for q in questions):
+            raise PcompError("questions must be a list of non-empty strings")
+        if not questions:
+            return []
+        t = time.perf_counter()
+        asked = [self.question_parts(question, config) for question in questions]
+        tokenize = (time.perf_counter() - t) / len(asked)
+        if self.groups is None:  # a one-row method: its row depends on the question
+            return [answer_parts(self.model, parts, config, max_new_tokens, progress, {"tokenize": tokenize})
+                    for parts in asked]
+        method = get_method(config.method)
+        layout = merge_layout(self.model, config)
+        t = time.perf_counter()
+        for parts in asked:
+            check_fewest_fit(self.model, parts, config, method, layout, max_new_tokens)
+        prefills = self.score_chunks(asked, config, method, progress)
+        share = (time.perf_counter() - t) / len(asked)
+        return [answer_selection(self.model, pre, config, max_new_tokens,
+                                 {"tokenize": tokenize, "question_scores": share}, len(pre.parts.context))
+                for pre in prefills]
+
+    def question_parts(self, question: str, config: ParallelCompConfig) -> PromptParts:
+        """The document's P and context with ``question``'s part Q, encoded as ``answer``
+        encodes it; refused when the template puts question-dependent text in P."""
+        prefix, question_ids = encode_template(self.model.tokenizer, question, config.instruction,
+                                               config.answer_prefix, config.chat)
+        if not np.array_equal(prefix, self.parts.prefix):
+            raise PcompError("the prompt prefix P differs for this question (the chat template puts question-"
+                             "dependent text before the context), so the document's caches do not apply; "
+                             "use pcomp_jax.answer()")
+        return dataclasses.replace(self.parts, question=question_ids)
+
+    def score_chunks(self, asked: list[PromptParts], config: ParallelCompConfig, method: Method,
+                     progress: bool = False) -> list[ContextPrefill]:
+        """Stage 1 for the question of each of ``asked`` from the stored caches
+        (``question_group`` per group and question, running top-k per question): what
+        ``pipeline.prefill_context`` gives for each."""
+        cfg = self.model.config
+        spec = method.prefill_spec(config)
+        longest = max(e - s for s, e in self.bounds)
+        mesh = model_mesh(self.model, config)
+        rows_per_group(self.groups[0].chunk_ids.shape[0], self.num_chunks, mesh)  # the stored groups fit the mesh
+        top_k = method.kept_chunks(config, self.num_chunks)
+        inputs, states = [], []
+        for parts in asked:
+            p, q = len(parts.prefix), len(parts.question)
+            check_row_fits(p, longest, q, cfg.window)
+            capacity = spec.kept_for(method.chunk_len(config, parts), row_length(p, longest, question_bucket(q)))
+            reads = spec.token_scorer.queries_read()
+            if capacity < longest and reads > q + 1:
+                raise PcompError(f"the question part has {q} tokens, but {type(spec.token_scorer).__name__} scores "
+                                 f"tokens by the row's last {reads} queries (obs_window) and a document has only "
+                                 f"the question's and the chunk's last token ({q + 1}); lower obs_window or use "
+                                 "answer()")
+            ids, scored = scored_question(parts.question, config.score_last_tokens)
+            inputs.append((jnp.asarray(ids), jnp.int32(q), jnp.asarray(scored), capacity))
+            states.append(empty_selection(cfg, top_k, capacity, self.weights.embed.dtype))
+
+        def score_group(group):
+            placed = shard(group, mesh)
+            return tuple(question_group(self.weights, cfg, placed, ids, length, scored, spec, capacity)
+                         for ids, length, scored, capacity in inputs)
+
+        kept = keep_best_of_groups(self.groups, score_group, tuple(states), top_k, self.num_chunks, progress)
+        return [ContextPrefill(parts, selection, self.prefix_keys, self.prefix_values, [float(s) for s in scores],
+                               self.weights, self.bounds) for parts, (selection, scores) in zip(asked, kept)]
+
+    def save(self, path: str) -> None:
+        """Writes the document to the directory ``path`` (must not exist yet) with orbax:
+        its tokens, caches and a record of the model, tokenizer and reading config."""
+        import orbax.checkpoint as ocp
+
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            raise CheckpointError(f"{path!r} already exists; choose a new directory so that nothing is overwritten")
+        tree = {"prefix": self.parts.prefix, "context": self.parts.context}
+        if self.parts.breaks is not None:
+            tree["breaks"] = self.parts.breaks
+        if self.groups is not None:
+            tree["prefix_keys"], tree["prefix_values"] = to_host(self.prefix_keys), to_host(self.prefix_values)
+            tree["groups"] = [{f.name: to_host(getattr(g, f.name)) for f in dataclasses.fields(ChunkCaches)
+                               if f.name != "prefix_len"} for g in self.groups]
+        os.makedirs(path)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(path, "document"), tree)
+        checkpointer.wait_until_finished()
+        record = {"fingerprint": fingerprint(self.model), "config": to_dict(self.config),
+                  "has_breaks": self.parts.breaks is not None, "num_groups": None if self.groups is None
+                  else len(self.groups)}
+        with open(os.path.join(path, DOCUMENT_RECORD), "w") as f:
+            json.dump(record, f, indent=1)
+
+
+DOCUMENT_RECORD = "pcomp_document.json"
+
+
+def fingerprint(model: Model) -> dict:
+    """What identifies the model and tokenizer a document was read with (JSON data)."""
+    digest = hashlib.sha256()
+    for array in (model.params.embed[:64], model.params.final_norm, model.params.layers.wk[0, :, :1]):
+        digest.update(np.asarray(array, np.float32).tobytes())
+    tok = model.tokenizer
+    vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+    return {
+        "model": {"config": json.loads(json.dumps(dataclasses.asdict(model.config))),
+                  "dtype": jnp.dtype(model.dtype).name, "weights": digest.hexdigest()},
+        "tokenizer": {"class": type(tok).__name__, "size": len(tok), "vocabulary": vocab},
+    }
+
+
+def check_fingerprint(stored: dict, model: Model, path: str) -> None:
+    """Refuses a stored document read with another model or tokenizer, naming what differs."""
+    now = fingerprint(model)
+    for what in ("model", "tokenizer"):
+        a, b = stored[what], now[what]
+        if what == "model":
+            a = {**a.pop("config"), **a}
+            b = {**b.pop("config"), **b}
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise PcompError(f"the document at {path!r} was read with another {what} ({', '.join(diff)} differ); "
+                             f"read it again with this {what}")
+
+
+def read_document(
+    model: Model,
+    context: str | None = None,
+    config: ParallelCompConfig | None = None,
+    progress: bool = False,
+    host: bool = False,
+    load: str | None = None,
+) -> Document:
+    """Reads ``context`` once for many questions (``Document.ask``) with the method of
+    ``config`` (default: ParallelComp): every chunk row ``P + chunk`` through every layer,
+    groups of ``config.group_size`` rows sharded over the ``chunk`` mesh axis.
+
+    host: keep the caches in host memory as NumPy (brought to the devices one group at a
+    time per question), so that a long document fits next to the model. load: a directory
+    written by ``Document.save`` to restore instead of reading (``context`` may then be
+    left out; given, it must be the stored one; ``config`` None: the stored one). Raises ``ConfigError`` for what a document
+    cannot reuse (module docstring).
+    """
+    if model.tokenizer is None:
+        raise PcompError(f"{model.source!r} has no tokenizer; read_document() needs one to read text")
+    if context is not None and not isinstance(context, str):
+        raise PcompError("context must be a string")
+    if load is not None:
+        return load_document(model, load, None if config is None else check_config(config), context, host)
+    config = check_config(ParallelCompConfig() if config is None else config)
+    if context is None:
+        raise PcompError("read_document needs the context (or load=, a directory written by Document.save)")
+    check_document_config(model, config)
+    parts = encode_parts(model.tokenizer, context, "?", config.instruction, config.answer_prefix, config.chat)
+    prefix, _ = encode_template(model.tokenizer, "", config.instruction, config.answer_prefix, config.chat)
+    parts = dataclasses.replace(parts, prefix=prefix, question=np.zeros(0, np.int32))
+    method = get_method(config.method)
+    bounds = context_chunks(parts, config, method)
+    if not reuses_chunk_caches(method):
+        return Document(model, config, parts, None, None, None, bounds, model.params, host)
+    cfg = model.config
+    mesh = model_mesh(model, config)
+    rows = context_rows(model, parts, config, method)
+    size = rows_per_group(config.group_size, rows.num_chunks, mesh)
+    weights = shard_weights(model.params, mesh, rules_for(cfg, mesh))
+    spec = method.prefill_spec(config)
+    prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
+    groups = []
+    for group in tqdm(rows.groups(size), desc="reading chunk groups", unit="group", disable=not progress):
+        caches = read_group(weights, cfg, shard(group, mesh), spec)
+        groups.append(jax.tree.map(to_host, caches) if host else caches)
+    jax.block_until_ready(groups)
+    if host:
+        prefix_keys, prefix_values = to_host(prefix_keys), to_host(prefix_values)
+    return Document(model, config, parts, groups, prefix_keys, prefix_values, bounds, weights, host)
+
+
+def load_document(model: Model, path: str, config: ParallelCompConfig | None, context: str | None,
+                  host: bool) -> Document:
+    """A document written by ``Document.save``, checked against ``model``, ``config`` (None:
+    the stored one) and (when given) ``context``, placed on ``config``'s devices."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    try:
+        with open(os.path.join(path, DOCUMENT_RECORD)) as f:
+            record = json.load(f)
+        stored_config = from_dict(ParallelCompConfig, record["config"])
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{path!r} is not a document written by Document.save: {err}") from err
+    check_fingerprint(record["fingerprint"], model, path)
+    config = stored_config if config is None else config
+    check_same_reading(stored_config, config, f"the document at {path!r}")
+    check_document_config(model, config)
+    tree = ocp.StandardCheckpointer().restore(os.path.join(path, "document"))
+    tree = jax.tree.map(np.asarray, tree)
+    breaks = tree.get("breaks") if record["has_breaks"] else None
+    parts = PromptParts(tree["prefix"].astype(np.int32), tree["context"].astype(np.int32), np.zeros(0, np.int32),
+                        breaks)
+    if context is not None:
+        given = encode_parts(model.tokenizer, context, "?", config.instruction, config.answer_prefix, config.chat)
+        if not np.array_equal(given.context, parts.context):
+            raise PcompError(f"the document at {path!r} was read from another context; leave context out or "
+                             "read this one with read_document(model, context, config)")
+    method = get_method(config.method)
+    bounds = context_chunks(parts, config, method)
+    if record["num_groups"] is None:
+        return Document(model, config, parts, None, None, None, bounds, model.params, host)
+    mesh = model_mesh(model, config)
+    weights = shard_weights(model.params, mesh, rules_for(model.config, mesh))
+    prefix_len = len(parts.prefix)
+    groups = [ChunkCaches(**tree["groups"][i], prefix_len=prefix_len) for i in range(record["num_groups"])]
+    if not host:
+        groups = [shard(g, mesh) for g in groups]
+    return Document(model, config, parts, groups, tree["prefix_keys"], tree["prefix_values"], bounds, weights, host)
+
+
+def answer_batch(
+    model: Model,
+    inputs,
+    config: ParallelCompConfig | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> list[Answer]:
+    """``[answer(model, context, question, config, max_new_tokens) for context, question in
+    inputs]``, reading each distinct context once: its questions are asked of one
+    ``read_document`` together (``Document.ask_many``). inputs: ``(context, question)`` pairs.
+    Answers come back in the order of ``inputs``."""
+    config = check_config(ParallelCompConfig() if config is None else config)
+    pairs = list(inputs)
+    if not all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+        raise PcompError("answer_batch takes a list of (context, question) pairs of strings")
+    by_context: dict[str, list[int]] = {}
+    for i, (context, _) in enumerate(pairs):
+        by_context.setdefault(context, []).append(i)
+    answers: list[Answer | None] = [None] * len(pairs)
+    for context, where in by_context.items():
+        doc = read_document(model, context, config, progress)
+        for i, result in zip(where, doc.ask_many([pairs[i][1] for i in where], max_new_tokens, progress=progress)):
+            answers[i] = result
+    return answers

@@ -1,0 +1,160 @@
+"""A document read once (``read_document``) answers every question as ``answer`` does:
+the same chunk scores (to float rounding), selection and tokens, for every method and
+option that reuses the chunk caches; what cannot reuse them is refused or re-read."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+
+import pcomp_jax
+from pcomp_jax import CalibrationRule, ParallelCompConfig, answer, read_document
+from pcomp_jax.chunking import encode_parts
+from pcomp_jax.methods import get_method
+from pcomp_jax.pipeline import prefill_context
+
+WORDS = "the cat sat on a mat and then ran in the sun as the other one slept there".split()
+QUESTIONS = ("who slept in the sun?", "where did the cat sit, and what did the other one do?")
+BASE = ParallelCompConfig(chunk_len=48, top_k_chunks=2, capacity=16, group_size=4, chat=True)
+
+
+def make_context(n_words: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, n_words))
+
+
+CONTEXT = make_context(150, seed=2)
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoints):
+    return pcomp_jax.load_model(hf_checkpoints("llama_gqa_untied")[0])
+
+
+@pytest.fixture(scope="module")
+def doc(model):
+    return read_document(model, CONTEXT, BASE)
+
+
+def assert_same(ours, reference):
+    assert ours.num_chunks == reference.num_chunks >= 4
+    np.testing.assert_allclose(ours.chunk_scores, reference.chunk_scores, atol=1e-5, rtol=0)
+    assert ours.selected_chunks == reference.selected_chunks
+    assert ours.token_ids == reference.token_ids and ours.text == reference.text
+
+
+def test_ask_is_answer(model, doc):
+    question = QUESTIONS[0]
+    assert_same(doc.ask(question, max_new_tokens=6), answer(model, CONTEXT, question, BASE, max_new_tokens=6))
+    # Stage 1 itself: the same kept chunks, kept token positions (every layer and KV head) and caches.
+    parts = encode_parts(model.tokenizer, CONTEXT, question, BASE.instruction, BASE.answer_prefix, BASE.chat)
+    reference = prefill_context(model, parts, BASE).selection
+    ours = doc.score_chunks([doc.question_parts(question, BASE)], BASE, get_method(BASE.method))[0].selection
+    for field in ("chunk_ids", "chunk_valid", "kept_positions", "token_valid", "row_lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(ours, field)), np.asarray(getattr(reference, field)))
+    for field in ("keys", "values"):
+        np.testing.assert_allclose(np.asarray(getattr(ours, field)), np.asarray(getattr(reference, field)), atol=1e-5)
+
+
+# Options that act after the reading: the same document, asked under each.
+MERGED_RULE = CalibrationRule(layers=(0, 1), region="middle", region_size=4, threshold=0.02)
+AFTER_READING = [
+    dict(capacity=None, score_last_tokens=3, merge_layout="reprefill"),
+    dict(top_k_chunks=3, capacity=24, obs_window=4, pool_kernel=3, decode_eviction=True),
+    dict(method="pcw"),
+    dict(stage_eviction=True, merge_layout="sequential", calibration=(MERGED_RULE,)),
+]
+
+
+@pytest.mark.parametrize("changed", AFTER_READING, ids=lambda c: ",".join(c))
+def test_ask_under_options_acting_after_the_reading(model, doc, changed):
+    config = dataclasses.replace(BASE, **changed)
+    question = QUESTIONS[1]
+    assert_same(doc.ask(question, 5, config=config), answer(model, CONTEXT, question, config, 5))
+
+
+def test_other_chunking_and_one_row_methods(model):
+    """Overlapping chunks cut at token counts on a 2 x 2 (chunk, model) mesh; one-row methods
+    keep only the tokens and re-read them."""
+    for changed in (dict(chunk_overlap=8, sentence_chunks=False, num_devices=4, model_parallel=2),
+                    dict(method="snapkv", kv_budget=24)):
+        config = dataclasses.replace(BASE, **changed)
+        doc = read_document(model, CONTEXT, config)
+        assert (doc.groups is None) == (config.method != "parallelcomp")
+        ours, reference = doc.ask(QUESTIONS[0], 5), answer(model, CONTEXT, QUESTIONS[0], config, 5)
+        assert ours.token_ids == reference.token_ids and ours.selected_chunks == reference.selected_chunks
+        np.testing.assert_allclose(ours.chunk_scores, reference.chunk_scores, atol=1e-5, rtol=0)
+
+
+def test_host_document_saved_and_loaded(model, tmp_path):
+    doc = read_document(model, CONTEXT, BASE, host=True)
+    assert all(isinstance(g.keys, np.ndarray) for g in doc.groups)
+    doc.save(str(tmp_path / "doc"))
+    with pytest.raises(pcomp_jax.CheckpointError, match="already exists"):
+        doc.save(str(tmp_path / "doc"))
+    loaded = read_document(model, config=BASE, load=str(tmp_path / "doc"))
+    assert_same(loaded.ask(QUESTIONS[0], 6), answer(model, CONTEXT, QUESTIONS[0], BASE, 6))
+    again = read_document(model, CONTEXT, host=True, load=str(tmp_path / "doc"))  # the stored config
+    assert_same(again.ask(QUESTIONS[0], 6), doc.ask(QUESTIONS[0], 6))
+    with pytest.raises(pcomp_jax.PcompError, match="was read from another context"):
+        read_document(model, make_context(150, seed=3), BASE, load=str(tmp_path / "doc"))
+    with pytest.raises(pcomp_jax.ConfigError, match=r"read with chunk_len=48 \(asked with 64\)"):
+        read_document(model, config=dataclasses.replace(BASE, chunk_len=64), load=str(tmp_path / "doc"))
+
+
+def test_stored_document_refuses_another_model_or_tokenizer(model, doc, hf_checkpoints, tmp_path):
+    doc.save(str(tmp_path / "doc"))
+    other = pcomp_jax.load_model(hf_checkpoints("qwen2_bias")[0])
+    with pytest.raises(pcomp_jax.PcompError, match=r"another model \(.*qkv_bias.*weights"):
+        read_document(other, config=BASE, load=str(tmp_path / "doc"))
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.add_tokens(["zebra"])
+    with pytest.raises(pcomp_jax.PcompError, match=r"another tokenizer \(size, vocabulary differ\)"):
+        read_document(dataclasses.replace(model, tokenizer=tokenizer), config=BASE, load=str(tmp_path / "doc"))
+
+
+def test_refusals(model, doc):
+    chunk_rule = CalibrationRule(layers=(0, 1), region="middle", region_size=4, threshold=0.02, stage="chunk")
+    with pytest.raises(pcomp_jax.ConfigError, match="calibration rules of stage 'chunk'"):
+        read_document(model, CONTEXT, dataclasses.replace(BASE, calibration=(chunk_rule,)))
+    with pytest.raises(pcomp_jax.ConfigError, match="calibration rules of stage 'chunk'"):
+        doc.ask(QUESTIONS[0], config=dataclasses.replace(BASE, calibration_preset="remove_shallow_middle",
+                                                         calibration_preset_stage="chunk"))
+    with pytest.raises(pcomp_jax.ConfigError, match=r"read with chunk_len=48 \(asked with 32\)"):
+        doc.ask(QUESTIONS[0], config=dataclasses.replace(BASE, chunk_len=32))
+    with pytest.raises(pcomp_jax.ConfigError, match=r"placed with num_devices=None \(asked with 2\)"):
+        doc.ask(QUESTIONS[0], config=dataclasses.replace(BASE, num_devices=2))
+    with pytest.raises(pcomp_jax.ConfigError, match=r"method='parallelcomp' \(asked with 'full', which reads"):
+        doc.ask(QUESTIONS[0], config=dataclasses.replace(BASE, method="full"))
+    # A short question part: SnapKV's observation window would reach back into the chunk.
+    short = dataclasses.replace(BASE, chat=False, instruction="", answer_prefix="", capacity=32, obs_window=32)
+    with pytest.raises(pcomp_jax.PcompError, match=r"by the row's last 32 queries \(obs_window\)"):
+        read_document(model, CONTEXT, short).ask("why?")
+    # Every token kept: the scores do not matter, so the short question is answered.
+    kept = dataclasses.replace(short, capacity=None)
+    assert read_document(model, CONTEXT, kept).ask("why?", 3).token_ids == answer(model, CONTEXT, "why?", kept, 3).token_ids
+
+
+def test_prefix_that_depends_on_the_question_is_refused(model):
+    tokenizer = copy.deepcopy(model.tokenizer)
+    # A template that repeats the end of the user turn (the question) before it.
+    tokenizer.chat_template = "{{ messages[0]['content'][-4:] }}|{{ messages[0]['content'] }}|"
+    asking = dataclasses.replace(model, tokenizer=tokenizer)
+    doc = read_document(asking, CONTEXT, BASE)
+    with pytest.raises(pcomp_jax.PcompError, match="prompt prefix P differs for this question"):
+        doc.ask(QUESTIONS[0])
+    # The library's own template keeps the question out of P: the parts agree with answer's.
+    parts = encode_parts(model.tokenizer, CONTEXT, QUESTIONS[1], BASE.instruction,
+                                            BASE.answer_prefix, BASE.chat)
+    np.testing.assert_array_equal(parts.prefix, read_document(model, CONTEXT, BASE).parts.prefix)
+
+
+def test_answer_batch_reads_each_context_once(model):
+    other = make_context(100, seed=5)
+    inputs = [(CONTEXT, QUESTIONS[1]), (other, QUESTIONS[0]), (CONTEXT, QUESTIONS[0])]
+    batch = pcomp_jax.answer_batch(model, inputs, BASE, max_new_tokens=4)
+    for ours, (context, question) in zip(batch, inputs):
+        assert_same(ours, answer(model, context, question, BASE, max_new_tokens=4))
+    with pytest.raises(pcomp_jax.PcompError, match="list of \\(context, question\\) pairs"):
+        pcomp_jax.answer_batch(model, [CONTEXT], BASE)
