@@ -227,16 +227,25 @@ def select_chunks(
     groups = rows.groups(rows_per_group(group_size, num_chunks, mesh))
     state = empty_selection(cfg, top_k, spec.kept_tokens(rows), weights.embed.dtype)
     scores = []
-    for group in tqdm(groups, desc="chunk groups", unit="group", disable=not progress):
-        previous = state
-        scored = prefill_group(weights, cfg, shard(group, mesh), spec)
-        scores.append(scored.scores)
-        state = keep_best_chunks(state, scored, top_k)
-        # JAX dispatches asynchronously: without a wait the loop would place every group's
-        # rows at once. Waiting for the previous group keeps at most two in flight, so
-        # memory stays flat in the input length (and the progress bar moves with the work).
-        jax.block_until_ready(previous)
-    jax.block_until_ready(state)
+    # JAX dispatches asynchronously: without a wait the loop would place every group's rows at
+    # once. Group g+1 is dispatched, then group g waited for: at most two groups are in flight,
+    # so memory stays flat in the input length, and the bar advances when a group's result is
+    # ready (its rate and ETA are the work's, not the dispatch's). A Ctrl-C is seen at a wait.
+    bar = tqdm(total=len(groups), desc="chunk groups", unit="group", disable=not progress)
+    in_flight = None
+    try:
+        for group in groups:
+            scored = prefill_group(weights, cfg, shard(group, mesh), spec)
+            scores.append(scored.scores)
+            state = keep_best_chunks(state, scored, top_k)
+            if in_flight is not None:
+                jax.block_until_ready(in_flight)
+                bar.update(1)
+            in_flight = state
+        jax.block_until_ready(state)
+        bar.update(1)
+    finally:
+        bar.close()
     return state, np.concatenate([to_host(s) for s in scores])[:num_chunks]
 
 
