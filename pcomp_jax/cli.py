@@ -2,7 +2,8 @@
 cache, and one line instead of a traceback when the user stops a run with Ctrl-C.
 
 The cache is on by default in ``DEFAULT_COMPILATION_CACHE`` (``$XDG_CACHE_HOME/pcomp_jax/jax``,
-else ``~/.cache/pcomp_jax/jax``): a second run of the same shapes loads the compiled programs
+else ``~/.cache/pcomp_jax/jax``; the environment variable ``PCOMP_JAX_COMPILATION_CACHE``
+replaces it, empty for off): a second run of the same shapes loads the compiled programs
 instead of compiling them again. ``--compilation-cache DIR`` (or the config field
 ``compilation_cache``) moves it; ``--no-compilation-cache`` (or ``compilation_cache: null``)
 turns it off.
@@ -17,8 +18,18 @@ import sys
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
-DEFAULT_COMPILATION_CACHE = os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pcomp_jax", "jax")
+
+
+def default_compilation_cache(environ=os.environ) -> str | None:
+    """``$PCOMP_JAX_COMPILATION_CACHE`` when set (empty: off), else ``$XDG_CACHE_HOME/pcomp_jax/jax``
+    (``~/.cache/pcomp_jax/jax`` without XDG_CACHE_HOME)."""
+    if "PCOMP_JAX_COMPILATION_CACHE" in environ:
+        return environ["PCOMP_JAX_COMPILATION_CACHE"] or None
+    return os.path.join(environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "pcomp_jax", "jax")
+
+
+DEFAULT_COMPILATION_CACHE = default_compilation_cache()
 
 
 def _not_the_torch_notice(record: logging.LogRecord) -> bool:

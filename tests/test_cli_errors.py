@@ -149,7 +149,10 @@ def test_cli_drops_only_the_pytorch_notice():
 def test_compilation_cache_flags_and_field(tmp_path):
     assert load_config(None, ["compilation_cache=null"]).compilation_cache is None
     assert RunConfig().compilation_cache == cli.DEFAULT_COMPILATION_CACHE
-    assert cli.DEFAULT_COMPILATION_CACHE.endswith(os.path.join("pcomp_jax", "jax"))
+    assert cli.default_compilation_cache({"HOME": "/h"}).endswith(os.path.join(".cache", "pcomp_jax", "jax"))
+    assert cli.default_compilation_cache({"XDG_CACHE_HOME": "/x"}) == os.path.join("/x", "pcomp_jax", "jax")
+    assert cli.default_compilation_cache({"PCOMP_JAX_COMPILATION_CACHE": "/c", "XDG_CACHE_HOME": "/x"}) == "/c"
+    assert cli.default_compilation_cache({"PCOMP_JAX_COMPILATION_CACHE": ""}) is None  # conftest: off in tests
     args = type("A", (), {"no_compilation_cache": False, "compilation_cache": str(tmp_path)})()
     assert load_config(None, cli.cache_overrides(args)).compilation_cache == str(tmp_path)
     args.no_compilation_cache = True
