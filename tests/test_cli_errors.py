@@ -201,3 +201,30 @@ def test_ctrl_c_mid_prefill_exits_130_without_traceback(hf_checkpoints, tmp_path
     assert rc == 130, stderr[-2000:]
     assert "Traceback" not in stderr and stderr.rstrip().endswith("interrupted")
     assert stopped_in < 20, stopped_in
+
+
+def test_eval_ctrl_c_keeps_finished_predictions_and_resumes(hf_checkpoints, tmp_path):
+    path, _ = hf_checkpoints("llama_gqa_untied")
+    out = tmp_path / "o"
+    config = tmp_path / "e.yaml"
+    config.write_text(
+        f"model: {path}\noutput_dir: {out}\ntasks: [passkey]\nlengths: [150, 180, 210]\nmax_new_tokens: 2\n"
+        f"depths: [{', '.join(str(d / 20) for d in range(21))}]\nseeds: [0, 1, 2, 3, 4, 5, 6, 7]\n"
+        "pipeline: {chunk_len: 48, obs_window: 4}\nmethods: [{name: pc, method: parallelcomp}]\n")
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "pcomp_jax.eval", "--config", str(config), "--no-progress"]
+    predictions = out / "pc" / "predictions.jsonl"
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and run.poll() is None and not (predictions.exists() and predictions.read_text()):
+        time.sleep(0.2)
+    assert run.poll() is None, "the sweep ended before it could be interrupted"
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in err and err.rstrip().endswith("interrupted"), err
+    done = predictions.read_text().splitlines()
+    assert 1 <= len(done) < 3 * 21 * 8 and (out / "summary.md").exists()  # what finished is kept and summed up
+    first = ["--set", "lengths=[150]", "--set", "depths=[0.0]", "--set", "seeds=[0]"]  # the first item run
+    again = subprocess.run(command + first, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 1 finished predictions kept, 0 to run" in again.stderr
