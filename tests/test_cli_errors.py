@@ -228,3 +228,33 @@ def test_eval_ctrl_c_keeps_finished_predictions_and_resumes(hf_checkpoints, tmp_
     again = subprocess.run(command + first, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr
     assert "resuming: 1 finished predictions kept, 0 to run" in again.stderr
+
+
+def test_chunk_group_bar_advances_when_the_group_is_done(hf_checkpoints, monkeypatch):
+    """Each step of the bar reports a group whose result is computed (not just dispatched)."""
+    import jax
+    import tqdm.auto
+
+    import pcomp_jax
+    from pcomp_jax import prefill
+
+    model = pcomp_jax.load_model(hf_checkpoints("llama_gqa_untied")[0])
+    states, steps = [], []
+    real_keep = prefill.keep_best_chunks
+
+    def keep(*args, **kw):  # the real function; its results recorded in group order
+        states.append(real_keep(*args, **kw))
+        return states[-1]
+
+    class Bar(tqdm.auto.tqdm):
+        def update(self, n=1):
+            group = len(steps)
+            steps.append(all(leaf.is_ready() for leaf in jax.tree.leaves(states[group])))
+            return super().update(n)
+
+    monkeypatch.setattr(prefill, "keep_best_chunks", keep)
+    monkeypatch.setattr(prefill, "tqdm", Bar)
+    config = pcomp_jax.ParallelCompConfig(chunk_len=48, group_size=1, obs_window=4, num_devices=1)
+    result = pcomp_jax.answer(model, "the cat sat on the mat. " * 60, "where?", config, 2, progress=True)
+    assert result.num_chunks >= 4 and len(steps) == len(states) == result.num_chunks  # group_size 1: a chunk each
+    assert all(steps)
