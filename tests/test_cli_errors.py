@@ -113,6 +113,11 @@ def test_max_new_tokens_against_the_window(hf_checkpoints, tmp_path, capsys):
     one_error_line(capsys, "max_new_tokens=100000", "window of 256 tokens")
     assert main([*common, "--max-new-tokens", str(room), "--output-json", str(tmp_path / "r.json")]) == 0
     assert (tmp_path / "r.json").exists()  # the largest allowed value runs
+    capsys.readouterr()
+    assert eval_main(["--set", f"model={path}", "--set", "max_new_tokens=100000", "--set", "tasks=[passkey]",
+                      "--set", "lengths=[150]", "--set", "pipeline.chunk_len=48", "--set", "pipeline.obs_window=4",
+                      "--set", "methods=[{name: pc, method: parallelcomp}]", "--output-dir", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "max_new_tokens=100000 does not fit", "window of 256 tokens")
 
 
 def test_shipped_configs_need_no_file_outside_the_repository():
@@ -159,19 +164,22 @@ def test_compilation_cache_flags_and_field(tmp_path):
     assert load_config(None, cli.cache_overrides(args)).compilation_cache is None
 
 
-def _run_generate(args, **kw):
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def _run_generate(args, env=None, **kw):
+    env = {**(env or os.environ), "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.Popen([sys.executable, "-m", "pcomp_jax.generate", *args], cwd=REPO, env=env, **kw)
 
 
-def test_compilation_cache_is_written_and_can_be_turned_off(hf_checkpoints, tmp_path):
+def test_compilation_cache_goes_where_the_flag_says(hf_checkpoints, tmp_path):
     path, _ = hf_checkpoints("llama_gqa_untied")
-    cache = tmp_path / "cache"
+    default, cache = tmp_path / "default", tmp_path / "cache"
+    env = {**os.environ, "PCOMP_JAX_COMPILATION_CACHE": str(default)}  # the default directory, moved by the flag
     run = _run_generate(["--prompt", "the cat", "--model", path, "--max-new-tokens", "2",
-                         "--compilation-cache", str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         "--compilation-cache", str(cache)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err
     assert cache.is_dir() and len(os.listdir(cache)) > 0  # compiled programs kept for the next run
+    assert not default.exists()
     assert "PyTorch was not found" not in err
 
 
