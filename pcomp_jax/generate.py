@@ -90,8 +90,6 @@ def run(args) -> dict:
     """Runs the command; returns the JSON record. Everything that can be checked without the
     model (the config, the output path, the input files) is checked before it loads."""
     config: RunConfig = load_config(args.config, _overrides(args))
-    if args.output_json and is_main():
-        check_writable(args.output_json, "--output-json")
     if args.prompt is not None:
         if args.dry_run:
             raise PcompError("--dry-run estimates a run on a long input (--config, --context-file); not with --prompt")
@@ -105,7 +103,9 @@ def run(args) -> dict:
         task = read_context_file(args.context_file, args.record, args.question)
     else:
         text = read_text(config.task.text_file, "the needle task's") if config.task.kind == "needle" else None
-    initialize(config.distributed)  # before any other JAX call
+    initialize(config.distributed)  # before any other JAX call (is_main() is one)
+    if args.output_json and is_main():
+        check_writable(args.output_json, "--output-json")
     use_compilation_cache(config.compilation_cache)
     start = time.perf_counter()
     mesh = make_mesh(config.pipeline.num_devices, config.pipeline.model_parallel)
