@@ -116,6 +116,8 @@ def run(args) -> dict:
         result = generate_full(model, args.prompt, max_new_tokens=config.max_new_tokens, chat=config.pipeline.chat)
         return {"method": method.name, "answer": result.text, "token_ids": result.token_ids,
                 "prompt_tokens": result.prompt_length, "timings_s": {"load": load_s, "generate": time.perf_counter() - t}}
+    if model.tokenizer is None:
+        raise PcompError(f"{model.source!r} has no tokenizer; the command line needs one to read text")
     if not args.context_file:
         task = make_task(config.task.kind, model.tokenizer, config.task.length, config.task.depth, config.task.seed, text)
         if args.question:
