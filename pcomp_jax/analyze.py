@@ -124,14 +124,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run = load_config(args.config, args.overrides)
+        if args.last_queries < 1 or args.bins < 2:
+            raise PcompError("--last-queries must be >= 1 and --bins >= 2")
+        if args.context_file:  # read before the model loads: a bad file is reported at once
+            task = read_context_file(args.context_file, 0, args.question)
         model = load_model(run.model, dtype=run.dtype)
         cfg, pc = model.config, run.pipeline
         layers = parse_layers(args.layers, cfg.num_layers) if args.layers else list(range(cfg.num_layers))
-        if args.last_queries < 1 or args.bins < 2:
-            raise PcompError("--last-queries must be >= 1 and --bins >= 2")
-        if args.context_file:
-            task = read_context_file(args.context_file, 0, args.question)
-        else:
+        if not args.context_file:
             task = passkey_task(model.tokenizer, args.length, args.depth, run.task.seed)
         parts = encode_parts(model.tokenizer, task.context, task.question, pc.instruction, pc.answer_prefix, pc.chat)
         rules = tuple(r for r in pc.calibration if r.stage == "chunk")

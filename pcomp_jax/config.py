@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .calibrate import PRESETS, STAGES, CalibrationRule
+from .cli import DEFAULT_COMPILATION_CACHE
 from .distributed import DistributedConfig
 from .errors import ConfigError
 from .methods import method_names
@@ -202,14 +203,15 @@ class TaskConfig:
     """The built-in input when no context file is given: a synthetic task (``pcomp_jax.tasks``).
 
     kind: passkey, number_string, kv_retrieval or needle; length: context length in tokens;
-    depth: where the hidden item sits (0 = start, 1 = end); text_file: the needle's haystack.
+    depth: where the hidden item sits (0 = start, 1 = end); text_file: the needle's haystack, a
+    plain-text UTF-8 file (null: the text bundled with the package, ``io.BUNDLED_TEXT``).
     """
 
     kind: str = "passkey"
     length: int = 16384
     depth: float = 0.5
     seed: int = 0
-    text_file: str = "../shared/data/war_and_peace.txt"
+    text_file: str | None = None
 
     def __post_init__(self):
         check_field_types(self, "task.")
@@ -221,7 +223,10 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A run of ``python -m pcomp_jax.generate --config ...``."""
+    """A run of ``python -m pcomp_jax.generate --config ...``.
+
+    compilation_cache: JAX's persistent compilation cache directory (null: off; ``pcomp_jax.cli``).
+    """
 
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
@@ -229,6 +234,7 @@ class RunConfig:
     pipeline: ParallelCompConfig = dataclasses.field(default_factory=ParallelCompConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    compilation_cache: str | None = DEFAULT_COMPILATION_CACHE
 
     def __post_init__(self):
         check_field_types(self)
@@ -327,7 +333,12 @@ def apply_override(data: dict, assignment: str) -> dict:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({problem}); "
+                          "e.g. pipeline.chunk_len=1024, lengths=[1024,2048], model='a name'") from None
     return data
 
 
@@ -341,7 +352,13 @@ def load_config(path: str | None = None, overrides: list[str] = (), cls=RunConfi
         except OSError as err:
             raise ConfigError(f"cannot read config file {path!r}: {err.strerror}") from err
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {path!r} is not valid YAML{at}: {problem}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must be a mapping of fields (e.g. 'model: ...'), "
+                              f"got a {type(data).__name__}")
     for assignment in overrides:
         data = apply_override(data, assignment)
     return from_dict(cls, data)

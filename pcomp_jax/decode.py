@@ -42,7 +42,13 @@ class Generation:
 
 def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
     """Validates token ids (1-D or 2-D, non-empty, integers in ``[0, vocab_size)``)."""
-    ids = np.asarray(token_ids)
+    try:
+        ids = np.asarray(token_ids)
+    except ValueError:  # NumPy refuses nested lists of different lengths
+        ids = None
+    if ids is None or ids.dtype == object:
+        raise PcompError("token ids must be a 1-D list or a 2-D list of rows of equal length (a rectangular "
+                         "array); pad the rows or pass them one at a time")
     if ids.ndim not in (1, 2) or ids.size == 0:
         raise PcompError(f"token ids must be a non-empty 1-D or 2-D array, got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
@@ -106,6 +112,8 @@ def encode_prompt(model: Model, prompt, chat: bool) -> np.ndarray:
     tok = model.tokenizer
     if tok is None:
         raise PcompError(f"{model.source!r} has no tokenizer; pass token ids instead of a string")
+    if not prompt.strip():
+        raise PcompError("the prompt is empty; give some text to answer")
     if chat:
         if not getattr(tok, "chat_template", None):
             raise PcompError(f"{model.source!r} has no chat template; call with chat=False")

@@ -18,14 +18,16 @@ import sys
 import time
 
 from .checkpoints import DTYPE_CHOICES, load_model
+from .cli import (add_cache_flags, cache_overrides, exit_interrupted, finish, quiet_transformers,
+                  use_compilation_cache)
 from .config import RunConfig, load_config, to_dict
 from .decode import generate_full
 from .distributed import add_distributed_flags, distributed_overrides, initialize, is_main
-from .errors import PcompError
+from .errors import InputTooLongError, PcompError
 from .methods import WholeInput, get_method, method_names
-from .io import read_context_file, read_text
+from .io import check_writable, read_context_file, read_text
 from .memory import estimate_memory
-from .pipeline import answer
+from .pipeline import answer_parts
 from .chunking import encode_parts
 from .sharding import make_mesh
 from .tasks import Task, make_task
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-json", metavar="PATH", help="also write the result as JSON to PATH")
     p.add_argument("--dry-run", action="store_true",
                    help="run nothing: print the estimated peak device memory (compiled, not run) and whether it fits")
+    add_cache_flags(p)
     add_distributed_flags(p)
     return p
 
@@ -61,46 +64,77 @@ def _overrides(args) -> list[str]:
             extra.append(f"{field}={json.dumps(value) if isinstance(value, str) else value}")
     if args.no_chat:
         extra.append("pipeline.chat=false")
-    extra += distributed_overrides(args)
+    extra += distributed_overrides(args) + cache_overrides(args)
     if args.prompt is not None and args.method is None:
         extra.append("pipeline.method=full")  # a lone prompt runs with full attention (the registry's name)
     return extra
 
 
+def check_new_tokens_fit(model, parts, config, max_new_tokens: int) -> None:
+    """Refuses (``InputTooLongError``, with the numbers) ``max_new_tokens`` that cannot fit in
+    the model's window next to what the answering row always holds: P and Q for one-row
+    methods; P, one chunk's positions and Q for the chunked methods' merged row."""
+    method = get_method(config.method)
+    window = model.config.window
+    fixed, what = len(parts.prefix) + len(parts.question), "the prefix and question"
+    if not method.plain_row:
+        fixed += min(method.chunk_len(config, parts), len(parts.context))
+        what = "the prefix, one chunk and the question"
+    if fixed + max_new_tokens > window:
+        raise InputTooLongError(
+            f"max_new_tokens={max_new_tokens} does not fit: {what} take {fixed} of the model's window of {window} "
+            f"tokens, which leaves room for at most {max(window - fixed, 0)} new tokens")
+
+
 def run(args) -> dict:
-    """Runs the command; returns the JSON record."""
+    """Runs the command; returns the JSON record. Everything that can be checked without the
+    model (the config, the output path, the input files) is checked before it loads."""
     config: RunConfig = load_config(args.config, _overrides(args))
-    initialize(config.distributed)  # before any other JAX call
-    start = time.perf_counter()
-    mesh = make_mesh(config.pipeline.num_devices, config.pipeline.model_parallel)
-    model = load_model(config.model, dtype=config.dtype, mesh=mesh)  # an orbax directory: restored onto the mesh
-    load_s = time.perf_counter() - start
     if args.prompt is not None:
         if args.dry_run:
             raise PcompError("--dry-run estimates a run on a long input (--config, --context-file); not with --prompt")
         method = get_method(config.pipeline.method)
         if not (method.plain_row and method.fit == WholeInput()):
             raise PcompError("--prompt runs with full attention only; use --context-file/--question for other methods")
+        if not args.prompt.strip():
+            raise PcompError("--prompt is empty; give the text to answer")
+        task = None
+    elif args.context_file:
+        task = read_context_file(args.context_file, args.record, args.question)
+    else:
+        text = read_text(config.task.text_file, "the needle task's") if config.task.kind == "needle" else None
+    initialize(config.distributed)  # before any other JAX call (is_main() is one)
+    if args.output_json and is_main():
+        check_writable(args.output_json, "--output-json")
+    use_compilation_cache(config.compilation_cache)
+    start = time.perf_counter()
+    mesh = make_mesh(config.pipeline.num_devices, config.pipeline.model_parallel)
+    model = load_model(config.model, dtype=config.dtype, mesh=mesh)  # an orbax directory: restored onto the mesh
+    load_s = time.perf_counter() - start
+    if args.prompt is not None:
         t = time.perf_counter()
         result = generate_full(model, args.prompt, max_new_tokens=config.max_new_tokens, chat=config.pipeline.chat)
         return {"method": method.name, "answer": result.text, "token_ids": result.token_ids,
                 "prompt_tokens": result.prompt_length, "timings_s": {"load": load_s, "generate": time.perf_counter() - t}}
-    if args.context_file:
-        task = read_context_file(args.context_file, args.record, args.question)
-    else:
-        text = read_text(config.task.text_file, "the needle task's") if config.task.kind == "needle" else None
+    if model.tokenizer is None:
+        raise PcompError(f"{model.source!r} has no tokenizer; the command line needs one to read text")
+    if not args.context_file:
         task = make_task(config.task.kind, model.tokenizer, config.task.length, config.task.depth, config.task.seed, text)
         if args.question:
             task = Task(task.context, args.question, "")
+    t = time.perf_counter()
+    parts = encode_parts(model.tokenizer, task.context, task.question, config.pipeline.instruction,
+                         config.pipeline.answer_prefix, config.pipeline.chat)
+    tokenize_s = time.perf_counter() - t
+    check_new_tokens_fit(model, parts, config.pipeline, config.max_new_tokens)
     if args.dry_run:
-        parts = encode_parts(model.tokenizer, task.context, task.question, config.pipeline.instruction,
-                             config.pipeline.answer_prefix, config.pipeline.chat)
         estimate = estimate_memory(model, parts, config.pipeline, config.max_new_tokens)
         if is_main():
             print(estimate.table())
         estimate.check(config.pipeline)  # refused (exit 2) when it cannot fit
         return {"dry_run": True, "peak_bytes": estimate.peak, "timings_s": {"load": load_s}}
-    result = answer(model, task.context, task.question, config.pipeline, config.max_new_tokens, progress=is_main())
+    result = answer_parts(model, parts, config.pipeline, config.max_new_tokens, progress=is_main(),
+                          timings={"tokenize": tokenize_s})
     return {
         "method": result.method,
         "question": task.question,
@@ -118,12 +152,15 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_transformers()
     args = build_parser().parse_args(argv)
     try:
         record = run(args)
     except PcompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, exit 130
+        return exit_interrupted()
     if not is_main():  # every process has the same answer; process 0 reports it
         return 0
     if record.get("dry_run"):
@@ -136,10 +173,15 @@ def main(argv: list[str] | None = None) -> int:
               f"selected chunks: {record['selected_chunks']}")
     print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in record["timings_s"].items()))
     if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(record, f, indent=2)
+        try:
+            with open(args.output_json, "w") as f:
+                json.dump(record, f, indent=2)
+        except OSError as err:  # checked before the run; the path changed since
+            print(f"error: cannot write --output-json {args.output_json!r}: {err.strerror}; the result:\n"
+                  + json.dumps(record), file=sys.stderr)
+            return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -8,18 +8,26 @@
 from __future__ import annotations
 
 import json
+import os
 
 from .errors import PcompError
 from .tasks import Task
 
+# The text read when a config's text_file is null: the opening of War and Peace (Project
+# Gutenberg eBook #2600, public domain), about 52K SmolLM2 tokens, shipped with the package.
+BUNDLED_TEXT = os.path.join(os.path.dirname(__file__), "data", "haystack.txt")
 
-def read_text(path: str, purpose: str) -> str:
-    """The text of ``path``; ``purpose`` (e.g. "the needle task's") names it in errors."""
+
+def read_text(path: str | None, purpose: str) -> str:
+    """The text of ``path`` (None: ``BUNDLED_TEXT``); ``purpose`` (e.g. "the needle task's")
+    names it in errors."""
+    path = BUNDLED_TEXT if path is None else path
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as err:
-        raise PcompError(f"cannot read {purpose} text_file {path!r}: {err}") from err
+        raise PcompError(f"cannot read {purpose} text_file {path!r}: {_reason(err)}; give a plain-text UTF-8 "
+                         "file, or text_file: null for the bundled text") from None
 
 
 def read_context_file(path: str, record: int, question: str | None) -> Task:
@@ -28,7 +36,8 @@ def read_context_file(path: str, record: int, question: str | None) -> Task:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as err:
-        raise PcompError(f"cannot read context file {path!r}: {err}") from err
+        raise PcompError(f"cannot read context file {path!r}: {_reason(err)}; give a plain-text UTF-8 file "
+                         "or a .jsonl file") from None
     if path.endswith(".jsonl"):
         lines = [line for line in text.splitlines() if line.strip()]
         if not 0 <= record < len(lines):
@@ -49,3 +58,43 @@ def read_context_file(path: str, record: int, question: str | None) -> Task:
     if isinstance(expected, list):
         expected = [str(a) for a in expected]
     return Task(context=text, question=question, answer=expected if isinstance(expected, list) else str(expected or ""))
+
+
+def _reason(err: Exception) -> str:
+    """One line for a file that could not be read (missing, a directory, not UTF-8, ...)."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err).splitlines()[0]
+
+
+def check_readable(path: str | None, what: str) -> None:
+    """Raises ``PcompError`` unless ``path`` (None: nothing to check) is a readable file."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise PcompError(f"{what} {path!r} is a directory; give a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise PcompError(f"cannot read {what} {path!r}: {_reason(err)}") from None
+
+
+def check_writable(path: str, what: str) -> None:
+    """Raises ``PcompError`` unless a file can be written at ``path`` (checked before a run,
+    so that a finished run's result is never lost to a bad path). Leaves no file behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise PcompError(f"{what} {path!r} is a directory; give a file path")
+    if not os.path.isdir(folder):
+        raise PcompError(f"{what} {path!r}: the directory {folder!r} does not exist; create it first")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise PcompError(f"cannot write {what} {path!r}: {_reason(err)}") from None
+    if not existed:
+        os.remove(path)

@@ -268,17 +268,26 @@ def keep_best_of_groups(groups, score_group, states: tuple, top_k: int, num_chun
     chunks). Returns, per state, the final selection and the score of the first
     ``num_chunks`` chunks ``[num_chunks]``."""
     scores = [[] for _ in states]
-    for group in tqdm(groups, desc="chunk groups", unit="group", disable=not progress):
-        previous = states
-        scored = score_group(group)
-        for kept, new in zip(scores, scored):
-            kept.append(new.scores)
-        states = tuple(keep_best_chunks(state, new, top_k) for state, new in zip(states, scored))
-        # JAX dispatches asynchronously: without a wait the loop would place every group's
-        # rows at once. Waiting for the previous group keeps at most two in flight, so
-        # memory stays flat in the input length (and the progress bar moves with the work).
-        jax.block_until_ready(previous)
-    jax.block_until_ready(states)
+    # JAX dispatches asynchronously: without a wait the loop would place every group's rows at
+    # once. Group g+1 is dispatched, then group g waited for: at most two groups are in flight,
+    # so memory stays flat in the input length, and the bar advances when a group's result is
+    # ready (its rate and ETA are the work's, not the dispatch's). A Ctrl-C is seen at a wait.
+    bar = tqdm(total=len(groups), desc="chunk groups", unit="group", disable=not progress)
+    in_flight = None
+    try:
+        for group in groups:
+            scored = score_group(group)
+            for kept, new in zip(scores, scored):
+                kept.append(new.scores)
+            states = tuple(keep_best_chunks(state, new, top_k) for state, new in zip(states, scored))
+            if in_flight is not None:
+                jax.block_until_ready(in_flight)
+                bar.update(1)
+            in_flight = states
+        jax.block_until_ready(states)
+        bar.update(1)
+    finally:
+        bar.close()
     return [(state, np.concatenate([to_host(s) for s in kept])[:num_chunks]) for state, kept in zip(states, scores)]
 
 

@@ -224,6 +224,6 @@ def make_task(kind: str, tokenizer, length: int, depth: float, seed: int = 0, te
         raise PcompError(f"unknown task {kind!r}; choose one of: {', '.join(SYNTHETIC_TASKS)}")
     if kind == "needle":
         if text is None:
-            raise PcompError("the needle task needs a text to hide the fact in (e.g. a book from ../shared/data)")
+            raise PcompError("the needle task needs a text to hide the fact in (e.g. a plain-text book, or pcomp_jax.io.read_text(None) for the bundled one)")
         return needle_task(text, tokenizer, length, depth, seed)
     return SYNTHETIC_TASKS[kind](tokenizer, length, depth, seed)

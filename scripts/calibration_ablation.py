@@ -1,6 +1,6 @@
 """Calibration presets against no calibration: passkey and a needle in a novel, by length.
 
-    python scripts/calibration_ablation.py --lengths 16384 32768 --text ../shared/data/war_and_peace.txt
+    python scripts/calibration_ablation.py --lengths 16384 32768 --text war_and_peace.txt
 
 Presets act at ``--stage merged`` by default: the chunk prefill is then the same for
 every preset and runs once per input; ``--stage chunk`` re-runs it per preset. Prints
@@ -13,6 +13,7 @@ import pcomp_jax
 from pcomp_jax.calibrate import PRESETS, preset_rules
 from pcomp_jax.chunking import encode_parts
 from pcomp_jax.config import load_config
+from pcomp_jax.io import read_text
 from pcomp_jax.pipeline import answer_from_prefill, prefill_context
 from pcomp_jax.tasks import needle_task, passkey_task
 
@@ -25,12 +26,12 @@ def main():
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS))
     p.add_argument("--stage", choices=("merged", "chunk"), default="merged")
-    p.add_argument("--text", default="../shared/data/war_and_peace.txt", help="novel for the needle task")
+    p.add_argument("--text", default=None, help="novel for the needle task (default: the bundled haystack, pcomp_jax.io.BUNDLED_TEXT)")
     args = p.parse_args()
     run = load_config(args.config)
     pc = run.pipeline
     model = pcomp_jax.load_model(run.model, dtype=run.dtype)
-    text = open(args.text, encoding="utf-8").read() if "needle" in args.tasks else ""
+    text = read_text(args.text, "the needle task's") if "needle" in args.tasks else ""
     names = ["none"] + args.presets
     found = {}
     for task_name in args.tasks:

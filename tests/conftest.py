@@ -3,6 +3,10 @@ import sys
 
 import pytest
 
+# The command lines run in-process here keep JAX's compilation cache off (pcomp_jax.cli): no
+# files in the user's cache, and the test session's compilation the same in every order.
+os.environ["PCOMP_JAX_COMPILATION_CACHE"] = ""
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 import tiny  # noqa: E402

@@ -79,3 +79,12 @@ def test_bad_token_ids_and_generation_arguments(hf_checkpoints):
         pcomp_jax.generate_full(model, [5, 6], max_new_tokens=0)
     with pytest.raises(pcomp_jax.PcompError, match="the prompt is empty"):
         pcomp_jax.generate_full(model, "", chat=False)
+
+
+def test_empty_prompt_with_the_chat_template_and_ragged_rows(hf_checkpoints):
+    model = pcomp_jax.load_model(hf_checkpoints("llama_gqa_untied")[0])
+    for prompt in ("", "   "):
+        with pytest.raises(pcomp_jax.PcompError, match="the prompt is empty"):
+            pcomp_jax.generate_full(model, prompt)  # chat=True: the template alone is not a prompt
+    with pytest.raises(pcomp_jax.PcompError, match="rows of equal length"):
+        pcomp_jax.forward(model, [[1, 2], [3]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..cli import DEFAULT_COMPILATION_CACHE
 from ..config import ConfigError, ParallelCompConfig, check_field_types
 from ..distributed import DistributedConfig
 from ..tasks import SYNTHETIC_TASKS
@@ -15,13 +16,13 @@ ANSWER_TOKENS = {"passkey": 16, "number_string": 24, "kv_retrieval": 64, "needle
 @dataclasses.dataclass(frozen=True)
 class PerplexityConfig:
     """Perplexity of ``continuation`` tokens after prefixes of ``prefix_lengths`` tokens of
-    ``text_file``, ``samples`` windows per length; ``query_len``: see ``pcomp_jax.perplexity``."""
+    ``text_file`` (null: the bundled text, ``io.BUNDLED_TEXT``), ``samples`` windows per length; ``query_len``: see ``pcomp_jax.perplexity``."""
 
     prefix_lengths: tuple[int, ...] = ()
     continuation: int = 256
     samples: int = 2
     query_len: int = 64
-    text_file: str = "../shared/data/war_and_peace.txt"
+    text_file: str | None = None
 
     def __post_init__(self):
         check_field_types(self)
@@ -37,9 +38,11 @@ class EvalConfig:
     """What ``python -m pcomp_jax.eval`` runs (YAML keys = these fields).
 
     tasks, lengths (context tokens), depths (0 = start, 1 = end), seeds: the synthetic grid
-    (``tasks.SYNTHETIC_TASKS``); text_file: the haystack of ``needle``. longbench: a
+    (``tasks.SYNTHETIC_TASKS``); text_file: the haystack of ``needle`` (null: the
+    bundled text, ``io.BUNDLED_TEXT``). longbench: a
     LongBench-format JSONL file (optional), longbench_limit: examples read from it.
     max_new_tokens: answer length (null: per task, LongBench's per dataset).
+    compilation_cache: JAX's persistent compilation cache directory (null: off; ``pcomp_jax.cli``).
     methods: ``MethodSpec``s; mappings (as read from YAML: ``{name: ..., max_length: ...,
     <pipeline field>: value}``) become ``MethodSpec``s (``MethodSpec.from_mapping``).
     """
@@ -53,12 +56,13 @@ class EvalConfig:
     lengths: tuple[int, ...] = (8192, 16384, 32768)
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     seeds: tuple[int, ...] = (0,)
-    text_file: str = "../shared/data/war_and_peace.txt"
+    text_file: str | None = None
     longbench: str | None = None
     longbench_limit: int | None = None
     max_new_tokens: int | None = None
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    compilation_cache: str | None = DEFAULT_COMPILATION_CACHE
 
     def __post_init__(self):
         if isinstance(self.methods, (list, tuple)):  # mappings (YAML, Python) become MethodSpecs

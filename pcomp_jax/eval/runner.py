@@ -53,7 +53,16 @@ def longbench_items(config: EvalConfig) -> list[Item]:
         return []
     from ..longbench import load_longbench
 
-    examples = load_longbench(config.longbench, limit=config.longbench_limit)
+    from ..io import check_readable
+
+    check_readable(config.longbench, "longbench file")
+    try:
+        examples = load_longbench(config.longbench, limit=config.longbench_limit)
+    except UnicodeDecodeError as err:
+        raise PcompError(f"cannot read longbench file {config.longbench!r}: not UTF-8 text (byte "
+                         f"{err.object[err.start]:#04x} at offset {err.start}); give a LongBench JSONL file") from None
+    except OSError as err:
+        raise PcompError(f"cannot read longbench file {config.longbench!r}: {err.strerror}") from None
     return [Item(f"longbench/{ex.dataset}/{ex.id}", "longbench", {"example": ex, "dataset": ex.dataset})
             for ex in examples]
 
@@ -314,6 +323,10 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
 
         mesh = make_mesh(config.pipeline.num_devices, config.pipeline.model_parallel)
         model = load_model(config.model, dtype=config.dtype, mesh=mesh)  # an orbax directory: restored onto it
+    window = getattr(model.config, "window", None)
+    if config.max_new_tokens is not None and window is not None and config.max_new_tokens >= window:
+        raise ConfigError(f"max_new_tokens={config.max_new_tokens} does not fit in the model's window of {window} "
+                          "tokens next to a question; use fewer")
     for spec in config.methods:
         check_method_fits(model, spec.pipeline(config.pipeline), spec.name)
     runner = Runner(model, config)
