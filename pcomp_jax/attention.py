@@ -172,21 +172,23 @@ def _blockwise_row(q, k, v, key_bias, block: int) -> jnp.ndarray:
     return out.transpose(0, 3, 1, 2, 4).reshape(t, h, d)
 
 
-def compiled_on(platform: str, kernel, *args):
-    """``kernel(*args, interpret=False)`` where the program is lowered for ``platform``, the
-    interpreted kernel elsewhere. Decided when lowering (``jax.lax.platform_dependent``), not by
-    the machine that traces: a program exported from the CPU for a GPU or TPU gets the kernel."""
+def compiled_on(platforms: tuple[str, ...], kernel, *args):
+    """``kernel(*args, interpret=False)`` where the program is lowered for one of ``platforms``,
+    the interpreted kernel elsewhere (the CPU: ``causal_attention`` refuses a kernel on an
+    accelerator it does not compile for). Decided when lowering (``jax.lax.platform_dependent``),
+    not by the machine that traces: a program exported from the CPU for a GPU or TPU gets the kernel."""
+    compiled = lambda *a: kernel(*a, interpret=False)
     return jax.lax.platform_dependent(*args, default=lambda *a: kernel(*a, interpret=True),
-                                      **{platform: lambda *a: kernel(*a, interpret=False)})
+                                      **{platform: compiled for platform in platforms})
 
 
 def pallas_causal(q, k, v, key_keep=None):
-    """The Pallas kernel (``kernels.pallas_attention``): compiled with Triton for CUDA, interpreted elsewhere."""
+    """The Pallas kernel (``kernels.pallas_attention``): compiled with Triton for CUDA and ROCm, interpreted on the CPU."""
     from .kernels.pallas_attention import pallas_causal_attention
 
     if key_keep is None:
         key_keep = jnp.ones((q.shape[0], k.shape[2], q.shape[1]), bool)
-    return compiled_on("cuda", pallas_causal_attention, q, k, v, key_keep)
+    return compiled_on(("cuda", "rocm"), pallas_causal_attention, q, k, v, key_keep)
 
 
 def cudnn_causal_attention(q, k, v, key_keep=None):
@@ -197,12 +199,13 @@ def cudnn_causal_attention(q, k, v, key_keep=None):
 
 
 def splash_causal(q, k, v, key_keep=None):
-    """JAX's splash attention (``kernels.library_kernels``): compiled for TPU, interpreted elsewhere."""
+    """JAX's splash attention (``kernels.library_kernels``): compiled for TPU, interpreted on the CPU."""
     from .kernels.library_kernels import splash_causal_attention
 
     if key_keep is not None:
-        raise ConfigError("the splash attention backend takes no calibration keep-mask; use blockwise or pallas")
-    return compiled_on("tpu", lambda q, k, v, interpret: splash_causal_attention(q, k, v, interpret=interpret), q, k, v)
+        raise ConfigError(no_key_mask_message("splash"))
+    return compiled_on(("tpu",), lambda q, k, v, interpret: splash_causal_attention(q, k, v, interpret=interpret),
+                       q, k, v)
 
 
 def mosaic_gpu_causal(q, k, v, key_keep=None):
@@ -225,6 +228,14 @@ CAUSAL_BACKENDS = {
 }
 NO_KEY_MASK = ("cudnn", "splash", "mosaic_gpu")  # kernels whose masks cannot vary per row and KV head
 SIXTEEN_BIT = ("cudnn", "mosaic_gpu")  # kernels that take bfloat16 or float16 inputs only
+SINGLE_DEVICE_KERNELS = ("pallas", *NO_KEY_MASK)  # one kernel per device: not split over model_parallel
+KERNEL_PLATFORMS = {"pallas": ("gpu", "cpu"), "splash": ("tpu", "cpu"), "cudnn": ("gpu",), "mosaic_gpu": ("gpu",)}
+
+
+def no_key_mask_message(name: str) -> str:
+    """The refusal of a key mask by kernel ``name``, naming the backends that take one here."""
+    usable = "blockwise" if jax.default_backend() == "tpu" else "blockwise or pallas"
+    return f"the {name} attention backend takes no calibration keep-mask; use {usable}"
 
 
 def causal_attention(name: str, needs_key_mask: bool = False, dtype=None):
@@ -249,9 +260,12 @@ def causal_attention(name: str, needs_key_mask: bool = False, dtype=None):
     if name not in CAUSAL_BACKENDS:
         raise ConfigError(f"attention backend {name!r} is not available; choose one of: auto, {', '.join(CAUSAL_BACKENDS)}")
     if name in NO_KEY_MASK and needs_key_mask:
-        raise ConfigError(f"the {name} attention backend takes no calibration keep-mask; use blockwise or pallas")
+        raise ConfigError(no_key_mask_message(name))
     if name == "cudnn" and platform != "gpu":
         raise ConfigError(f"the cudnn attention backend needs an NVIDIA GPU (this run is on {platform})")
+    if name in KERNEL_PLATFORMS and platform not in KERNEL_PLATFORMS[name]:  # never an interpreted kernel on hardware
+        raise ConfigError(f"the {name} attention kernel does not run on {platform} (it runs on "
+                          f"{', '.join(KERNEL_PLATFORMS[name])}); use auto, blockwise or dense")
     if name == "mosaic_gpu":
         from .kernels.library_kernels import mosaic_gpu_available
 

@@ -13,13 +13,16 @@ from typing import Any
 
 import yaml
 
+from .attention import CAUSAL_BACKENDS, SINGLE_DEVICE_KERNELS
 from .calibrate import PRESETS, STAGES, CalibrationRule
+from .checkpoints import DTYPE_CHOICES
 from .cli import DEFAULT_COMPILATION_CACHE
 from .distributed import DistributedConfig
 from .errors import ConfigError
 from .methods import method_names
 from .prefill import MERGE_LAYOUTS
-ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "pallas", "cudnn", "splash", "mosaic_gpu")
+
+ATTENTION_BACKENDS = ("auto", *CAUSAL_BACKENDS)
 
 
 def _check_choice(name, value, allowed):
@@ -144,7 +147,7 @@ class ParallelCompConfig:
         _check_min("model_parallel", self.model_parallel, 1)
         if self.num_devices is not None and self.num_devices % self.model_parallel:
             raise ConfigError(f"model_parallel={self.model_parallel} must divide num_devices={self.num_devices}")
-        if self.model_parallel > 1 and self.attention in ("pallas", "cudnn", "splash", "mosaic_gpu"):
+        if self.model_parallel > 1 and self.attention in SINGLE_DEVICE_KERNELS:
             raise ConfigError(f"attention={self.attention!r} is one kernel per device and cannot be split over "
                               "model_parallel devices; use attention: blockwise or dense")
         if self.kv_budget is not None:
@@ -238,7 +241,7 @@ class RunConfig:
 
     def __post_init__(self):
         check_field_types(self)
-        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "auto"))
+        _check_choice("dtype", self.dtype, DTYPE_CHOICES)
         _check_min("max_new_tokens", self.max_new_tokens, 1)
 
 

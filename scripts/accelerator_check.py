@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -120,7 +121,8 @@ def plan(args, platform_name: str) -> list[tuple[str, list[str], str, int]]:
                     "--lengths", *map(str, args.memory_lengths), "--output-json", os.path.join(out, "memory.json")],
                    "measured peak memory against the preflight's estimate, default model"),
     }
-    runs = {"tests": 4, "parity": 2 * 2 * len(backends_for(platform_name)) // 2, "prefill": 2 * len(args.prefill_lengths),
+    # step-timeouts per step: tests 4; parity half of one per (dtype, calibration, backend) run (mostly compiling)
+    runs = {"tests": 4, "parity": len(backends_for(platform_name)) * 2 * 2 // 2, "prefill": 2 * len(args.prefill_lengths),
             "memory": len(args.memory_lengths)}
     return [(name, *steps[name], args.step_timeout * runs[name] + 60) for name in args.steps]
 
@@ -133,12 +135,18 @@ def run_step(name: str, command: list[str], limit: int, args) -> dict:
     env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)  # set for this process only (see main)
     if ORIGINAL_PREALLOCATE is not None:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = ORIGINAL_PREALLOCATE
+    # Its own process group: a step stopped at its limit takes its subprocesses (benchmark runs
+    # holding the accelerator) with it.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                               start_new_session=True)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=ROOT, env=env)
-        status, output = ("passed" if done.returncode == 0 else f"failed (exit {done.returncode})"), done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
+        stdout, stderr = process.communicate(timeout=limit)
+        status = "passed" if process.returncode == 0 else f"failed (exit {process.returncode})"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
         status = f"timed out after {limit} s"
-        output = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    output = stdout + stderr
     with open(log_path, "w") as f:
         f.write(" ".join(command) + "\n\n" + output)
     seconds = round(time.perf_counter() - start, 1)
@@ -269,7 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=list(PREFILL_LENGTHS))
     p.add_argument("--memory-lengths", type=int, nargs="+", default=list(MEMORY_LENGTHS))
     p.add_argument("--step-timeout", type=int, default=150,
-                   help="seconds per benchmark run; a whole step may take four times this")
+                   help="seconds per benchmark run; each step's limit is a multiple of it (--dry-run shows them)")
     p.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     p.add_argument("--summary-only", action="store_true", help="re-render summary.md from the step files")
     p.add_argument("--one-parity", action="store_true", help=argparse.SUPPRESS)
@@ -285,8 +293,13 @@ def main(argv=None) -> int:
             with open(os.path.join(args.output_dir, "parity.json"), "w") as f:
                 json.dump(rows, f, indent=1)
 
-        parity_rows(args.model, platform_name, save)
-        return 0
+        rows = parity_rows(args.model, platform_name, save)
+        broken = [r for r in rows if r["status"].startswith("error") or r.get("same_selection") is False
+                  or r.get("same_tokens") is False]
+        for r in broken:
+            print(f"parity: {r['dtype']} {r['backend']} calibrated={r['calibrated']}: {r['status']}, "
+                  f"same selection {r.get('same_selection')}, same tokens {r.get('same_tokens')}", file=sys.stderr)
+        return 1 if broken else 0  # a refusal (a backend that cannot take this setting) is not a failure
     if args.summary_only:
         text = render_summary(args.output_dir)
         with open(os.path.join(args.output_dir, "summary.md"), "w") as f:

@@ -1,6 +1,7 @@
 """Every attention backend agrees with the dense reference (GPU-only ones skip on the CPU)."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -184,4 +185,16 @@ def test_chunk_prefill_with_gpu_library_kernels_exports_for_cuda(backend, monkey
         if ON_GPU:
             raise
         pytest.skip(f"{backend} cannot be lowered without a GPU's CUDA libraries here ({type(e).__name__}: {e})")
-    assert "stablehlo.custom_call" in module
+    target = {"cudnn": "__cudnn$fmha", "mosaic_gpu": "mosaic_gpu"}[backend]
+    assert f"stablehlo.custom_call @{target}" in module, sorted(set(re.findall(r"custom_call @([\w$.]+)", module)))
+
+
+def test_kernels_never_run_interpreted_on_an_accelerator(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match="the pallas attention kernel does not run on tpu .it runs on gpu, cpu.; use auto"):
+        causal_attention("pallas")
+    with pytest.raises(ValueError, match="splash attention backend takes no calibration keep-mask; use blockwise$"):
+        causal_attention("splash", needs_key_mask=True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="the splash attention kernel does not run on gpu .it runs on tpu, cpu."):
+        causal_attention("splash")

@@ -163,7 +163,6 @@ def test_bucket_lengths():
 
 def test_dtype_auto_is_bfloat16_on_accelerators_and_float32_on_cpus(hf_checkpoints, monkeypatch):
     path, _ = hf_checkpoints("llama_gqa_untied")
-    assert pcomp_jax.load_model(path, dtype="auto").params.layers.wq.dtype == jnp.float32  # this CPU
     for platform, dtype in (("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)):
         monkeypatch.setattr(jax, "default_backend", lambda: platform)
         assert pcomp_jax.load_model(path, dtype="auto").params.layers.wq.dtype == dtype

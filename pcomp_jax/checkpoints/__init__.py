@@ -72,7 +72,8 @@ def auto_dtype() -> str:
     """``dtype: auto``: bfloat16 on GPUs and TPUs, float32 on CPUs.
 
     Measured: on an H100 every attention backend selected the same chunks and produced the
-    same tokens in bfloat16 as in float32 on the default model (docs/bench/gpu); on a CPU
+    same tokens in bfloat16 as in float32 on the default model (docs/bench/gpu; before the
+    mixed-precision dots, whose bfloat16 path is closer to float32 on the CPU); on a CPU
     without bfloat16 dot units (AMD EPYC, AVX2) bfloat16 prefill is slower than float32
     (docs/bench/cpu_bf16). CPUs with avx512_bf16 or AMX have not been measured yet, so they
     keep float32."""
@@ -97,7 +98,7 @@ def load_model(source: str | os.PathLike | None = None, dtype="float32", mesh=No
       Hugging Face checkpoint directory (LlamaForCausalLM, MistralForCausalLM,
       Qwen2ForCausalLM), a ``.gguf`` file (llama, qwen2), or a directory written by
       ``save_model`` (orbax).
-    dtype: ``"float32"`` or ``"bfloat16"`` (or the jnp dtype) for the weights.
+    dtype: ``"float32"``, ``"bfloat16"`` (or the jnp dtype) or ``"auto"`` (``auto_dtype``) for the weights.
     mesh: optional ``(chunk, model)`` mesh (``sharding.make_mesh``): the weights come back
       placed by ``sharding.rules_for`` (split over ``model``); an orbax directory is
       restored straight into those shardings, each process reading only its shards.

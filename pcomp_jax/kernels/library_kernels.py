@@ -54,7 +54,8 @@ def splash_causal_attention(q, k, v, key_keep=None, interpret: bool = False):
     block = math.gcd(padded, SPLASH_BLOCK)  # a multiple of 128 that divides the row
     heads_first = lambda x: _pad_rows(x, padded).transpose(0, 2, 1, 3)  # [B, heads, T, D]
     kernel = _splash_kernel(h, padded, block, interpret)
-    out = jax.vmap(kernel)(heads_first(q * jnp.asarray(d**-0.5, q.dtype)), heads_first(k), heads_first(v))
+    scaled = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)  # one rounding
+    out = jax.vmap(kernel)(heads_first(scaled), heads_first(k), heads_first(v))
     return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
 
 
@@ -88,5 +89,5 @@ def mosaic_gpu_causal_attention(q, k, v, key_keep=None):
     # an H100): bfloat16 is converted, which keeps more mantissa bits; values past +-65504 would
     # overflow (not seen in attention inputs of the models here).
     half = lambda x: _pad_rows(x, padded).astype(jnp.float16)
-    out = attention_mgpu.attention(half(q * jnp.asarray(d**-0.5, q.dtype)), half(k), half(v), config)
+    out = attention_mgpu.attention(half(q.astype(jnp.float32) * d**-0.5), half(k), half(v), config)  # one rounding
     return out[:, :t].astype(q.dtype)
