@@ -68,7 +68,7 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_to_change(model):
 def test_cli_dry_run_prints_the_estimate_and_runs_nothing(model, hf_checkpoints, tmp_path, capsys, monkeypatch):
     from pcomp_jax import generate
 
-    monkeypatch.setattr(generate, "answer", lambda *a, **k: pytest.fail("--dry-run ran the pipeline"))
+    monkeypatch.setattr(generate, "answer_parts", lambda *a, **k: pytest.fail("--dry-run ran the pipeline"))
     book = tmp_path / "book.txt"
     book.write_text(CONTEXT)
     rc = generate.main(["--config", "configs/demo.yaml", "--model", hf_checkpoints("llama_gqa_untied")[0],
