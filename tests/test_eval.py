@@ -162,9 +162,10 @@ def test_runner_writes_resumes_and_refuses_changed_settings(model, eval_config, 
     last = text.rstrip("\n").rsplit("\n", 1)[-1]
     with open(f"{out}/pc/predictions.jsonl", "w") as f:
         f.write(text[: len(text) - len(last) // 2 - 1])  # the last record half written
-    evaluate(eval_config, model, progress=False)
+    resumed = evaluate(eval_config, model, progress=False)
     assert calls == [json.loads(last)["id"]]
     assert len(lines(f"{out}/pc/predictions.jsonl")) == len(pc)  # every line whole again, none lost
+    assert resumed == metrics  # a run killed mid-line and resumed gives the uninterrupted run's metrics
     evaluate(eval_config, model, progress=False)
     assert calls == [json.loads(last)["id"]]
 
