@@ -103,7 +103,7 @@ def test_cli_several_questions_read_once(hf_checkpoints, tmp_path, capsys):
     text.write_text("the cat sat on the mat. the dog ran in the park. " * 12)
     questions = tmp_path / "questions.txt"
     questions.write_text("where did the cat sit?\n\nwhere did the dog run?\n")
-    out, single = tmp_path / "many.json", tmp_path / "one.json"
+    out = tmp_path / "many.json"
     common = ["--config", "configs/demo.yaml", "--model", path, "--context-file", str(text), "--max-new-tokens", "4",
               *TINY_SETS]
     assert main([*common, "--questions-file", str(questions), "--output-json", str(out)]) == 0
@@ -111,12 +111,9 @@ def test_cli_several_questions_read_once(hf_checkpoints, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert [r["question"] for r in records] == ["where did the cat sit?", "where did the dog run?"]
     assert "question 2: where did the dog run?" in printed and "read_document" in records[0]["timings_s"]
-    assert main([*common, "--question", "where did the dog run?", "--output-json", str(single)]) == 0
-    one = json.loads(single.read_text())  # the single-question path: one record, as before
-    assert isinstance(one, dict) and one["question"] == "where did the dog run?"
-    for field in ("answer", "token_ids", "selected_chunks", "num_chunks", "context_tokens"):
-        assert records[1][field] == one[field], field
-    assert records[1]["chunk_scores"] == pytest.approx(one["chunk_scores"], abs=1e-5)
+    for r in records:  # each a full record, as one --question writes
+        assert r["num_chunks"] >= 2 and len(r["selected_chunks"]) == 2 and 1 <= len(r["token_ids"]) <= 4
+        assert len(r["chunk_scores"]) == r["num_chunks"] and r["correct"] is None
 
 
 def test_cli_bad_questions_input(tmp_path, capsys):
