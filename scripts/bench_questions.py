@@ -53,7 +53,7 @@ def timed(fn):
 def cache_bytes(doc) -> int:
     """Bytes of the arrays a Document keeps for its questions (chunk caches and P's cache)."""
     leaves = jax.tree.leaves(doc.groups) + [doc.prefix_keys, doc.prefix_values]
-    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in leaves))
+    return int(sum(x.nbytes for x in leaves))  # jax.Array and np.ndarray both have nbytes
 
 
 def same(a, b) -> bool:
@@ -111,14 +111,14 @@ def bench_batch(model, length: int, contexts: int, n: int, config) -> dict:
             "first_batch": first_batch, "first_answer": first_answer}
 
 
-def machine() -> str:
+def machine() -> list[str]:
     try:
         return subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
     except OSError:
         return [platform.processor()]
 
 
-def table(rows, batches, args) -> str:
+def table(rows, batches) -> str:
     mib = 2 ** 20
     out = ["| context tokens | chunks | answer() per question (s) | read_document (s) | ask per question (s) "
            "| answer / ask | caches float32 (MiB) | caches bfloat16 (MiB) | same tokens and chunks |",
@@ -166,11 +166,11 @@ def main():
     rows = []
     for length in args.lengths:
         rows.append(bench_length(model, model_bf16, length, args.questions, config))
-        print(table(rows, [], args), flush=True)
+        print(table(rows, []), flush=True)
     batches = [bench_batch(model, args.batch_length, args.batch_contexts, args.batch, config)] if args.batch else []
     text = (f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
             f"{jax.devices()[0].platform}, model {model.source} float32, config {config}\n\n"
-            + "```\n" + "\n".join(machine()) + "\n```\n\n" + table(rows, batches, args))
+            + "```\n" + "\n".join(machine()) + "\n```\n\n" + table(rows, batches))
     print(text)
     if args.output:
         with open(args.output, "w") as f:
