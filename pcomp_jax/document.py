@@ -251,6 +251,32 @@ class Document:
         t = time.perf_counter()
         asked = [self.question_parts(question, config) for question in questions]
         tokenize = (time.perf_counter() - t) / len(asked)
+        return self._ask_parts(asked, max_new_tokens, config, progress, tokenize)
+
+    def ask_parts(self, asked: list[PromptParts], max_new_tokens: int = 32, config: ParallelCompConfig | None = None,
+                  progress: bool = False) -> list[Answer]:
+        """``ask_many`` for prompts already split into token ids (e.g. by a benchmark's own
+        template, ``longbench.encode_prompt``): each of ``asked`` must have the document's P
+        and context (its question part Q is asked); ``[answer_parts(model, parts, config,
+        max_new_tokens) for parts in asked]``, reading the context once."""
+        config = self.config if config is None else check_config(config)
+        check_same_reading(self.config, config, "the document")
+        check_same_devices(self.config, config)
+        check_document_config(self.model, config)
+        check_max_new_tokens(max_new_tokens)
+        for parts in asked:
+            same_breaks = (parts.breaks is None) == (self.parts.breaks is None) and (
+                parts.breaks is None or np.array_equal(parts.breaks, self.parts.breaks))
+            if not (np.array_equal(parts.prefix, self.parts.prefix) and np.array_equal(parts.context, self.parts.context)
+                    and same_breaks):
+                raise PcompError("a prompt's P or context differs from the document's; read its context with "
+                                 "read_parts, or use answer_parts()")
+            if len(parts.question) == 0:
+                raise PcompError("a prompt has an empty question part Q")
+        return self._ask_parts(list(asked), max_new_tokens, config, progress, 0.0) if asked else []
+
+    def _ask_parts(self, asked: list[PromptParts], max_new_tokens: int, config: ParallelCompConfig, progress: bool,
+                   tokenize: float) -> list[Answer]:
         if self.groups is None:  # a one-row method: its row depends on the question
             return [answer_parts(self.model, parts, config, max_new_tokens, progress, {"tokenize": tokenize})
                     for parts in asked]
@@ -398,7 +424,17 @@ def read_document(
     check_document_config(model, config)
     parts = encode_parts(model.tokenizer, context, "?", config.instruction, config.answer_prefix, config.chat)
     prefix, _ = encode_template(model.tokenizer, "", config.instruction, config.answer_prefix, config.chat)
-    parts = dataclasses.replace(parts, prefix=prefix, question=np.zeros(0, np.int32))
+    return read_parts(model, dataclasses.replace(parts, prefix=prefix), config, progress, host)
+
+
+def read_parts(model: Model, parts: PromptParts, config: ParallelCompConfig | None = None, progress: bool = False,
+               host: bool = False) -> Document:
+    """``read_document`` for a prompt already split into token ids (``chunking.PromptParts``,
+    e.g. ``longbench.encode_prompt``'s): reads its P and context (its question part is
+    ignored); ``Document.ask_parts`` then asks prompts with the same P and context."""
+    config = check_config(ParallelCompConfig() if config is None else config)
+    check_document_config(model, config)
+    parts = dataclasses.replace(parts, question=np.zeros(0, np.int32))
     method = get_method(config.method)
     bounds = context_chunks(parts, config, method)
     if not reuses_chunk_caches(method):

@@ -2,12 +2,16 @@
 
     python -m pcomp_jax.generate --config configs/128k.yaml
     python -m pcomp_jax.generate --config configs/demo.yaml --context-file book.txt --question "..."
+    python -m pcomp_jax.generate --context-file book.txt --question "Q1" --question "Q2"   # read once, ask each
     python -m pcomp_jax.generate --prompt "What is the capital of France?" --method full
 
 With ``--config`` (or without ``--prompt``) the input is ``--context-file`` (plain text,
 or JSONL with ``context`` and ``question`` fields) or, by default, the config's synthetic
 task; it prints the answer, whether it is right when known, the selected chunks and
-the time of each stage. ``--prompt`` runs one prompt with full attention.
+the time of each stage. Several questions (``--question`` repeated, or
+``--questions-file`` with one a line) read the context once (``read_document``) and ask
+each; every answer is printed and ``--output-json`` writes the list of records.
+``--prompt`` runs one prompt with full attention.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .io import check_writable, read_context_file, read_text
 from .memory import estimate_memory
 from .pipeline import answer_parts
 from .chunking import encode_parts
+from .document import read_document
 from .sharding import make_mesh
 from .tasks import Task, make_task
 
@@ -40,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set pipeline.chunk_len=1024 (repeatable)")
     p.add_argument("--context-file", metavar="PATH", help="plain text, or .jsonl with context and question fields")
     p.add_argument("--record", type=int, default=0, help="which JSONL record to answer (default: 0)")
-    p.add_argument("--question", help="the question (required with a plain-text context file)")
+    p.add_argument("--question", action="append", metavar="TEXT",
+                   help="the question (required with a plain-text context file); repeat it to ask several "
+                        "questions about one reading of the context")
+    p.add_argument("--questions-file", metavar="PATH",
+                   help="ask each non-empty line of PATH about one reading of the context (not with --question)")
     p.add_argument("--prompt", help="answer this prompt alone with full attention instead")
     p.add_argument("--method", choices=method_names(), help="shorthand for --set pipeline.method=...")
     p.add_argument("--model", help="shorthand for --set model=... (HF dir, .gguf, or the default name)")
@@ -86,9 +95,35 @@ def check_new_tokens_fit(model, parts, config, max_new_tokens: int) -> None:
             f"tokens, which leaves room for at most {max(window - fixed, 0)} new tokens")
 
 
-def run(args) -> dict:
-    """Runs the command; returns the JSON record. Everything that can be checked without the
-    model (the config, the output path, the input files) is checked before it loads."""
+def read_questions(args) -> list[str] | None:
+    """The questions of ``--question`` (repeatable) or ``--questions-file``; None when neither is given."""
+    if args.question is not None and args.questions_file is not None:
+        raise PcompError("give the questions with --question or with --questions-file, not both")
+    if args.questions_file is not None:
+        try:
+            with open(args.questions_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise PcompError(f"cannot read --questions-file {args.questions_file!r}: {err}") from err
+        questions = [line.strip() for line in text.splitlines() if line.strip()]
+        if not questions:
+            raise PcompError(f"--questions-file {args.questions_file!r} has no questions (one per line)")
+        return questions
+    if args.question is not None and not all(q.strip() for q in args.question):
+        raise PcompError("--question must not be empty")
+    return args.question
+
+
+def run(args) -> dict | list[dict]:
+    """Runs the command; returns the JSON record (a list of them for several questions).
+    Everything that can be checked without the model (the config, the output path, the input
+    files, the questions) is checked before it loads."""
+    questions = read_questions(args)
+    several = questions is not None and (len(questions) > 1 or args.questions_file is not None)
+    if several and (args.dry_run or args.prompt is not None):
+        raise PcompError("several questions (--question repeated, --questions-file) are asked about a long input, "
+                         "without --dry-run or --prompt; give a single --question there")
+    args.question = questions[0] if questions else None  # one question: the single-question path as before
     config: RunConfig = load_config(args.config, _overrides(args))
     if args.prompt is not None:
         if args.dry_run:
@@ -133,8 +168,21 @@ def run(args) -> dict:
             print(estimate.table())
         estimate.check(config.pipeline)  # refused (exit 2) when it cannot fit
         return {"dry_run": True, "peak_bytes": estimate.peak, "timings_s": {"load": load_s}}
+    if several:
+        t = time.perf_counter()
+        doc = read_document(model, task.context, config.pipeline, progress=is_main())
+        read_s = time.perf_counter() - t
+        results = doc.ask_many(questions, config.max_new_tokens, progress=is_main())
+        return [record(config, Task(task.context, q, ""), r,
+                       {"load": load_s, **({"read_document": read_s} if i == 0 else {}), **r.timings})
+                for i, (q, r) in enumerate(zip(questions, results))]
     result = answer_parts(model, parts, config.pipeline, config.max_new_tokens, progress=is_main(),
                           timings={"tokenize": tokenize_s})
+    return record(config, task, result, {"load": load_s, **result.timings})
+
+
+def record(config: RunConfig, task: Task, result, timings: dict) -> dict:
+    """The JSON record of one answered question."""
     return {
         "method": result.method,
         "question": task.question,
@@ -146,7 +194,7 @@ def run(args) -> dict:
         "num_chunks": result.num_chunks,
         "context_tokens": result.context_tokens,
         "token_ids": result.token_ids,
-        "timings_s": {"load": load_s, **result.timings},
+        "timings_s": timings,
         "config": to_dict(config),
     }
 
@@ -155,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     args = build_parser().parse_args(argv)
     try:
-        record = run(args)
+        result = run(args)
     except PcompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -163,8 +211,27 @@ def main(argv: list[str] | None = None) -> int:
         return exit_interrupted()
     if not is_main():  # every process has the same answer; process 0 reports it
         return 0
-    if record.get("dry_run"):
+    if isinstance(result, list):  # several questions: each answer under its question
+        for i, one in enumerate(result):
+            print(f"question {i + 1}: {one['question']}")
+            print_record(one)
+    elif result.get("dry_run"):
         return 0
+    else:
+        print_record(result)
+    if args.output_json:
+        try:
+            with open(args.output_json, "w") as f:
+                json.dump(result, f, indent=2)
+        except OSError as err:  # checked before the run; the path changed since
+            print(f"error: cannot write --output-json {args.output_json!r}: {err.strerror}; the result:\n"
+                  + json.dumps(result), file=sys.stderr)
+            return 1
+    return 0
+
+
+def print_record(record: dict) -> None:
+    """Prints one answered question: the answer, whether it is right when known, the chunks, the timings."""
     print(record["answer"].strip())
     if "selected_chunks" in record:
         verdict = {True: "right", False: "wrong", None: "unknown"}[record["correct"]]
@@ -172,15 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"context: {record['context_tokens']} tokens in {record['num_chunks']} chunks; "
               f"selected chunks: {record['selected_chunks']}")
     print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in record["timings_s"].items()))
-    if args.output_json:
-        try:
-            with open(args.output_json, "w") as f:
-                json.dump(record, f, indent=2)
-        except OSError as err:  # checked before the run; the path changed since
-            print(f"error: cannot write --output-json {args.output_json!r}: {err.strerror}; the result:\n"
-                  + json.dumps(record), file=sys.stderr)
-            return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -95,3 +95,39 @@ def test_cli_bad_config_values(capsys, tmp_path):
     assert "cannot read config file" in capsys.readouterr().err
     assert main(["--prompt", "hi", "--method", "parallelcomp"]) == 2
     assert "--prompt runs with full attention only" in capsys.readouterr().err
+
+
+def test_cli_several_questions_read_once(hf_checkpoints, tmp_path, capsys):
+    path, _ = hf_checkpoints("llama_gqa_untied")
+    text = tmp_path / "book.txt"
+    text.write_text("the cat sat on the mat. the dog ran in the park. " * 12)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("where did the cat sit?\n\nwhere did the dog run?\n")
+    out = tmp_path / "many.json"
+    common = ["--config", "configs/demo.yaml", "--model", path, "--context-file", str(text), "--max-new-tokens", "4",
+              *TINY_SETS]
+    assert main([*common, "--questions-file", str(questions), "--output-json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert [r["question"] for r in records] == ["where did the cat sit?", "where did the dog run?"]
+    assert "question 2: where did the dog run?" in printed and "read_document" in records[0]["timings_s"]
+    for r in records:  # each a full record, as one --question writes
+        assert r["num_chunks"] >= 2 and len(r["selected_chunks"]) == 2 and 1 <= len(r["token_ids"]) <= 4
+        assert len(r["chunk_scores"]) == r["num_chunks"] and r["correct"] is None
+
+
+def test_cli_bad_questions_input(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    text = tmp_path / "book.txt"
+    text.write_text("the cat sat on the mat.")
+    cases = [
+        (["--questions-file", str(empty)], "has no questions"),
+        (["--questions-file", str(tmp_path / "missing.txt")], "cannot read --questions-file"),
+        (["--questions-file", str(empty), "--question", "why?"], "not both"),
+        (["--question", "a?", "--question", "b?", "--dry-run"], "single --question"),
+    ]
+    for flags, message in cases:
+        assert main(["--context-file", str(text), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err

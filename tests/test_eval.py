@@ -361,3 +361,36 @@ def test_summary_only_merges_a_sweep_run_in_parts(model, eval_config, tmp_path, 
     assert main(["--config", str(config_file), "--summary-only", "--set",
                  "methods=[{name: other, method: parallelcomp}]"]) == 2
     assert "no results of method(s) other" in capsys.readouterr().err
+
+
+def test_runner_reads_a_shared_context_once(model, tmp_path):
+    """LongBench items with the same context are answered from one reading (document.read_parts)
+    per reading settings, with the predictions and selections answer_parts gives each; a
+    context asked once is answered by answer_parts as before."""
+    from pcomp_jax.eval.runner import longbench_items
+    from pcomp_jax.longbench import encode_prompt
+    from pcomp_jax.pipeline import answer_parts
+
+    shared, other = make_text(60, seed=7), make_text(50, seed=8)
+    records = [{"context": c, "input": q, "answers": ["cat"], "all_classes": None, "length": 60,
+                "dataset": "samsum", "_id": i}
+               for c, q, i in ((shared, "Where is the cat?", "a"), (other, "Who ran?", "b"),
+                               (shared, "Where is the sun?", "c"))]
+    data = tmp_path / "lb.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = EvalConfig(output_dir=str(tmp_path / "out"), tasks=(), longbench=str(data), max_new_tokens=4,
+                        pipeline=ParallelCompConfig(chunk_len=48, obs_window=4, chat=False),
+                        methods=(MethodSpec.of("pc", method="parallelcomp", capacity=16),),
+                        perplexity=dataclasses.replace(EvalConfig().perplexity, prefix_lengths=()))
+    items = longbench_items(config)
+    runner = Runner(model, config)
+    pending = runner.share_readings([(spec, item) for item in items for spec in config.methods], config)
+    assert [item.id for _, item in pending] == ["longbench/samsum/" + i for i in "acb"]  # shared context first
+    for spec, item in pending:
+        pipeline = spec.pipeline(config.pipeline)
+        got = runner.run(item, pipeline)
+        ex = item.fields["example"]
+        want = answer_parts(model, encode_prompt(model.tokenizer, ex, pipeline.chat), pipeline, 4)
+        assert "error" not in got and got["prediction"] == want.text, (spec.name, item.id)
+        assert got["selected_chunks"] == want.selected_chunks and got["context_tokens"] == want.context_tokens
+    assert runner.readings == 1 and runner.document_answers == 2  # b, asked once, is answered as before

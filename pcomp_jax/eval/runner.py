@@ -84,6 +84,9 @@ class Runner:
         self._needle_text = None
         self._ppl_windows = None
         self._prefills: tuple[str, dict] = ("", {})  # (item id, stage-1 results its methods share)
+        self.shared: set = set()  # (context key, reading key) asked more than once in this run (share_readings)
+        self._documents: tuple[object, dict] = (None, {})  # (context key, {reading key: Document}) for one context
+        self.readings, self.document_answers = 0, 0  # documents read; answers asked of them
 
     def prefills(self, item: Item) -> dict:
         """Stage-1 results shared by the methods that run ``item`` one after another
@@ -91,6 +94,44 @@ class Runner:
         if self._prefills[0] != item.id:
             self._prefills = (item.id, {})
         return self._prefills[1]
+
+    def share_readings(self, pending: list[tuple[MethodSpec, Item]], config: EvalConfig) -> list:
+        """Notes which (context, reading) pairs of ``pending`` are asked more than once, so that
+        their context is read once (``document.read_parts``) and each asked; returns ``pending``
+        with the items of one context next to each other (otherwise in order)."""
+        keys = [(context_key(item), reading_key(spec.pipeline(config.pipeline))) for spec, item in pending]
+        seen: dict = {}
+        for key in keys:
+            seen[key] = seen.get(key, 0) + 1
+        self.shared = {key for key, n in seen.items() if n > 1 and None not in key}
+        first = {}
+        for i, (context, _) in enumerate(keys):
+            first.setdefault(context, i)
+        order = sorted(range(len(pending)), key=lambda i: (first[keys[i][0]] if keys[i][0] is not None else i, i))
+        return [pending[i] for i in order]
+
+    def ask(self, item: Item, parts, pipeline: ParallelCompConfig, max_new_tokens: int):
+        """The answer to ``parts``: from the document of the item's context when its reading
+        is shared (``share_readings``) and the document can answer it, else ``answer_parts``
+        (the same answer)."""
+        from ..document import read_parts
+        from ..pipeline import answer_parts
+
+        key = (context_key(item), reading_key(pipeline))
+        if key in self.shared:
+            if self._documents[0] != key[0]:
+                self._documents = (key[0], {})  # one context at a time: its documents only
+            docs = self._documents[1]
+            try:
+                if key[1] not in docs:
+                    docs[key[1]] = read_parts(self.model, parts, pipeline, host=jax.default_backend() != "cpu")
+                    self.readings += 1
+                result = docs[key[1]].ask_parts([parts], max_new_tokens, pipeline)[0]
+                self.document_answers += 1
+                return result
+            except PcompError:  # what a document cannot answer (e.g. a short question under SnapKV): as before
+                pass
+        return answer_parts(self.model, parts, pipeline, max_new_tokens, prefills=self.prefills(item))
 
     def needle_text(self) -> str:
         if self._needle_text is None:
@@ -125,25 +166,24 @@ class Runner:
         return record
 
     def _synthetic(self, item: Item, pipeline) -> dict:
-        from ..pipeline import answer
+        from ..chunking import encode_parts
 
         f = item.fields
         task = make_task(f["task"], self.model.tokenizer, f["length"], f["depth"], f["seed"],
                          text=self.needle_text() if f["task"] == "needle" else None)
-        result = answer(self.model, task.context, task.question, pipeline,
-                        self.config.max_new_tokens or ANSWER_TOKENS[f["task"]], prefills=self.prefills(item))
+        parts = encode_parts(self.model.tokenizer, task.context, task.question, pipeline.instruction,
+                             pipeline.answer_prefix, pipeline.chat)  # as answer() encodes them
+        result = self.ask(item, parts, pipeline, self.config.max_new_tokens or ANSWER_TOKENS[f["task"]])
         correct = task.is_correct(result.text)
         return {**f, "prediction": result.text, "answer": task.answer, "score": float(correct),
                 "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
 
     def _longbench(self, item: Item, pipeline) -> dict:
         from ..longbench import MAX_NEW_TOKENS, encode_prompt, score_example
-        from ..pipeline import answer_parts
 
         ex = item.fields["example"]
         parts = encode_prompt(self.model.tokenizer, ex, pipeline.chat)
-        result = answer_parts(self.model, parts, pipeline, self.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset],
-                              prefills=self.prefills(item))
+        result = self.ask(item, parts, pipeline, self.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset])
         return {"dataset": ex.dataset, "example_id": ex.id, "length": ex.length, "prediction": result.text,
                 "answers": ex.answers, "score": score_example(ex, result.text),
                 "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
@@ -155,6 +195,29 @@ class Runner:
         scored = continuation_nll(self.model, prefix, continuation, pipeline, self.config.perplexity.query_len)
         return {**item.fields, "mean_nll": scored.mean_nll, "perplexity": scored.perplexity,
                 "tokens": len(scored.token_nll), "selected_chunks": scored.selected_chunks}
+
+
+def context_key(item: Item):
+    """What decides an item's context (items with equal keys have the same P and context); None: not shared."""
+    if item.kind == "synthetic":
+        return ("synthetic", *(item.fields[k] for k in ("task", "length", "depth", "seed")))
+    if item.kind == "longbench":
+        ex = item.fields["example"]
+        return ("longbench", ex.dataset, ex.context)  # the dataset decides the template's P
+    return None
+
+
+def reading_key(pipeline: ParallelCompConfig):
+    """What decides a document's reading (``document.check_same_reading``, devices); None:
+    the method cannot reuse chunk caches."""
+    from ..document import READ_FIELDS, reuses_chunk_caches
+    from ..methods import get_method
+
+    method = get_method(pipeline.method)
+    if not reuses_chunk_caches(method):
+        return None
+    return (*(getattr(pipeline, f) for f in READ_FIELDS), method.chunked, pipeline.num_devices,
+            pipeline.model_parallel)
 
 
 # ---- files: append-only predictions, resumable ---------------------------------------------
@@ -329,12 +392,13 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
                           "tokens next to a question; use fewer")
     for spec in config.methods:
         check_method_fits(model, spec.pipeline(config.pipeline), spec.name)
-    runner = Runner(model, config)
     done = {spec.name: read_predictions(os.path.join(config.output_dir, spec.name, "predictions.jsonl"))
             if is_main() else {} for spec in config.methods}
     wanted = [(spec, item) for item in items for spec in config.methods if spec.runs(item)]
     finished = main_decides(np.array([item.id in done[spec.name] for spec, item in wanted], bool))
     pending = [pair for pair, was_done in zip(wanted, finished) if not was_done]
+    runner = Runner(model, config)
+    pending = runner.share_readings(pending, config)  # a context read once for the methods and items sharing it
     skipped = len(wanted) - len(pending)
     if skipped and is_main():
         print(f"resuming: {skipped} finished predictions kept, {len(pending)} to run", file=sys.stderr)
