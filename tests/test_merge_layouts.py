@@ -134,9 +134,12 @@ def test_eval_columns_that_differ_after_the_prefill_share_it(model, monkeypatch,
     from pcomp_jax import pipeline
     from pcomp_jax.eval import EvalConfig, MethodSpec, evaluate
 
-    calls = []
-    real = pipeline.prefill_context
+    from pcomp_jax import document
+
+    calls, reads = [], []
+    real, real_read = pipeline.prefill_context, document.read_parts
     monkeypatch.setattr(pipeline, "prefill_context", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(document, "read_parts", lambda *a, **k: reads.append(1) or real_read(*a, **k))
     methods = (MethodSpec.of("parallel"), MethodSpec.of("sequential", merge_layout="sequential"),
                MethodSpec.of("calibrated", calibration_preset="remove_shallow_middle"),
                MethodSpec.of("stage_evict", capacity=6, stage_eviction=True),  # chunks kept whole: shares
@@ -147,7 +150,9 @@ def test_eval_columns_that_differ_after_the_prefill_share_it(model, monkeypatch,
         methods=methods, tasks=("passkey",), lengths=(150, 200), depths=(0.5,), max_new_tokens=4,
     )
     evaluate(config, model, progress=False)
-    assert len(calls) == 2 * 2  # per input: one shared by five columns, one for eviction
+    # per input, one reading of the chunks (a document, read_parts) shared by all six columns:
+    # capacity, eviction, layout and merged-stage calibration all act after it
+    assert (len(reads), len(calls)) == (2, 0)
     for spec in methods:  # each column as if run alone
         alone = answer(model, *_passkey(model, 200), spec.pipeline(config.pipeline), 4)
         with open(tmp_path / "out" / spec.name / "predictions.jsonl", encoding="utf-8") as f:
