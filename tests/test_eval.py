@@ -214,9 +214,9 @@ def test_adding_parts_to_a_sweep_resumes_and_changed_texts_are_refused(model, ev
     with open(f"{out}/pc/settings.json") as f:
         assert {"text_file", "perplexity", "pipeline"} <= set(json.load(f))
     other = tmp_path / "other.txt"
-    other.write_text(open(eval_config.text_file).read())
+    other.write_text(open(eval_config.text_file).read() + " And then it rained.")
     evaluate(first, model, progress=False)  # leaving the needle out again is fine...
-    with pytest.raises(ConfigError, match="other settings \\(text_file differ\\)"):
+    with pytest.raises(ConfigError, match="other settings \\(text_sha256 differ\\)"):
         evaluate(dataclasses.replace(more, text_file=str(other)), model, progress=False)  # ...another text is not
 
 

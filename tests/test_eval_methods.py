@@ -2,6 +2,7 @@
 and from the flat YAML entries; errors name the method, the field and what is allowed. No model."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -86,3 +87,31 @@ def test_results_from_before_an_option_existed_resume_only_while_it_is_off(tmp_p
     (directory / "settings.json").write_text(json.dumps({"model": "m", "pipeline": no_sentences}))
     with pytest.raises(ConfigError, match="pipeline differ"):  # sentence chunks changed results: never mixed
         check_or_write_settings(str(directory), {"model": "m", "pipeline": to_dict(ParallelCompConfig())})
+
+
+def test_the_needle_text_is_compared_by_its_contents_not_its_path(tmp_path):
+    """The same book under another path (another machine) resumes; another book, or an edited
+    copy under the same path, is refused naming text_sha256."""
+    from pcomp_jax.eval.runner import check_or_write_settings, text_digest
+
+    book, moved, other = tmp_path / "book.txt", tmp_path / "moved.txt", tmp_path / "other.txt"
+    book.write_text("It was a dark and stormy night. " * 50)
+    moved.write_text(book.read_text())
+    other.write_text("Call me Ishmael. " * 50)
+    assert text_digest(str(book)) == text_digest(str(moved)) != text_digest(str(other)) != text_digest(None)
+    directory = tmp_path / "m"
+    directory.mkdir()
+    (directory / "predictions.jsonl").write_text('{"id": "x"}\n')
+    settings = lambda path: {"model": "m", "text_file": str(path), "text_sha256": text_digest(str(path))}
+    check_or_write_settings(str(directory), settings(book))
+    check_or_write_settings(str(directory), settings(moved))  # resumes; the record keeps the new path
+    assert json.load(open(directory / "settings.json"))["text_file"] == str(moved)
+    with pytest.raises(ConfigError, match=r"\(text_sha256 differ\)"):
+        check_or_write_settings(str(directory), settings(other))
+    moved.write_text("edited " + book.read_text())
+    with pytest.raises(ConfigError, match=r"\(text_sha256 differ\)"):
+        check_or_write_settings(str(directory), settings(moved))
+    # a record from before the digest: the path decides, as it did
+    (directory / "settings.json").write_text(json.dumps({"model": "m", "text_file": str(book)}))
+    with pytest.raises(ConfigError, match=r"\(text_file differ\)"):
+        check_or_write_settings(str(directory), settings(other))

@@ -7,6 +7,7 @@ see the package docstring for the files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -163,6 +164,7 @@ class Runner:
                 raise
             record.update({"error": f"out of memory: {str(err).splitlines()[0]}", "score": 0.0})
         record["seconds"] = round(time.perf_counter() - start, 2)
+        record["device"] = jax.devices()[0].device_kind  # where the seconds (and the numerics) come from
         return record
 
     def _synthetic(self, item: Item, pipeline) -> dict:
@@ -267,11 +269,17 @@ def method_settings(config: EvalConfig, spec: MethodSpec) -> dict:
                 "pipeline": to_dict(spec.pipeline(config.pipeline))}
     if "needle" in config.tasks:
         settings["text_file"] = config.text_file
+        settings["text_sha256"] = text_digest(config.text_file)  # the text itself decides, not where it lies
     if config.perplexity.prefix_lengths:  # the lengths themselves are in the item ids
         settings["perplexity"] = {k: v for k, v in to_dict(config.perplexity).items() if k != "prefix_lengths"}
     if config.longbench is not None:
         settings["longbench"] = os.path.abspath(config.longbench)
     return settings
+
+
+def text_digest(path: str | None) -> str:
+    """SHA-256 of the needle task's text (None: the bundled text), as read for the needles."""
+    return hashlib.sha256(read_text(path, "the needle task's").encode("utf-8")).hexdigest()
 
 
 # Pipeline fields added after results may exist whose value here reproduces what runs made
@@ -294,6 +302,8 @@ def check_or_write_settings(directory: str, settings: dict) -> None:
 
     Only settings both runs have are compared: adding a part to a sweep (the needle task and
     its text, perplexity, a LongBench file) resumes, and the record keeps every part seen.
+    The needle's text is compared by its digest where both records have one (its path
+    where the older record has none), and the record then keeps the new path.
     Pipeline options added since the results were made resume when they are off
     (``NEUTRAL_PIPELINE_FIELDS``)."""
     path = os.path.join(directory, "settings.json")
@@ -303,7 +313,10 @@ def check_or_write_settings(directory: str, settings: dict) -> None:
     if os.path.exists(path) and has_results:
         with open(path, encoding="utf-8") as f:
             old = _with_neutral_fields(json.load(f), normal)
-        changed = sorted(k for k in set(old) & set(normal) if old[k] != normal[k])
+        compared = set(old) & set(normal)
+        if "text_sha256" in compared:  # the same text under another path (another machine) resumes
+            compared.discard("text_file")
+        changed = sorted(k for k in compared if old[k] != normal[k])
         if changed:
             raise ConfigError(
                 f"{directory} holds results made with other settings ({', '.join(changed)} differ); "
