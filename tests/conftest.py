@@ -1,11 +1,17 @@
 import os
 import sys
+import tempfile
 
 import pytest
 
-# The command lines run in-process here keep JAX's compilation cache off (pcomp_jax.cli): no
-# files in the user's cache, and the test session's compilation the same in every order.
-os.environ["PCOMP_JAX_COMPILATION_CACHE"] = ""
+# One JAX persistent compilation cache per test run, shared by the xdist workers and by the
+# command lines the tests start (pcomp_jax.cli reads the variable): a program that several
+# tests or processes compile is compiled once per run. Never the user's cache; a new
+# directory for every run (xdist gives its workers one run id), so no test depends on an
+# earlier run. A cached executable is the program the compiler made: results do not change.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+TEST_COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), "pcomp_jax_tests", _RUN_ID)
+os.environ["PCOMP_JAX_COMPILATION_CACHE"] = TEST_COMPILATION_CACHE
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -34,3 +40,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 # precision runs float32 matmuls as TF32 (about 1e-3 relative error; measured on an H100 in
 # docs/bench/gpu). A no-op on the CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from pcomp_jax.cli import use_compilation_cache  # noqa: E402
+
+use_compilation_cache(TEST_COMPILATION_CACHE)

@@ -157,7 +157,7 @@ def test_compilation_cache_flags_and_field(tmp_path):
     assert cli.default_compilation_cache({"HOME": "/h"}).endswith(os.path.join(".cache", "pcomp_jax", "jax"))
     assert cli.default_compilation_cache({"XDG_CACHE_HOME": "/x"}) == os.path.join("/x", "pcomp_jax", "jax")
     assert cli.default_compilation_cache({"PCOMP_JAX_COMPILATION_CACHE": "/c", "XDG_CACHE_HOME": "/x"}) == "/c"
-    assert cli.default_compilation_cache({"PCOMP_JAX_COMPILATION_CACHE": ""}) is None  # conftest: off in tests
+    assert cli.default_compilation_cache({"PCOMP_JAX_COMPILATION_CACHE": ""}) is None  # empty: off
     args = type("A", (), {"no_compilation_cache": False, "compilation_cache": str(tmp_path)})()
     assert load_config(None, cli.cache_overrides(args)).compilation_cache == str(tmp_path)
     args.no_compilation_cache = True

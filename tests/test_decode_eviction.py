@@ -22,7 +22,8 @@ def make_cache(valid: np.ndarray, window: np.ndarray) -> KVCache:
 @settings(max_examples=25, deadline=None)
 @given(st.data())
 def test_one_step_drops_the_lowest_older_entry_per_head(data):
-    s, kvh, w = data.draw(st.integers(4, 24)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6))
+    # a few cache lengths and windows (each shape compiles once), every held/dropped pattern and score
+    s, kvh, w = data.draw(st.sampled_from([4, 11, 24])), data.draw(st.integers(1, 3)), data.draw(st.sampled_from([1, 3, 6]))
     valid = np.array(data.draw(st.lists(st.lists(st.booleans(), min_size=kvh, max_size=kvh), min_size=s, max_size=s)))
     valid[-1] = True  # the newest token
     # (no subnormals: XLA on the CPU flushes them to zero, which makes ties NumPy does not see)
