@@ -41,3 +41,10 @@ def logical_axes(tree):
         elif value is not None:
             out[f.name] = PartitionSpec(*f.metadata["axes"])
     return tree.replace(**out)
+
+
+def axis_positions(tree, name: str):
+    """``tree`` with each array field replaced by the position of axis ``name`` among its
+    declared axes (static fields kept): where to cut or join every array of it along ``name``."""
+    return tree.replace(**{f.name: f.metadata["axes"].index(name) for f in dataclasses.fields(tree)
+                           if f.metadata.get("pytree_node", True)})

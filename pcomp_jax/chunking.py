@@ -210,15 +210,26 @@ class Rows:
         return jax.tree.map(lambda a: a[start:stop], self)
 
     def padded(self, num_rows: int) -> "Rows":
-        """The same rows followed by empty ones up to ``num_rows`` (never selected)."""
+        """The same rows followed by empty ones up to ``num_rows`` (never selected; their chunk
+        ids continue the last row's)."""
         n = self.tokens.shape[0]
         if num_rows < n:
             raise PcompError(f"cannot pad {n} chunk rows to {num_rows}; ask for at least {n}")
         extra = num_rows - n
         grow = lambda a: np.concatenate([np.asarray(a), np.zeros((extra, *a.shape[1:]), a.dtype)])
         rows = jax.tree.map(grow, self)
-        ids = np.concatenate([np.asarray(self.chunk_ids), np.arange(n, num_rows, dtype=np.int32)])
+        first = int(np.asarray(self.chunk_ids)[-1]) + 1 if n else 0
+        ids = np.concatenate([np.asarray(self.chunk_ids), np.arange(first, first + extra, dtype=np.int32)])
         return rows.replace(chunk_ids=ids)
+
+    def widened(self, row_len: int) -> "Rows":
+        """The same rows padded after their tokens to the static length ``row_len`` (>= R). The
+        added slots lie beyond every row's length, where causality hides them from its tokens."""
+        extra = row_len - self.row_len
+        if extra < 0:
+            raise PcompError(f"cannot narrow chunk rows of length {self.row_len} to {row_len}")
+        grow = lambda a: np.pad(np.asarray(a), ((0, 0), (0, extra)))
+        return self.replace(tokens=grow(self.tokens), positions=grow(self.positions))
 
     def groups(self, group_size: int) -> list["Rows"]:
         """The rows in groups of exactly ``group_size`` (the last one padded with empty rows)."""
@@ -227,6 +238,18 @@ class Rows:
         n = self.tokens.shape[0]
         rows = self.padded(group_size * math.ceil(n / group_size))
         return [rows.slice(g, g + group_size) for g in range(0, rows.tokens.shape[0], group_size)]
+
+
+def concat_rows(rows: list[Rows]) -> Rows:
+    """The rows of several inputs one after another along the chunk axis (e.g. to run them
+    through the same groups), each widened to the longest row length (``Rows.widened``).
+    They must share P (``prefix_len``) and the question bucket Qb; chunk_len is the largest,
+    and each row keeps its own chunk id (its index in its own input)."""
+    if len({r.prefix_len for r in rows}) != 1 or len({r.question_targets.shape[1] for r in rows}) != 1:
+        raise PcompError("only chunk rows with the same prefix P and question bucket can be joined")
+    width, chunk_len = max(r.row_len for r in rows), max(r.chunk_len for r in rows)
+    rows = [r.widened(width).replace(chunk_len=chunk_len) for r in rows]
+    return jax.tree.map(lambda *arrays: np.concatenate([np.asarray(a) for a in arrays]), *rows)
 
 
 def row_length(prefix_len: int, longest_chunk: int, question_bucket: int) -> int:

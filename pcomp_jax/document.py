@@ -40,11 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .axes import axes_field, static_field
+from .axes import axes_field, axis_positions, static_field
 from .cache import KVCache, write_layer
 from .checkpoints import Model
-from .chunking import PromptParts, check_row_fits, encode_parts, encode_template, question_bucket, row_length, \
-    scored_question
+from .chunking import PromptParts, check_row_fits, concat_rows, encode_parts, encode_template, question_bucket, \
+    row_length, scored_question
 from .config import ConfigError, ParallelCompConfig, from_dict, to_dict
 from .decode import check_max_new_tokens
 from .errors import CheckpointError, PcompError
@@ -422,9 +422,15 @@ def read_document(
     if context is None:
         raise PcompError("read_document needs the context (or load=, a directory written by Document.save)")
     check_document_config(model, config)
+    return read_parts(model, context_parts(model, context, config), config, progress, host)
+
+
+def context_parts(model: Model, context: str, config: ParallelCompConfig) -> PromptParts:
+    """What ``read_document`` reads of ``context``: P as the template lays it out for any
+    question, the context's token ids and breaks, and an empty question part."""
     parts = encode_parts(model.tokenizer, context, "?", config.instruction, config.answer_prefix, config.chat)
     prefix, _ = encode_template(model.tokenizer, "", config.instruction, config.answer_prefix, config.chat)
-    return read_parts(model, dataclasses.replace(parts, prefix=prefix), config, progress, host)
+    return dataclasses.replace(parts, prefix=prefix, question=np.zeros(0, np.int32))
 
 
 def read_parts(model: Model, parts: PromptParts, config: ParallelCompConfig | None = None, progress: bool = False,
@@ -432,28 +438,98 @@ def read_parts(model: Model, parts: PromptParts, config: ParallelCompConfig | No
     """``read_document`` for a prompt already split into token ids (``chunking.PromptParts``,
     e.g. ``longbench.encode_prompt``'s): reads its P and context (its question part is
     ignored); ``Document.ask_parts`` then asks prompts with the same P and context."""
+    return read_parts_batch(model, [parts], config, progress, host)[0]
+
+
+def read_parts_batch(model: Model, inputs: list[PromptParts], config: ParallelCompConfig | None = None,
+                     progress: bool = False, host: bool = False) -> list[Document]:
+    """``[read_parts(model, parts, config, progress, host) for parts in inputs]``, with the
+    chunk rows ``P + chunk`` of all the inputs run through the same groups of ``read_group``:
+    ``ceil(total rows / S)`` calls of one compiled function (S = ``rows_per_group(
+    config.group_size, total rows, mesh)``), where reading them one by one would pad every
+    input's last group on its own.
+
+    Each input still gets the ``Document`` it would get alone (its own groups of
+    ``rows_per_group(config.group_size, its rows, mesh)`` rows, keys and values as wide as
+    its own rows; each question then selects among its document's chunks only), so that
+    ``ask`` compiles and computes as for a document read alone. For that the rows are laid
+    out as every input's whole groups first (each a group of the shared reading, kept as it
+    is) and then the rest of each input's rows packed together (``join_rows`` cuts each
+    input's last group out of them, padded with empty rows). Rows of unequal length are
+    padded to the longest (``chunking.concat_rows``: causality hides the padding) and cut
+    back after the reading. Only empty rows differ from a lone reading: their caches are
+    zeros, not computed from token 0 (never read: they store no tokens).
+    Falls back to one reading per input where sharing does not apply: inputs with another
+    P are read one by one; a method that does not reuse chunk caches reads nothing.
+    """
     config = check_config(ParallelCompConfig() if config is None else config)
     check_document_config(model, config)
-    parts = dataclasses.replace(parts, question=np.zeros(0, np.int32))
+    inputs = [dataclasses.replace(parts, question=np.zeros(0, np.int32)) for parts in inputs]
     method = get_method(config.method)
-    bounds = context_chunks(parts, config, method)
+    bounds = [context_chunks(parts, config, method) for parts in inputs]
     if not reuses_chunk_caches(method):
-        return Document(model, config, parts, None, None, None, bounds, model.params, host)
+        return [Document(model, config, parts, None, None, None, b, model.params, host)
+                for parts, b in zip(inputs, bounds)]
+    if len({parts.prefix.tobytes() for parts in inputs}) > 1:  # the rows of one reading share P
+        return [read_parts(model, parts, config, progress, host) for parts in inputs]
+    if not inputs:
+        return []
     cfg = model.config
     mesh = model_mesh(model, config)
-    rows = context_rows(model, parts, config, method)
-    size = rows_per_group(config.group_size, rows.num_chunks, mesh)
+    own = [context_rows(model, parts, config, method) for parts in inputs]
+    sizes = [rows_per_group(config.group_size, rows.num_chunks, mesh) for rows in own]
+    size = rows_per_group(config.group_size, sum(rows.num_chunks for rows in own), mesh)
+    whole = [rows.num_chunks // size * size if s == size else 0 for rows, s in zip(own, sizes)]
+    rows = concat_rows([r.slice(0, w) for r, w in zip(own, whole)] + [r.slice(w, None) for r, w in zip(own, whole)])
     weights = shard_weights(model.params, mesh, rules_for(cfg, mesh))
     spec = method.prefill_spec(config)
-    prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(parts.prefix))
-    groups = []
+    prefix_keys, prefix_values = prefill_prefix(weights, cfg, jnp.asarray(inputs[0].prefix))
+    read = []
     for group in tqdm(rows.groups(size), desc="reading chunk groups", unit="group", disable=not progress):
         caches = read_group(weights, cfg, shard(group, mesh), spec)
-        groups.append(jax.tree.map(to_host, caches) if host else caches)
-    jax.block_until_ready(groups)
+        read.append(jax.tree.map(to_host, caches) if host else caches)
+    jax.block_until_ready(read)
     if host:
         prefix_keys, prefix_values = to_host(prefix_keys), to_host(prefix_values)
-    return Document(model, config, parts, groups, prefix_keys, prefix_values, bounds, weights, host)
+    place = (lambda caches: caches) if host else (lambda caches: shard(caches, mesh))
+    docs, at, rest, total = [], 0, sum(whole), sum(r.num_chunks for r in own)
+    for parts, b, r, s, w in zip(inputs, bounds, own, sizes, whole):
+        spans = [(g, g + size) for g in range(at, at + w, size)]
+        if r.num_chunks > w:
+            spans.append((rest, rest + r.num_chunks - w))
+        groups = [narrowed(read[lo // size], r.row_len)
+                  if s == size and lo % size == 0 and (hi - lo == size or hi == total)  # a group as read
+                  else place(join_rows(read, lo, hi, s, r.row_len)) for lo, hi in spans]
+        docs.append(Document(model, config, parts, groups, prefix_keys, prefix_values, b, weights, host))
+        at, rest = at + w, rest + r.num_chunks - w
+    return docs
+
+
+def narrowed(caches: ChunkCaches, width: int) -> ChunkCaches:
+    """``caches`` with keys and values cut to the first ``width`` row slots (unchanged when
+    that is all of them)."""
+    if caches.keys.shape[2] == width:
+        return caches
+    return caches.replace(keys=caches.keys[:, :, :width], values=caches.values[:, :, :width])
+
+
+def join_rows(groups: list[ChunkCaches], start: int, stop: int, size: int, width: int) -> ChunkCaches:
+    """Rows ``start .. stop - 1`` of ``groups`` (numbered across them, every group the same
+    size) as one group of ``size`` rows, followed by empty ones (zero caches, chunk ids
+    continuing theirs), keys and values cut to ``width`` row slots. NumPy for host caches."""
+    per = groups[0].chunk_ids.shape[0]
+    axes = axis_positions(groups[0], "chunk")
+    pieces = []
+    for g in range(start // per, (stop - 1) // per + 1):
+        lo, hi = max(start - g * per, 0), min(stop - g * per, per)
+        cut = lambda x, axis: x[(slice(None),) * axis + (slice(lo, hi),)]
+        pieces.append(narrowed(jax.tree.map(cut, groups[g], axes), width))
+    first = pieces[0]
+    count, next_id = size - (stop - start), int(pieces[-1].chunk_ids[-1]) + 1
+    empty = jax.tree.map(lambda x, axis: np.zeros(x.shape[:axis] + (count,) + x.shape[axis + 1:], x.dtype), first, axes)
+    pieces.append(empty.replace(chunk_ids=np.arange(next_id, next_id + count, dtype=first.chunk_ids.dtype)))
+    xp = np if isinstance(first.keys, np.ndarray) else jnp
+    return jax.tree.map(lambda axis, *xs: xp.concatenate(xs, axis=axis), axes, *pieces)
 
 
 def load_document(model: Model, path: str, config: ParallelCompConfig | None, context: str | None,
@@ -504,19 +580,26 @@ def answer_batch(
     progress: bool = False,
 ) -> list[Answer]:
     """``[answer(model, context, question, config, max_new_tokens) for context, question in
-    inputs]``, reading each distinct context once: its questions are asked of one
-    ``read_document`` together (``Document.ask_many``). inputs: ``(context, question)`` pairs.
-    Answers come back in the order of ``inputs``."""
+    inputs]`` (the same tokens, selections and chunk scores to float rounding), reading each
+    distinct context once: the chunk rows of all of them run through shared groups of one
+    compiled ``read_group`` (``read_parts_batch``: a context's partial last group is filled
+    with the next contexts' rows), and each context's questions are asked of its own
+    ``Document`` together (``Document.ask_many``), each selecting among its own chunks.
+    One-row methods read nothing ahead (``ask`` runs ``answer``'s one-row path).
+    inputs: ``(context, question)`` pairs. Answers come back in the order of ``inputs``."""
     config = check_config(ParallelCompConfig() if config is None else config)
     pairs = list(inputs)
     if not all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
         raise PcompError("answer_batch takes a list of (context, question) pairs of strings")
+    if model.tokenizer is None:
+        raise PcompError(f"{model.source!r} has no tokenizer; answer_batch() needs one to read text")
+    check_document_config(model, config)
     by_context: dict[str, list[int]] = {}
     for i, (context, _) in enumerate(pairs):
         by_context.setdefault(context, []).append(i)
+    docs = read_parts_batch(model, [context_parts(model, c, config) for c in by_context], config, progress)
     answers: list[Answer | None] = [None] * len(pairs)
-    for context, where in by_context.items():
-        doc = read_document(model, context, config, progress)
+    for doc, where in zip(docs, by_context.values()):
         for i, result in zip(where, doc.ask_many([pairs[i][1] for i in where], max_new_tokens, progress=progress)):
             answers[i] = result
     return answers

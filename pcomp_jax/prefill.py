@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from .attention import causal_attention
-from .axes import axes_field
+from .axes import axes_field, axis_positions
 from .cache import KVCache
 from .calibrate import chunk_keep_fn
 from .chunking import Rows
@@ -81,9 +81,7 @@ class ChunkSelection:
 
 def _chunk_axes(selection: ChunkSelection) -> ChunkSelection:
     """Where each field of a ``ChunkSelection`` keeps its chunk axis (from the declared axes)."""
-    return selection.replace(**{
-        f.name: f.metadata["axes"].index("kept_chunks") for f in dataclasses.fields(ChunkSelection)
-    })
+    return axis_positions(selection, "kept_chunks")
 
 
 def concat_selections(a: ChunkSelection, b: ChunkSelection) -> ChunkSelection:
