@@ -54,6 +54,7 @@ from .model.llama import Weights, cached_forward, prefill_forward
 from .pipeline import (
     Answer,
     ContextPrefill,
+    answer,
     answer_parts,
     answer_selection,
     calibration_rules,
@@ -581,10 +582,14 @@ def answer_batch(
 ) -> list[Answer]:
     """``[answer(model, context, question, config, max_new_tokens) for context, question in
     inputs]`` (the same tokens, selections and chunk scores to float rounding), reading each
-    distinct context once: the chunk rows of all of them run through shared groups of one
-    compiled ``read_group`` (``read_parts_batch``: a context's partial last group is filled
-    with the next contexts' rows), and each context's questions are asked of its own
-    ``Document`` together (``Document.ask_many``), each selecting among its own chunks.
+    distinct context once. A context asked several questions is read as a ``Document``: the
+    chunk rows of all such contexts run through shared groups of one compiled
+    ``read_group`` (``read_parts_batch``: a context's partial last group is filled with the
+    next contexts' rows), and each context's questions are asked of its own document
+    together (``Document.ask_many``), each selecting among its own chunks. A context asked
+    one question goes through ``answer`` (reading it as a document and then running the
+    question on every chunk's cache costs more than one pass over P + chunk + Q: measured
+    0.88x on 8 contexts of 1024 tokens, ``scripts/bench_questions.py``).
     One-row methods read nothing ahead (``ask`` runs ``answer``'s one-row path).
     inputs: ``(context, question)`` pairs. Answers come back in the order of ``inputs``."""
     config = check_config(ParallelCompConfig() if config is None else config)
@@ -597,9 +602,13 @@ def answer_batch(
     by_context: dict[str, list[int]] = {}
     for i, (context, _) in enumerate(pairs):
         by_context.setdefault(context, []).append(i)
-    docs = read_parts_batch(model, [context_parts(model, c, config) for c in by_context], config, progress)
     answers: list[Answer | None] = [None] * len(pairs)
-    for doc, where in zip(docs, by_context.values()):
+    shared = {c: where for c, where in by_context.items() if len(where) > 1}
+    for c, where in by_context.items():
+        if len(where) == 1:  # one question: answer() reads P + chunk + Q once, a document would run Q again
+            answers[where[0]] = answer(model, c, pairs[where[0]][1], config, max_new_tokens, progress)
+    docs = read_parts_batch(model, [context_parts(model, c, config) for c in shared], config, progress)
+    for doc, where in zip(docs, shared.values()):
         for i, result in zip(where, doc.ask_many([pairs[i][1] for i in where], max_new_tokens, progress=progress)):
             answers[i] = result
     return answers

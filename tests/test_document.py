@@ -153,11 +153,14 @@ def test_prefix_that_depends_on_the_question_is_refused(model):
 
 
 def test_answer_batch_reads_contexts_in_shared_groups(model, monkeypatch):
-    """Three contexts of 9, 6 and 2 chunks (groups of 4: every last group partial) are read
-    in ceil(17 / 4) = 5 shared groups instead of 3 + 2 + 1; each request's answer is answer()'s."""
-    contexts = [CONTEXT, make_context(100, seed=5), make_context(20, seed=7)]
-    inputs = [(contexts[0], QUESTIONS[1]), (contexts[1], QUESTIONS[0]), (contexts[0], QUESTIONS[0]),
-              (contexts[2], QUESTIONS[1])]
+    """Three contexts of 9, 6 and 2 chunks, each asked two questions (groups of 4: every last
+    group partial), are read in ceil(17 / 4) = 5 shared groups instead of 3 + 2 + 1; a fourth
+    context asked one question goes through answer() and is not read ahead; each request's
+    answer is answer()'s."""
+    contexts = [CONTEXT, make_context(100, seed=5), make_context(20, seed=7), make_context(40, seed=9)]
+    inputs = [(contexts[0], QUESTIONS[1]), (contexts[1], QUESTIONS[0]), (contexts[3], QUESTIONS[0]),
+              (contexts[0], QUESTIONS[0]), (contexts[2], QUESTIONS[1]), (contexts[1], QUESTIONS[1]),
+              (contexts[2], QUESTIONS[0])]
     references = [answer(model, context, question, BASE, max_new_tokens=4) for context, question in inputs]
     calls = []
     monkeypatch.setattr(document, "read_group", lambda *a, **k: calls.append(1) or READ_GROUP(*a, **k))
@@ -166,7 +169,7 @@ def test_answer_batch_reads_contexts_in_shared_groups(model, monkeypatch):
         np.testing.assert_allclose(ours.chunk_scores, reference.chunk_scores, atol=1e-5, rtol=0)
         assert ours.selected_chunks == reference.selected_chunks
         assert ours.token_ids == reference.token_ids and ours.text == reference.text
-    chunks = [references[0].num_chunks, references[1].num_chunks, references[3].num_chunks]
+    chunks = [references[0].num_chunks, references[1].num_chunks, references[4].num_chunks]
     assert chunks == [9, 6, 2]
     assert len(calls) == math.ceil(sum(chunks) / BASE.group_size) == 5
     assert len(calls) < sum(math.ceil(n / BASE.group_size) for n in chunks)
