@@ -428,10 +428,10 @@ def read_document(
 
 def context_parts(model: Model, context: str, config: ParallelCompConfig) -> PromptParts:
     """What ``read_document`` reads of ``context``: P as the template lays it out for any
-    question, the context's token ids and breaks, and an empty question part."""
+    question, the context's token ids and breaks (its question part is ignored by the reading)."""
     parts = encode_parts(model.tokenizer, context, "?", config.instruction, config.answer_prefix, config.chat)
     prefix, _ = encode_template(model.tokenizer, "", config.instruction, config.answer_prefix, config.chat)
-    return dataclasses.replace(parts, prefix=prefix, question=np.zeros(0, np.int32))
+    return dataclasses.replace(parts, prefix=prefix)
 
 
 def read_parts(model: Model, parts: PromptParts, config: ParallelCompConfig | None = None, progress: bool = False,

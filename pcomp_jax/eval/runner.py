@@ -263,13 +263,14 @@ def append_record(path: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def method_settings(config: EvalConfig, spec: MethodSpec) -> dict:
-    """What makes a method's predictions comparable across resumed runs."""
+def method_settings(config: EvalConfig, spec: MethodSpec, text_sha256: str | None = None) -> dict:
+    """What makes a method's predictions comparable across resumed runs. text_sha256: the
+    needle text's ``text_digest`` (read once per run by the caller)."""
     settings = {"model": config.model, "dtype": config.dtype, "max_new_tokens": config.max_new_tokens,
                 "pipeline": to_dict(spec.pipeline(config.pipeline))}
     if "needle" in config.tasks:
         settings["text_file"] = config.text_file
-        settings["text_sha256"] = text_digest(config.text_file)  # the text itself decides, not where it lies
+        settings["text_sha256"] = text_sha256 or text_digest(config.text_file)  # the text decides, not its path
     if config.perplexity.prefix_lengths:  # the lengths themselves are in the item ids
         settings["perplexity"] = {k: v for k, v in to_dict(config.perplexity).items() if k != "prefix_lengths"}
     if config.longbench is not None:
@@ -378,8 +379,7 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
     if not items:
         raise ConfigError("nothing to evaluate: give tasks (with lengths and depths), longbench or "
                           "perplexity.prefix_lengths")
-    if "needle" in config.tasks:
-        read_text(config.text_file, "the needle task's")  # fail before any work
+    digest = text_digest(config.text_file) if "needle" in config.tasks else None  # fails before any work
     if config.perplexity.prefix_lengths:
         read_text(config.perplexity.text_file, "the perplexity")
     refusal = None
@@ -387,7 +387,7 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
         try:
             os.makedirs(config.output_dir, exist_ok=True)
             for spec in config.methods:  # settings of every method are checked before anything runs
-                check_or_write_settings(os.path.join(config.output_dir, spec.name), method_settings(config, spec))
+                check_or_write_settings(os.path.join(config.output_dir, spec.name), method_settings(config, spec, digest))
         except ConfigError as err:
             refusal = err
         except (OSError, ValueError) as err:  # an unwritable output_dir, a corrupt settings.json
