@@ -69,11 +69,24 @@ def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.nd
     q: ``[B, T, H, D]``; k, v: ``[B, S, KVH, D]``; mask: boolean (True = may attend),
     ``[T, S]``, ``[B, T, S]`` or per KV head ``[B, KVH, T, S]``. Returns ``[B, T, H, D]`` in q's dtype.
     """
+    return dense_attention_parts(q, ((k, v, mask),))
+
+
+def dense_attention_parts(q: jnp.ndarray, parts) -> jnp.ndarray:
+    """Softmax attention over keys held in several arrays, without joining them (e.g. a
+    read-only cache and the tokens being appended to it): one softmax over every part's keys.
+
+    q: ``[B, T, H, D]``; parts: ``((k, v, mask), ...)``, each k, v ``[B, S_i, KVH, D]`` with a
+    mask as ``dense_attention``'s for its ``S_i`` keys. Returns ``[B, T, H, D]`` in q's dtype.
+    """
     b, t, h, d = q.shape
-    scores = grouped_scores(q, k)
-    mask = expand_mask(mask, b, k.shape[2])
-    probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    scores = [jnp.where(expand_mask(mask, b, k.shape[2]), grouped_scores(q, k), NEG_INF) for k, _, mask in parts]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out, start = 0.0, 0
+    for k, v, _ in parts:
+        part = probs[..., start: start + k.shape[1]].astype(v.dtype)
+        out = out + jnp.einsum("bkgts,bskd->btkgd", part, v, preferred_element_type=jnp.float32)
+        start += k.shape[1]
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 

@@ -45,6 +45,7 @@ def logical_axes(tree):
 
 def axis_positions(tree, name: str):
     """``tree`` with each array field replaced by the position of axis ``name`` among its
-    declared axes (static fields kept): where to cut or join every array of it along ``name``."""
-    return tree.replace(**{f.name: f.metadata["axes"].index(name) for f in dataclasses.fields(tree)
-                           if f.metadata.get("pytree_node", True)})
+    declared axes (static fields kept, None fields left None): where to cut or join every
+    array of it along ``name``."""
+    return tree.replace(**{f.name: None if getattr(tree, f.name) is None else f.metadata["axes"].index(name)
+                           for f in dataclasses.fields(tree) if f.metadata.get("pytree_node", True)})

@@ -268,8 +268,13 @@ def check_row_fits(prefix_len: int, longest_chunk: int, question_len: int, windo
 
 
 def question_bucket(question_len: int) -> int:
-    """The static question length Qb of a row (the question's bucket)."""
-    return bucket_length(question_len, minimum=16)
+    """The static question length Qb of a row (the question's bucket): a multiple of 8, at
+    least 16, up to 64 tokens, then ``bucket_length``'s (at most 12.5% padding). A read
+    document's question pass costs in proportion to Qb, so short questions get fine buckets
+    (a 19-token question part runs as 24 tokens, not 32)."""
+    if question_len <= 64:
+        return max(16, -(-question_len // 8) * 8)
+    return bucket_length(question_len, minimum=8)
 
 
 def scored_question(question: np.ndarray, score_last_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -41,7 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .axes import axes_field, axis_positions, static_field
-from .cache import KVCache, write_layer
+from .cache import write_layer
 from .checkpoints import Model
 from .chunking import PromptParts, check_row_fits, concat_rows, encode_parts, encode_template, question_bucket, \
     row_length, scored_question
@@ -50,7 +50,7 @@ from .decode import check_max_new_tokens
 from .errors import CheckpointError, PcompError
 from .methods import Method, WholeInput, get_method
 from .model.config import ModelConfig
-from .model.llama import Weights, cached_forward, prefill_forward
+from .model.llama import Weights, appended_forward, prefill_forward
 from .pipeline import (
     Answer,
     ContextPrefill,
@@ -70,14 +70,15 @@ from .pipeline import (
 from .prefill import (
     ChunkSelection,
     PrefillSpec,
-    compress_row,
+    chunk_scores,
+    chunk_selection,
     content_slots,
-    empty_selection,
-    keep_best_of_groups,
+    for_each_group,
+    kept_slots,
     prefill_prefix,
     rows_per_group,
-    scored_chunks,
     to_host,
+    top_k_lowest,
 )
 from .sharding import rules_for, shard, shard_weights
 
@@ -120,39 +121,95 @@ def read_group(weights: Weights, cfg: ModelConfig, rows, spec: PrefillSpec) -> C
     return ChunkCaches(keys, values, stored, last, rows.chunk_lengths, rows.chunk_ids, prefix_len=rows.prefix_len)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "capacity"))
+@flax.struct.dataclass
+class QuestionPass:
+    """What one question keeps of a group's question pass (``question_group``), for G rows.
+
+    scores: ``[G]`` the chunk scores (+inf for padding rows); kept_positions: ``[L, G, KVH,
+    cap]`` the row slots each layer keeps (``prefill.kept_slots``), or None when the
+    capacity holds every chunk token (all are kept, in order); last_keys, last_values:
+    ``[L, G, KVH, D]`` the chunk's last token, which the document does not store.
+    """
+
+    scores: jax.Array = axes_field("chunk")
+    kept_positions: jax.Array | None = axes_field("layers", "chunk", "kv_heads", "kept_tokens")
+    last_keys: jax.Array = axes_field("layers", "chunk", "kv_heads", "head_dim")
+    last_values: jax.Array = axes_field("layers", "chunk", "kv_heads", "head_dim")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "capacity", "keeps_all"))
 def question_group(weights: Weights, cfg: ModelConfig, caches: ChunkCaches, question: jax.Array,
-                   question_len: jax.Array, scored: jax.Array, spec: PrefillSpec, capacity: int) -> ChunkSelection:
+                   question_len: jax.Array, scored: jax.Array, spec: PrefillSpec, capacity: int,
+                   keeps_all: bool) -> QuestionPass:
     """Stage 1 + 1b of G chunk rows from their caches: each chunk's last token and the
-    question run on top of its cache (``cached_forward``, positions continuing the row).
+    question run on top of its cache (``appended_forward``: the cache is only read,
+    positions continue the row).
 
     question: ``[Qb]`` zero-padded Q ids (real up to ``question_len``); scored: ``[Qb]`` the
     tokens the chunk score averages. The logits at the last chunk token and Q score the
-    chunk (``spec.chunk_scorer``); each layer keeps ``capacity`` content tokens by
-    ``spec.token_scorer`` over the whole row (``prefill.compress_row``), given the queries of
-    the tokens run here (the others are zero: ``TokenScorer.queries_read`` must not reach
-    them). Returns the G chunks' ``ChunkSelection``, as ``prefill.prefill_group`` does.
+    chunk (``spec.chunk_scorer``); each layer picks the ``capacity`` content tokens it keeps
+    by ``spec.token_scorer`` over the whole row (``prefill.kept_slots``), given the queries
+    of the tokens run here (the others are zero: ``TokenScorer.queries_read`` must not
+    reach them). keeps_all (static): the capacity holds every chunk's tokens, so all are
+    kept and no token is scored. The kept keys and values are gathered later, for the
+    chosen chunks only (``kept_selection``).
     """
-    num_layers, g, stored_width, kvh, _ = caches.keys.shape
+    num_layers, g, stored_width, _, _ = caches.keys.shape
     steps = question.shape[0] + 1
     width = max(stored_width + steps, capacity)
-    pad = ((0, 0), (0, 0), (0, width - stored_width), (0, 0), (0, 0))
-    slots = jnp.arange(width)
-    valid = jnp.broadcast_to((slots[None, :] < caches.stored_lengths[:, None])[None, :, :, None],
-                             (num_layers, g, width, kvh))
-    cache = KVCache(jnp.pad(caches.keys, pad), jnp.pad(caches.values, pad), valid, caches.stored_lengths)
     tokens = jnp.concatenate([caches.last_tokens[:, None], jnp.broadcast_to(question[None], (g, steps - 1))], axis=1)
     positions = caches.stored_lengths[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
+    cache_valid = jnp.arange(stored_width)[None, :] < caches.stored_lengths[:, None]
     row_lengths = jnp.where(caches.chunk_lengths > 0, caches.stored_lengths + 1 + question_len, 0)
     content = content_slots(caches.prefix_len, caches.chunk_lengths, width)
 
-    def emit(q, k, v, valid, layer_index):
+    def emit(q, k, v, k_cache, v_cache, layer_index):
+        last = (k[:, 0], v[:, 0])
+        if keeps_all:
+            return last
+        k_row = write_layer(jnp.pad(k_cache, ((0, 0), (0, width - stored_width), (0, 0), (0, 0))), k,
+                            caches.stored_lengths)
         q_row = write_layer(jnp.zeros((g, width, *q.shape[2:]), q.dtype), q, caches.stored_lengths)
-        return compress_row(spec, capacity, q_row, k, v, row_lengths, content)
+        return last + (kept_slots(spec, capacity, q_row, k_row, row_lengths, content),)
 
-    logits, emitted = cached_forward(weights, cfg, tokens.astype(jnp.int32), positions, cache, emit=emit)
-    return scored_chunks(spec, logits[:, : steps - 1], question[None], scored[None], emitted, caches.prefix_len,
-                         caches.chunk_lengths, caches.chunk_ids, capacity)
+    logits, emitted = appended_forward(weights, cfg, tokens.astype(jnp.int32), positions, caches.keys,
+                                       caches.values, cache_valid, emit)
+    scores = chunk_scores(spec, logits[:, : steps - 1], question[None], scored[None], caches.chunk_lengths)
+    return QuestionPass(scores, None if keeps_all else emitted[2], emitted[0], emitted[1])
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def kept_selection(rows: ChunkCaches, kept: QuestionPass, picked_valid: jax.Array, capacity: int) -> ChunkSelection:
+    """The ``ChunkSelection`` of K chosen rows: the stored caches of the rows (``ChunkCaches``
+    with K rows) and their question passes (``QuestionPass`` of K rows), each layer's kept
+    tokens gathered from the row (its last token from the pass). picked_valid: ``[K]``
+    False where a pick is no chunk (fewer chunks than K)."""
+    num_layers, k, width, kvh, _ = rows.keys.shape
+    if kept.kept_positions is None:
+        slots = rows.prefix_len + jnp.arange(capacity, dtype=jnp.int32)
+        kept = kept.replace(kept_positions=jnp.broadcast_to(slots, (num_layers, k, kvh, capacity)))
+    slots = kept.kept_positions  # [L, K, KVH, cap]
+    is_last = (slots == rows.stored_lengths[None, :, None, None])[..., None]
+
+    def gather(stored, last):  # [L, K, W, KVH, D], [L, K, KVH, D] -> [L, K, cap, KVH, D]
+        picked = jnp.take_along_axis(jnp.swapaxes(stored, 2, 3), jnp.minimum(slots, width - 1)[..., None], axis=3)
+        return jnp.swapaxes(jnp.where(is_last, last[:, :, :, None, :], picked), 2, 3)
+
+    lengths = jnp.where(picked_valid, rows.chunk_lengths, 0)
+    return chunk_selection(gather(rows.keys, kept.last_keys), gather(rows.values, kept.last_values), slots,
+                           jnp.where(picked_valid, kept.scores, jnp.inf), lengths, rows.chunk_ids, rows.prefix_len,
+                           capacity)
+
+
+def take_rows(groups: list, picks: np.ndarray):
+    """Rows ``picks`` (numbered across ``groups``, every group the same size) of a list of
+    pytrees with a ``chunk`` axis (``ChunkCaches``, ``QuestionPass``), as one such pytree."""
+    axes = axis_positions(groups[0], "chunk")
+    per = next(x.shape[axis] for x, axis in zip(jax.tree.leaves(groups[0]), jax.tree.leaves(axes)))
+    rows = [jax.tree.map(lambda x, axis: x[(slice(None),) * axis + (slice(r % per, r % per + 1),)],
+                         groups[r // per], axes) for r in picks]
+    xp = np if isinstance(jax.tree.leaves(groups[0])[0], np.ndarray) else jnp
+    return jax.tree.map(lambda axis, *xs: xp.concatenate(xs, axis=axis), axes, *rows)
 
 
 def reuses_chunk_caches(method: Method) -> bool:
@@ -305,16 +362,17 @@ class Document:
 
     def score_chunks(self, asked: list[PromptParts], config: ParallelCompConfig, method: Method,
                      progress: bool = False) -> list[ContextPrefill]:
-        """Stage 1 for the question of each of ``asked`` from the stored caches
-        (``question_group`` per group and question, running top-k per question): what
-        ``pipeline.prefill_context`` gives for each."""
+        """Stage 1 for the question of each of ``asked`` from the stored caches: a question
+        pass per group and question (``question_group``: scores and kept slots, no keys or
+        values), then the top-k chunks of each question and their kept tokens gathered from
+        the stored rows (``kept_selection``): what ``pipeline.prefill_context`` gives for each."""
         cfg = self.model.config
         spec = method.prefill_spec(config)
         longest = max(e - s for s, e in self.bounds)
         mesh = model_mesh(self.model, config)
         rows_per_group(self.groups[0].chunk_ids.shape[0], self.num_chunks, mesh)  # the stored groups fit the mesh
         top_k = method.kept_chunks(config, self.num_chunks)
-        inputs, states = [], []
+        inputs = []
         for parts in asked:
             p, q = len(parts.prefix), len(parts.question)
             check_row_fits(p, longest, q, cfg.window)
@@ -327,16 +385,30 @@ class Document:
                                  "answer()")
             ids, scored = scored_question(parts.question, config.score_last_tokens)
             inputs.append((jnp.asarray(ids), jnp.int32(q), jnp.asarray(scored), capacity))
-            states.append(empty_selection(cfg, top_k, capacity, self.weights.embed.dtype))
+        passes = [[] for _ in asked]
 
-        def score_group(group):
+        def step(group):
             placed = shard(group, mesh)
-            return tuple(question_group(self.weights, cfg, placed, ids, length, scored, spec, capacity)
+            done = tuple(question_group(self.weights, cfg, placed, ids, length, scored, spec, capacity,
+                                        keeps_all=capacity >= longest)
                          for ids, length, scored, capacity in inputs)
+            for kept, new in zip(passes, done):
+                kept.append(new)
+            return done
 
-        kept = keep_best_of_groups(self.groups, score_group, tuple(states), top_k, self.num_chunks, progress)
-        return [ContextPrefill(parts, selection, self.prefix_keys, self.prefix_values, [float(s) for s in scores],
-                               self.weights, self.bounds) for parts, (selection, scores) in zip(asked, kept)]
+        for_each_group(self.groups, step, progress)
+        chunk_valid = jnp.asarray(np.concatenate([to_host(g.chunk_lengths) > 0 for g in self.groups]))
+        prefills = []
+        for parts, (_, _, _, capacity), kept in zip(asked, inputs, passes):
+            scores = jnp.concatenate([p.scores for p in kept])
+            picks, picked_valid = (to_host(x) for x in top_k_lowest(scores, chunk_valid, top_k))
+            picks = np.where(picked_valid, picks, 0)  # fewer chunks than top_k: any row, marked invalid
+            selection = kept_selection(take_rows(self.groups, picks), take_rows(kept, picks),
+                                       jnp.asarray(picked_valid), capacity)
+            prefills.append(ContextPrefill(parts, selection, self.prefix_keys, self.prefix_values,
+                                           [float(s) for s in to_host(scores)[: self.num_chunks]], self.weights,
+                                           self.bounds))
+        return prefills
 
     def save(self, path: str) -> None:
         """Writes the document to the directory ``path`` (must not exist yet) with orbax:

@@ -182,8 +182,14 @@ def compress_row(spec: PrefillSpec, capacity: int, q, k, v, row_lengths, content
     ``spec.token_scorer`` ranks best. q: ``[G, T, H, D]``; k, v: ``[G, T, KVH, D]`` (one layer
     of G rows P + chunk + Q); row_lengths: ``[G]``; content: ``[G, T]``. Returns ``(keys,
     values [G, cap, KVH, D], kept row positions [G, KVH, cap])``."""
-    idx, _ = keep_top_tokens(spec.token_scorer(q, k, row_lengths, content), capacity)
+    idx = kept_slots(spec, capacity, q, k, row_lengths, content)
     return gather_tokens(k, idx), gather_tokens(v, idx), idx
+
+
+def kept_slots(spec: PrefillSpec, capacity: int, q, k, row_lengths, content) -> jax.Array:
+    """The row slots ``compress_row`` keeps: ``[G, KVH, cap]`` int32, in position order."""
+    idx, _ = keep_top_tokens(spec.token_scorer(q, k, row_lengths, content), capacity)
+    return idx
 
 
 def scored_chunks(spec: PrefillSpec, logits, targets, mask, emitted, prefix_len: int, chunk_lengths, chunk_ids,
@@ -193,14 +199,27 @@ def scored_chunks(spec: PrefillSpec, logits, targets, mask, emitted, prefix_len:
     ``mask``), ``emitted``: ``compress_row``'s output stacked over layers. Padding rows
     (``chunk_lengths`` 0) are invalid with score +inf."""
     keys, values, kept = emitted
-    chunk_valid = chunk_lengths > 0
+    scores = chunk_scores(spec, logits, targets, mask, chunk_lengths)
+    return chunk_selection(keys, values, kept, scores, chunk_lengths, chunk_ids, prefix_len, capacity)
+
+
+def chunk_scores(spec: PrefillSpec, logits, targets, mask, chunk_lengths) -> jax.Array:
+    """``spec.chunk_scorer`` of G rows (shapes as ``scored_chunks``): ``[G]``, +inf for
+    padding rows (``chunk_lengths`` 0)."""
     targets = jnp.broadcast_to(targets, logits.shape[:2])
     mask = jnp.broadcast_to(mask, logits.shape[:2])
-    scores = jnp.where(chunk_valid, spec.chunk_scorer(logits, targets, mask), jnp.inf)
+    return jnp.where(chunk_lengths > 0, spec.chunk_scorer(logits, targets, mask), jnp.inf)
+
+
+def chunk_selection(keys, values, kept, scores, chunk_lengths, chunk_ids, prefix_len: int,
+                    capacity: int) -> ChunkSelection:
+    """A ``ChunkSelection`` of G chunks from their kept tokens (keys, values ``[L, G, cap,
+    KVH, D]``, row slots ``kept [L, G, KVH, cap]``) and scores ``[G]``; rows with
+    ``chunk_lengths`` 0 are invalid."""
     token_valid = jnp.arange(capacity)[None, :] < jnp.minimum(chunk_lengths, capacity)[:, None]
     return ChunkSelection(
         keys=keys, values=values, kept_positions=kept, token_valid=token_valid, scores=scores,
-        chunk_ids=chunk_ids.astype(jnp.int32), chunk_valid=chunk_valid, row_lengths=prefix_len + chunk_lengths,
+        chunk_ids=chunk_ids.astype(jnp.int32), chunk_valid=chunk_lengths > 0, row_lengths=prefix_len + chunk_lengths,
     )
 
 
@@ -260,33 +279,45 @@ def select_chunks(
 
 def keep_best_of_groups(groups, score_group, states: tuple, top_k: int, num_chunks: int,
                         progress: bool = False) -> list[tuple[ChunkSelection, np.ndarray]]:
-    """Running top-k selections over groups of chunk rows, several at once (e.g. one per
-    question asked of a document): ``score_group(group) -> tuple of ChunkSelection``, one
-    per state of ``states``, each kept with ``keep_best_chunks`` into its state (``top_k``
-    chunks). Returns, per state, the final selection and the score of the first
-    ``num_chunks`` chunks ``[num_chunks]``."""
+    """Running top-k selections over groups of chunk rows, several at once: ``score_group(
+    group) -> tuple of ChunkSelection``, one per state of ``states``, each kept with
+    ``keep_best_chunks`` into its state (``top_k`` chunks). Returns, per state, the final
+    selection and the score of the first ``num_chunks`` chunks ``[num_chunks]``."""
     scores = [[] for _ in states]
-    # JAX dispatches asynchronously: without a wait the loop would place every group's rows at
-    # once. Group g+1 is dispatched, then group g waited for: at most two groups are in flight,
-    # so memory stays flat in the input length, and the bar advances when a group's result is
-    # ready (its rate and ETA are the work's, not the dispatch's). A Ctrl-C is seen at a wait.
+
+    def step(group):
+        nonlocal states
+        scored = score_group(group)
+        for kept, new in zip(scores, scored):
+            kept.append(new.scores)
+        states = tuple(keep_best_chunks(state, new, top_k) for state, new in zip(states, scored))
+        return states
+
+    for_each_group(groups, step, progress)
+    return [(state, np.concatenate([to_host(s) for s in kept])[:num_chunks]) for state, kept in zip(states, scores)]
+
+
+def for_each_group(groups, step, progress: bool = False) -> None:
+    """Runs ``step(group)`` for every group, at most two groups in flight.
+
+    JAX dispatches asynchronously: without a wait the loop would place every group's rows
+    at once. Group g+1 is dispatched, then what ``step`` returned for group g waited for,
+    so memory stays flat in the input length, and the bar advances when a group's result is
+    ready (its rate and ETA are the work's, not the dispatch's). A Ctrl-C is seen at a wait.
+    """
     bar = tqdm(total=len(groups), desc="chunk groups", unit="group", disable=not progress)
     in_flight = None
     try:
         for group in groups:
-            scored = score_group(group)
-            for kept, new in zip(scores, scored):
-                kept.append(new.scores)
-            states = tuple(keep_best_chunks(state, new, top_k) for state, new in zip(states, scored))
+            done = step(group)
             if in_flight is not None:
                 jax.block_until_ready(in_flight)
                 bar.update(1)
-            in_flight = states
-        jax.block_until_ready(states)
+            in_flight = done
+        jax.block_until_ready(in_flight)
         bar.update(1)
     finally:
         bar.close()
-    return [(state, np.concatenate([to_host(s) for s in kept])[:num_chunks]) for state, kept in zip(states, scores)]
 
 
 class MergeLayout:

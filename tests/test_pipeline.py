@@ -8,7 +8,7 @@ import pytest
 
 import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer
-from pcomp_jax.chunking import build_rows, chunk_bounds, encode_parts
+from pcomp_jax.chunking import build_rows, chunk_bounds, encode_parts, question_bucket
 from pcomp_jax.decode import generate_ids
 from pcomp_jax.prefill import prefill_group
 
@@ -81,10 +81,17 @@ def test_selection_keeps_the_lowest_nll_chunks(model):
 
 def test_inputs_in_one_bucket_compile_nothing_new(model):
     config = dataclasses.replace(BASE, group_size=4)
-    answer(model, make_context(120, seed=4), "where is the cat?", config, max_new_tokens=4)
+    questions = ["where is the cat?", "what ran?", "where did the one sleep?", "who sat?", "is the mat red?",
+                 "where did the cat sit on the mat?"]
+    lengths = {q: len(encode_parts(model.tokenizer, "x", q, config.instruction, config.answer_prefix,
+                                   config.chat).question) for q in questions}
+    first = questions[0]
+    others = [q for q in questions[1:] if question_bucket(lengths[q]) == question_bucket(lengths[first])]
+    assert len(others) >= 2 and len({lengths[q] for q in others + [first]}) >= 2  # unequal lengths, one bucket
+    answer(model, make_context(120, seed=4), first, config, max_new_tokens=4)
     before = prefill_group._cache_size()
-    answer(model, make_context(135, seed=5), "what ran?", config, max_new_tokens=5)
-    answer(model, make_context(100, seed=6), "where did the one sleep?", config, max_new_tokens=3)
+    for seed, (words, question) in enumerate(zip([135, 100, 110], others)):
+        answer(model, make_context(words, seed=5 + seed), question, config, max_new_tokens=3 + seed)
     assert prefill_group._cache_size() == before
 
 

@@ -9,6 +9,8 @@ Two entry points share one layer body:
   ``prefill_forward``: causal attention inside each row of a batch; returns logits
     (optionally only at chosen positions) and every layer's rotated keys and values.
   ``cached_forward``: new tokens appended to a ``KVCache`` and attending to its valid slots.
+A third, ``appended_forward``, runs new tokens on top of a cache it only reads (a read
+document's question pass), so that no cache is copied or written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ..attention import dense_attention, dense_causal_attention, query_probs
+from ..attention import causal_mask, dense_attention, dense_attention_parts, dense_causal_attention, query_probs
 from ..axes import axes_field, logical_axes  # noqa: F401  (logical_axes: re-exported)
 from ..cache import KVCache, write_layer
 from .config import ModelConfig
@@ -209,3 +211,39 @@ def cached_forward(
     keys, values, valid, window = outputs
     new_cache = KVCache(keys=keys, values=values, valid=valid, end=cache.end + t, attention_window=window)
     return _logits(weights, x, cfg), new_cache
+
+
+def appended_forward(
+    weights: Weights,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache_keys: jax.Array,
+    cache_values: jax.Array,
+    cache_valid: jax.Array,
+    emit: Callable,
+):
+    """New tokens on top of a cache that is only read, never written or copied.
+
+    tokens, positions: ``[B, T]``; cache_keys, cache_values: ``[L, B, S, KVH, D]``;
+    cache_valid: ``[B, S]`` bool, the slots every new token sees. Each new token attends to
+    the valid cache slots and causally to the new tokens (``dense_attention_parts``), as if
+    they were written right after the valid slots (``positions`` say where).
+    emit(q, k, v, cache_keys, cache_values, layer_index): each layer's output, from the new
+    tokens' rotated queries ``[B, T, H, D]``, keys and values ``[B, T, KVH, D]`` and the
+    layer's cache ``[B, S, KVH, D]``. Returns ``(logits [B, T, V] float32, emitted)``,
+    ``emitted`` stacked on a leading axis L.
+    """
+    x = weights.embed[tokens]
+    cos, sin = rope_tables(cfg, positions)
+    seen = cache_valid[:, None, :]  # [B, 1, S]: every new token sees the same slots
+    among_new = causal_mask(tokens.shape[1])
+
+    def layer(x, layer_in):
+        lw, k_cache, v_cache, index = layer_in
+        q, k, v = _qkv(x, lw, cos, sin, cfg)
+        out = dense_attention_parts(q, ((k_cache, v_cache, seen), (k, v, among_new)))
+        return _finish_layer(x, out, lw, cfg), emit(q, k, v, k_cache, v_cache, index)
+
+    x, emitted = jax.lax.scan(layer, x, (weights.layers, cache_keys, cache_values, jnp.arange(cfg.num_layers)))
+    return _logits(weights, x, cfg), emitted
