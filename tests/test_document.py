@@ -46,17 +46,37 @@ def assert_same(ours, reference, at_least=4):
     assert ours.token_ids == reference.token_ids and ours.text == reference.text
 
 
-def test_ask_is_answer(model, doc):
+@pytest.mark.parametrize("capacity", [16, None], ids=["evicting", "whole chunks"])
+def test_ask_is_answer(model, doc, capacity):
+    config = dataclasses.replace(BASE, capacity=capacity)
     question = QUESTIONS[0]
-    assert_same(doc.ask(question, max_new_tokens=6), answer(model, CONTEXT, question, BASE, max_new_tokens=6))
-    # Stage 1 itself: the same kept chunks, kept token positions (every layer and KV head) and caches.
+    assert_same(doc.ask(question, 6, config=config), answer(model, CONTEXT, question, config, max_new_tokens=6))
+    # Stage 1 itself: the same kept chunks, kept token positions (every layer and KV head) and
+    # caches (where a kept slot holds a token: whole chunks keep unused slots apart from answer's).
     parts = encode_parts(model.tokenizer, CONTEXT, question, BASE.instruction, BASE.answer_prefix, BASE.chat)
-    reference = prefill_context(model, parts, BASE).selection
-    ours = doc.score_chunks([doc.question_parts(question, BASE)], BASE, get_method(BASE.method))[0].selection
-    for field in ("chunk_ids", "chunk_valid", "kept_positions", "token_valid", "row_lengths"):
+    reference = prefill_context(model, parts, config).selection
+    ours = doc.score_chunks([doc.question_parts(question, config)], config, get_method(BASE.method))[0].selection
+    for field in ("chunk_ids", "chunk_valid", "token_valid", "row_lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(ours, field)), np.asarray(getattr(reference, field)))
+    used = np.asarray(reference.token_valid)  # [K, cap]
+    ours_slots, reference_slots = np.asarray(ours.kept_positions), np.asarray(reference.kept_positions)
+    np.testing.assert_array_equal(np.where(used[None, :, None], ours_slots, -1),
+                                  np.where(used[None, :, None], reference_slots, -1))
     for field in ("keys", "values"):
-        np.testing.assert_allclose(np.asarray(getattr(ours, field)), np.asarray(getattr(reference, field)), atol=1e-5)
+        mine, theirs = (np.where(used[None, :, :, None, None], np.asarray(getattr(s, field)), 0) for s in (ours, reference))
+        np.testing.assert_allclose(mine, theirs, atol=1e-5)
+
+
+def test_fewer_chunks_than_kept(model):
+    """A one-chunk document asked with top_k_chunks 2: the second pick is no chunk."""
+    context = make_context(8, seed=5)
+    short = read_document(model, context, BASE)
+    assert short.num_chunks == 1
+    for capacity in (16, None):
+        config = dataclasses.replace(BASE, capacity=capacity)
+        ours = short.ask(QUESTIONS[0], 5, config=config)
+        assert_same(ours, answer(model, context, QUESTIONS[0], config, 5), at_least=1)
+        assert ours.selected_chunks == [0]
 
 
 # Options that act after the reading: the same document, asked under each.

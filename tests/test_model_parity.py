@@ -8,7 +8,7 @@ import tiny
 
 import pcomp_jax
 from pcomp_jax.cache import cache_from_prefill
-from pcomp_jax.model.llama import cached_forward, prefill_forward
+from pcomp_jax.model.llama import appended_forward, cached_forward, prefill_forward
 
 
 @pytest.mark.parametrize("variant", sorted(tiny.VARIANTS))
@@ -95,6 +95,32 @@ def test_cached_decoding_matches_prefill(hf_checkpoints, variant):
     cache = cache_from_prefill(keys, values, jnp.array([16, 16]), capacity=32)
     block, _ = cached_forward(w, cfg, ids[:, 16:], pos[:, 16:], cache)
     np.testing.assert_allclose(block, full[:, 16:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_bias"])
+def test_tokens_appended_to_a_read_only_cache_match_prefill(hf_checkpoints, variant):
+    """appended_forward (a document's question pass): rows whose stored parts differ in
+    length, with junk in their unused slots, give the prefill's logits, keys and values."""
+    path, _ = hf_checkpoints(variant)
+    model = pcomp_jax.load_model(path)
+    cfg, w = model.config, model.params
+    rng = np.random.default_rng(6)
+    ids = jnp.asarray(rng.integers(0, tiny.VOCAB_SIZE, size=(3, 30)), jnp.int32)
+    stored = np.array([20, 13, 0])  # tokens already in each row's cache (0: an empty row)
+    _, (keys, values) = prefill_forward(w, cfg, ids[:, :20], jnp.broadcast_to(jnp.arange(20), (3, 20)))
+    junk = jnp.asarray(np.arange(20)[None, :] >= stored[:, None])[None, :, :, None, None]
+    keys, values = jnp.where(junk, 7.0, keys), jnp.where(junk, -3.0, values)
+    new = jnp.stack([ids[b, s: s + 10] for b, s in enumerate(stored)])
+    positions = jnp.asarray(stored[:, None] + np.arange(10)[None, :], jnp.int32)
+    emit = lambda q, k, v, k_cache, v_cache, index: (k, v)
+    logits, (new_keys, new_values) = appended_forward(w, cfg, new, positions, keys, values,
+                                                      jnp.asarray(np.arange(20)[None, :] < stored[:, None]), emit)
+    for b, s in enumerate(stored):
+        row = ids[b: b + 1, : s + 10]
+        full, (full_keys, full_values) = prefill_forward(w, cfg, row, jnp.arange(s + 10)[None])
+        np.testing.assert_allclose(logits[b], full[0, s:], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(new_keys[:, b], full_keys[:, 0, s:], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(new_values[:, b], full_values[:, 0, s:], atol=1e-4, rtol=1e-4)
 
 
 def test_logits_at_selected_positions(hf_checkpoints):
