@@ -15,6 +15,11 @@ questions spread over them) against the same requests answered by ``answer()`` o
 one, outputs asserted equal. An Answer's tokens are on the host, so a returned call is
 finished work (JAX dispatches asynchronously; nothing unfinished is timed).
 
+``--warmup-length N`` runs the warm-up calls on an N-token context instead (e.g. 32K
+before a 128K run, whose functions have the same shapes: only the number of chunk groups
+differs). The report counts the XLA compilations (``jax.monitoring``'s backend-compile
+events) during the timed calls and their seconds: what of the timed calls was compiling.
+
 Prints a markdown table (and writes it to ``--output`` when given).
 """
 
@@ -31,6 +36,11 @@ import numpy as np
 
 import pcomp_jax
 from pcomp_jax.tasks import make_task
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+COMPILES: list[float] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kw: COMPILES.append(seconds) if event == COMPILE_EVENT else None)
 
 QUESTIONS = (
     "What is the pass key? The pass key is",
@@ -60,15 +70,17 @@ def same(a, b) -> bool:
     return list(a.token_ids) == list(b.token_ids) and list(a.selected_chunks) == list(b.selected_chunks)
 
 
-def bench_length(model, model_bf16, length: int, n: int, config) -> dict:
+def bench_length(model, model_bf16, length: int, n: int, config, warmup_length: int | None = None) -> dict:
     task = make_task("passkey", model.tokenizer, length, 0.5, 0)
     questions = [task.question, *QUESTIONS[: n - 1]]
     new = 16
     # warm-up (compiles): answer, read_document and ask at these shapes
-    _, first_answer = timed(lambda: pcomp_jax.answer(model, task.context, questions[0], config, new))
-    warm_doc, first_read = timed(lambda: pcomp_jax.read_document(model, task.context, config))
+    warm = task if warmup_length is None else make_task("passkey", model.tokenizer, warmup_length, 0.5, 0)
+    _, first_answer = timed(lambda: pcomp_jax.answer(model, warm.context, questions[0], config, new))
+    warm_doc, first_read = timed(lambda: pcomp_jax.read_document(model, warm.context, config))
     _, first_ask = timed(lambda: warm_doc.ask(questions[0], new))
     del warm_doc
+    compiled_before = len(COMPILES)
     answers, answer_s = [], []
     for q in questions:
         a, s = timed(lambda: pcomp_jax.answer(model, task.context, q, config, new))
@@ -86,6 +98,8 @@ def bench_length(model, model_bf16, length: int, n: int, config) -> dict:
     bytes32 = cache_bytes(doc)
     del doc
     row = {"length": length, "context_tokens": answers[0].context_tokens, "chunks": answers[0].num_chunks,
+           "warmup_length": warmup_length or length, "timed_compiles": len(COMPILES) - compiled_before,
+           "timed_compile_s": sum(COMPILES[compiled_before:]),
            "first_answer": first_answer, "first_read": first_read, "first_ask": first_ask,
            "answer_s": answer_s, "read_s": read_s, "ask_s": ask_s, "bytes_f32": bytes32,
            "answer_text": answers[0].text.strip(), "expected": task.answer}
@@ -136,8 +150,9 @@ def table(rows, batches) -> str:
     out += ["", "Warm-up (first call at these shapes, compiling; not in the table above):", ""]
     for r in rows:
         extra = f", bfloat16 read_document {r['read_bf16_first']:.2f}" if "read_bf16_first" in r else ""
-        out.append(f"- {r['context_tokens']} tokens: answer() {r['first_answer']:.2f}, read_document "
-                   f"{r['first_read']:.2f}, ask {r['first_ask']:.2f}{extra} s")
+        out.append(f"- {r['context_tokens']} tokens (warm-up on {r['warmup_length']} tokens): answer() "
+                   f"{r['first_answer']:.2f}, read_document {r['first_read']:.2f}, ask {r['first_ask']:.2f}{extra} s; "
+                   f"XLA compilations during the timed calls: {r['timed_compiles']} ({r['timed_compile_s']:.2f} s)")
     if batches:
         out += ["", "| requests | contexts x tokens | answer() one by one (s) | answer_batch (s) | speed-up "
                 "| same outputs |", "|---|---|---|---|---|---|"]
@@ -158,6 +173,7 @@ def main():
     p.add_argument("--batch", type=int, default=8, help="requests for answer_batch (0: skip)")
     p.add_argument("--batch-contexts", type=int, default=2)
     p.add_argument("--batch-length", type=int, default=4096)
+    p.add_argument("--warmup-length", type=int, help="warm up on a context of this many tokens (default: each length)")
     p.add_argument("--output", help="also write the markdown here")
     args = p.parse_args()
     config = pcomp_jax.ParallelCompConfig()
@@ -165,7 +181,7 @@ def main():
     model_bf16 = None if args.no_bf16 else pcomp_jax.load_model(dtype="bfloat16")
     rows = []
     for length in args.lengths:
-        rows.append(bench_length(model, model_bf16, length, args.questions, config))
+        rows.append(bench_length(model, model_bf16, length, args.questions, config, args.warmup_length))
         print(table(rows, []), flush=True)
     batches = [bench_batch(model, args.batch_length, args.batch_contexts, args.batch, config)] if args.batch else []
     text = (f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
