@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pcomp_jax
-from pcomp_jax.chunking import LINE_END, NO_BREAK, SENTENCE_BREAK, chunk_bounds, encode_parts, text_breaks
+from pcomp_jax.chunking import LINE_END, NO_BREAK, SENTENCE_BREAK, chunk_bounds, encode_parts, question_bucket, \
+    text_breaks
 
 
 @st.composite
@@ -79,3 +80,14 @@ def test_breaks_on_the_default_tokenizer():
     assert breaks[-1] == NO_BREAK or tok.decode(ids).endswith("}")
     parts = encode_parts(tok, text, "Where?", "Read.", "Answer:", True)
     np.testing.assert_array_equal(parts.breaks, breaks)
+
+
+@given(st.integers(0, 5000))
+def test_question_buckets_are_fine_for_short_questions(n):
+    """A document's question pass costs in proportion to the bucket: at most 7 padding
+    tokens up to 64, at most 12.5% beyond, always a multiple of 8 and at least 16."""
+    bucket = question_bucket(n)
+    assert bucket >= max(n, 16) and bucket % 8 == 0
+    assert bucket - max(n, 16) < 8 if n <= 64 else bucket <= n * 1.125
+    assert question_bucket(bucket) == bucket  # a bucket is its own bucket
+    assert question_bucket(19) == 24 and question_bucket(65) == 72
