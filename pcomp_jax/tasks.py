@@ -12,10 +12,11 @@ before the hidden item. The same (length, depth, seed) always gives the same tas
 
 ``passkey`` and ``number_string`` are made of whole sentences, as InfiniteBench lays them
 out: the needle sits between two whole filler sentences, and the length is within half a
-filler sentence (3 tokens with SmolLM2's tokenizer) of the target. ``needle`` cuts a span
-of the text at token boundaries and plants the fact at a sentence end, within a few
-tokens of the target; ``kv_retrieval`` is made of whole key-value pairs, so its length is
-within half a pair (about 30 tokens) of the target.
+filler sentence (3 tokens with SmolLM2's tokenizer) of the target. ``needle`` takes a span
+of whole sentences of the text and plants the fact at a sentence end, so the fact too sits
+between whole sentences; its length is within half of the one sentence that straddles
+the target (a few tokens to a few dozen in a novel). ``kv_retrieval`` is made of whole
+key-value pairs, so its length is within half a pair (about 30 tokens) of the target.
 """
 
 from __future__ import annotations
@@ -184,13 +185,41 @@ NEEDLE_WORDS = ("Marmalade", "Copperfield", "Zanzibar", "Pemberton", "Quixotic",
                 "Tangerine", "Wolverhampton", "Lighthouse", "Saffron", "Thimble")
 
 
+def sentence_span(tokenizer, text: str, start: int, tokens: int) -> str:
+    """Whole sentences of ``text`` near ``tokens`` tokens long, from about token ``start``.
+
+    The span begins at the first sentence start at or after token ``start`` (the text's
+    start counts as one) and ends at the sentence end (``SENTENCE_END``) whose token count
+    from there is nearest ``tokens``; so it is within half of the sentence that straddles
+    ``tokens`` of that length. Where the text has no sentence end in reach it is cut at
+    token boundaries instead.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    token_starts = np.array([a for a, _ in enc["offset_mapping"]])
+    first = token_starts[start]
+    if start > 0:
+        head = SENTENCE_END.search(text, first)
+        first = head.end() if head else first
+    begin = int(np.searchsorted(token_starts, first))
+    target = begin + tokens
+    if target >= len(token_starts):
+        return text[first:]
+    limit = token_starts[min(target + tokens // 2 + 1, len(token_starts) - 1)]
+    ends = [m.end() for m in SENTENCE_END.finditer(text, first, limit)]
+    if not ends:
+        return text[first : token_starts[target]]
+    last = min(ends, key=lambda end: abs(int(np.searchsorted(token_starts, end)) - target))
+    return text[first:last]
+
+
 def needle_task(text: str, tokenizer, length: int, depth: float, seed: int = 0) -> Task:
     """A fact planted in natural ``text`` (e.g. a novel) of about ``length`` tokens, at ``depth``.
 
-    A seed-chosen span of the text is cut so that span + fact make ``length`` tokens; the
-    fact sentence goes in at the sentence end (``.``, ``!`` or ``?``, closing quotes, then
-    a space or line break) nearest to ``depth`` of the span, or at the span's start or end;
-    the question asks for the planted word.
+    A seed-chosen span of whole sentences (``sentence_span``) is cut so that span + fact
+    make about ``length`` tokens; the fact sentence goes in at the sentence end (``.``,
+    ``!`` or ``?``, closing quotes, then a space or line break) nearest to ``depth`` of the
+    span, the span's start and end included, so it always follows and precedes whole
+    sentences; the question asks for the planted word.
     """
     _check(length, depth)
     rng = np.random.default_rng(seed)
@@ -202,13 +231,18 @@ def needle_task(text: str, tokenizer, length: int, depth: float, seed: int = 0) 
     if len(ids) < span_len:
         raise PcompError(f"the text has {len(ids)} tokens, fewer than the {length} asked for")
     start = int(rng.integers(0, len(ids) - span_len + 1))
-    span = tokenizer.decode(ids[start : start + span_len])
+    span = sentence_span(tokenizer, text, start, span_len)
     target = round(depth * len(span))
     ends = [0, *(m.end() for m in SENTENCE_END.finditer(span)), len(span)]
     cut = min(ends, key=lambda end: abs(end - target))
-    joint = " " if cut and not span[cut - 1].isspace() else ""  # only at the span's end, mid-sentence
+    joint = " " if cut and not span[cut - 1].isspace() else ""  # only where the span was cut mid-sentence
     return Task(context=span[:cut] + joint + fact + span[cut:], question=question, answer=word)
 
+
+GENERATOR_VERSIONS = {"passkey": 1, "number_string": 1, "kv_retrieval": 1, "needle": 2}
+"""Raised whenever a generator's output changes for the same (length, depth, seed), so that
+results made with the old tasks are told apart (the evaluation runner runs them again).
+needle 2: the span is whole sentences (before, depth 1.0 glued the fact to half a sentence)."""
 
 SYNTHETIC_TASKS = {
     "passkey": passkey_task,

@@ -17,7 +17,7 @@ from pcomp_jax.eval import EvalConfig, MethodSpec, Runner, evaluate, method_metr
 from pcomp_jax.perplexity import continuation_nll, text_windows
 from pcomp_jax.compress import RecentTokens
 from pcomp_jax.prefill import PrefillSpec, prefill_group
-from pcomp_jax.tasks import make_task
+from pcomp_jax.tasks import GENERATOR_VERSIONS, make_task
 from pcomp_jax.errors import PcompError
 
 WORDS = "the cat sat on a mat and then ran in the sun as the other one slept there".split()
@@ -218,6 +218,32 @@ def test_adding_parts_to_a_sweep_resumes_and_changed_texts_are_refused(model, ev
     evaluate(first, model, progress=False)  # leaving the needle out again is fine...
     with pytest.raises(ConfigError, match="other settings \\(text_sha256 differ\\)"):
         evaluate(dataclasses.replace(more, text_file=str(other)), model, progress=False)  # ...another text is not
+
+
+def test_records_of_an_older_task_generator_run_again(model, eval_config, monkeypatch, capsys):
+    from pcomp_jax.eval.runner import summarize
+
+    config = dataclasses.replace(eval_config, methods=(MethodSpec.of("pc", method="parallelcomp", capacity=16),),
+                                 tasks=("passkey", "needle"), lengths=(150,), depths=(0.5,),
+                                 perplexity=dataclasses.replace(eval_config.perplexity, prefix_lengths=()))
+    evaluate(config, model, progress=False)
+    path = f"{config.output_dir}/pc/predictions.jsonl"
+    passkey, needle = lines(path)
+    assert needle["generator"] == GENERATOR_VERSIONS["needle"] and passkey["generator"] == GENERATOR_VERSIONS["passkey"]
+    old = {k: v for k, v in needle.items() if k != "generator"}  # as written before versions: version 1
+    old["score"] = 1.0 - needle["score"]  # so that a summary reading it would show
+    with open(path, "w") as f:
+        f.write(json.dumps(passkey) + "\n" + json.dumps(old) + "\n")
+    assert "needle" not in summarize(config)["pc"]["synthetic"]  # an outdated record is not counted
+    calls = []
+    original = Runner.run
+    monkeypatch.setattr(Runner, "run", lambda self, item, p: calls.append(item.id) or original(self, item, p))
+    metrics = evaluate(config, model, progress=False)
+    assert calls == ["needle/L150/d0.5/s0"] and "1 finished predictions were made with an older" in capsys.readouterr().err
+    assert lines(path)[-1] == needle | {"seconds": lines(path)[-1]["seconds"]}  # made again, the same
+    assert metrics["pc"]["synthetic"]["needle"]["150"]["accuracy"] == needle["score"]
+    evaluate(config, model, progress=False)
+    assert calls == ["needle/L150/d0.5/s0"]
 
 
 def test_foreign_lines_and_out_of_memory_do_not_stop_a_sweep(model, eval_config, monkeypatch, capsys):

@@ -28,12 +28,14 @@ def answer_depth(tok, task) -> tuple[int, float]:
     return n, count_tokens(tok, task.context[: task.context.index(task.answer)]) / n
 
 
+TEXT_SENTENCE = r"Sentence number \d+ tells of the weather, the road and the people on it\."
+
+
 def length_bound(tok, kind: str) -> float:
-    """How close to the asked length a context is: half a filler sentence for the tasks made of
-    whole sentences (the module's stated bound), 3 tokens for the needle."""
-    if kind == "needle":
-        return 3
-    return max(count_tokens(tok, " " + s) for s in FILLER_SENTENCES) / 2 + 1
+    """How close to the asked length a context is: half a sentence (the module's stated bound),
+    of the filler or of ``TEXT`` for the needle."""
+    sentences = [TEXT.split(". ")[1000] + "."] if kind == "needle" else FILLER_SENTENCES
+    return max(count_tokens(tok, " " + s) for s in sentences) / 2 + 1
 
 
 @pytest.mark.parametrize("kind", ["passkey", "number_string"])
@@ -49,6 +51,19 @@ def test_needle_sits_between_whole_filler_sentences(tokenizer, kind, depth):
     assert re.fullmatch(rf"{re.escape(PASSKEY_INTRO)}(({sentences}) )*", before), before[-80:]
     assert re.fullmatch(rf"( ({sentences}))*", after), after[:80]
     assert all(s in FILLER_SENTENCES for s in re.split(r"(?<=\.) ", after.strip()) if s)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("seed", [0, 7])
+def test_book_needle_sits_between_whole_sentences(tokenizer, depth, seed):
+    # The span starts after a sentence end and ends at one, so even at depth 0 and 1 the fact
+    # is never glued to half a sentence ("... One could see The secret password ...").
+    task = make_task("needle", tokenizer, 1500, depth, seed=seed, text=TEXT)
+    fact_end = task.context.index(task.answer) + len(task.answer) + 1
+    fact_start = task.context.rindex("The ", 0, fact_end)
+    before, after = task.context[:fact_start], task.context[fact_end:]
+    assert re.fullmatch(rf"({TEXT_SENTENCE} )*", before), before[-80:]
+    assert re.fullmatch(rf"( {TEXT_SENTENCE})* ?", after), after[:80]
 
 
 @pytest.mark.parametrize("kind", ["passkey", "number_string", "needle"])
@@ -74,7 +89,8 @@ def test_needle_depth_in_hard_wrapped_text(tokenizer, depth):
     task = make_task("needle", tokenizer, 3000, depth, seed=4, text=wrapped)
     fact_start = task.context.rindex("The ", 0, task.context.index(task.answer))  # every fact starts "The "
     n, where = answer_depth(tokenizer, task)
-    assert abs(n - 3000) <= 3 and abs(where - depth) <= 0.03, (where, depth)
+    half_sentence = count_tokens(tokenizer, wrapped.split("\n")[1]) / 2 + 2  # the stated length bound
+    assert abs(n - 3000) <= half_sentence and abs(where - depth) <= 0.03, (n, where, depth)
     assert task.context[fact_start - 1] in "\n " and task.context[fact_start - 2] in '.!?"', task.context[fact_start - 3:]
 
 

@@ -22,7 +22,7 @@ from ..distributed import is_main, main_decides
 from ..sharding import make_mesh
 from ..errors import PcompError
 from ..io import read_text
-from ..tasks import make_task
+from ..tasks import GENERATOR_VERSIONS, make_task
 from .config import ANSWER_TOKENS, EvalConfig
 from .methods import MethodSpec
 from .plots import plot_heatmaps, plot_perplexity
@@ -178,7 +178,8 @@ class Runner:
         result = self.ask(item, parts, pipeline, self.config.max_new_tokens or ANSWER_TOKENS[f["task"]])
         correct = task.is_correct(result.text)
         return {**f, "prediction": result.text, "answer": task.answer, "score": float(correct),
-                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
+                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens,
+                "generator": GENERATOR_VERSIONS[f["task"]]}
 
     def _longbench(self, item: Item, pipeline) -> dict:
         from ..longbench import MAX_NEW_TOKENS, encode_prompt, score_example
@@ -197,6 +198,22 @@ class Runner:
         scored = continuation_nll(self.model, prefix, continuation, pipeline, self.config.perplexity.query_len)
         return {**item.fields, "mean_nll": scored.mean_nll, "perplexity": scored.perplexity,
                 "tokens": len(scored.token_nll), "selected_chunks": scored.selected_chunks}
+
+
+def is_current(record: dict) -> bool:
+    """Whether a finished record was made from the inputs an item has now: a synthetic task's
+    record names its generator's version (``tasks.GENERATOR_VERSIONS``; none: version 1)."""
+    if record.get("kind") != "synthetic" or record.get("task") not in GENERATOR_VERSIONS:
+        return True
+    return record.get("generator", 1) == GENERATOR_VERSIONS[record["task"]]
+
+
+def current_records(path: str, repair: bool = True) -> tuple[dict[str, dict], int]:
+    """``read_predictions`` without the records of outdated task generators (their items
+    run again), and how many were left out."""
+    done = read_predictions(path, repair)
+    current = {i: r for i, r in done.items() if is_current(r)}
+    return current, len(done) - len(current)
 
 
 def context_key(item: Item):
@@ -368,7 +385,7 @@ def summarize(config: EvalConfig) -> dict[str, dict]:
     missing = [spec.name for spec in config.methods if not os.path.isdir(os.path.join(config.output_dir, spec.name))]
     if missing:
         raise ConfigError(f"no results of method(s) {', '.join(missing)} in {config.output_dir}/; run them first")
-    done = {spec.name: read_predictions(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), repair=False)
+    done = {spec.name: current_records(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), repair=False)[0]
             for spec in config.methods}  # a running sweep may be appending: read, never cut
     return write_results(config, items, done, None)
 
@@ -405,8 +422,14 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
                           "tokens next to a question; use fewer")
     for spec in config.methods:
         check_method_fits(model, spec.pipeline(config.pipeline), spec.name)
-    done = {spec.name: read_predictions(os.path.join(config.output_dir, spec.name, "predictions.jsonl"))
-            if is_main() else {} for spec in config.methods}
+    done, outdated = {}, 0
+    for spec in config.methods:
+        done[spec.name], stale = (current_records(os.path.join(config.output_dir, spec.name, "predictions.jsonl"))
+                                  if is_main() else ({}, 0))
+        outdated += stale
+    if outdated and is_main():
+        print(f"{outdated} finished predictions were made with an older task generator "
+              "(tasks.GENERATOR_VERSIONS); their items run again", file=sys.stderr)
     wanted = [(spec, item) for item in items for spec in config.methods if spec.runs(item)]
     finished = main_decides(np.array([item.id in done[spec.name] for spec, item in wanted], bool))
     pending = [pair for pair, was_done in zip(wanted, finished) if not was_done]
