@@ -185,17 +185,16 @@ NEEDLE_WORDS = ("Marmalade", "Copperfield", "Zanzibar", "Pemberton", "Quixotic",
                 "Tangerine", "Wolverhampton", "Lighthouse", "Saffron", "Thimble")
 
 
-def sentence_span(tokenizer, text: str, start: int, tokens: int) -> str:
+def sentence_span(text: str, token_starts: np.ndarray, start: int, tokens: int) -> str:
     """Whole sentences of ``text`` near ``tokens`` tokens long, from about token ``start``.
 
     The span begins at the first sentence start at or after token ``start`` (the text's
     start counts as one) and ends at the sentence end (``SENTENCE_END``) whose token count
     from there is nearest ``tokens``; so it is within half of the sentence that straddles
     ``tokens`` of that length. Where the text has no sentence end in reach it is cut at
-    token boundaries instead.
+    token boundaries instead. token_starts: ``[num_tokens]``, the character offset in
+    ``text`` where each of its tokens starts.
     """
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    token_starts = np.array([a for a, _ in enc["offset_mapping"]])
     first = token_starts[start]
     if start > 0:
         head = SENTENCE_END.search(text, first)
@@ -227,11 +226,12 @@ def needle_task(text: str, tokenizer, length: int, depth: float, seed: int = 0) 
     word = NEEDLE_WORDS[rng.integers(len(NEEDLE_WORDS))]
     fact = fact.format(x=word) + " "
     span_len = max(1, length - count_tokens(tokenizer, fact))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < span_len:
-        raise PcompError(f"the text has {len(ids)} tokens, fewer than the {length} asked for")
-    start = int(rng.integers(0, len(ids) - span_len + 1))
-    span = sentence_span(tokenizer, text, start, span_len)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    token_starts = np.array([first for first, _ in offsets])  # the text tokenized once, for both uses
+    if len(token_starts) < span_len:
+        raise PcompError(f"the text has {len(token_starts)} tokens, fewer than the {length} asked for")
+    start = int(rng.integers(0, len(token_starts) - span_len + 1))
+    span = sentence_span(text, token_starts, start, span_len)
     target = round(depth * len(span))
     ends = [0, *(m.end() for m in SENTENCE_END.finditer(span)), len(span)]
     cut = min(ends, key=lambda end: abs(end - target))
