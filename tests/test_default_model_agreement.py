@@ -12,8 +12,8 @@ pytestmark = pytest.mark.default_model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return pcomp_jax.load_model()
+def model(default_model):
+    return default_model
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,14 @@ def test_document_answers_a_passkey_as_answer_does(model, passkey):
     assert ours.token_ids == reference.token_ids and task.is_correct(ours.text), (ours.text, reference.text)
 
 
-def test_runs_repeat_exactly_and_bfloat16_agrees_with_float32(model, passkey):
+def test_runs_repeat_exactly_and_bfloat16_agrees_with_float32(model, default_model_bfloat16, passkey):
     # Measured (2026-11-25, 2048-token passkeys at depths 0.3 and 0.8; 2026-11-26, this input):
     # same chunks and answer in both dtypes; chunk scores (mean question NLL, 1.2-2.4) differ
     # by at most 0.012.
     task, config, first = passkey
     again = answer(model, task.context, task.question, config, max_new_tokens=12)
     assert again.token_ids == first.token_ids and again.chunk_scores == first.chunk_scores  # bit for bit
-    bf16 = answer(pcomp_jax.load_model(None, dtype="bfloat16"), task.context, task.question, config, max_new_tokens=12)
+    bf16 = answer(default_model_bfloat16, task.context, task.question, config, max_new_tokens=12)
     assert bf16.selected_chunks == first.selected_chunks
     assert task.is_correct(first.text) and task.is_correct(bf16.text), (first.text, bf16.text)
     print("largest chunk-score difference, bfloat16 - float32:",

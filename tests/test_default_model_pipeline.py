@@ -16,8 +16,8 @@ pytestmark = pytest.mark.default_model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return pcomp_jax.load_model()
+def model(default_model):
+    return default_model
 
 
 @pytest.mark.parametrize("kind, depth", [("passkey", 0.1), ("passkey", 0.6), ("number_string", 0.9)])

@@ -19,7 +19,7 @@ TEXT = " ".join(
 def tokenizer(request):
     if request.param == "tiny":
         return tiny.tiny_hf_tokenizer()
-    return pcomp_jax.load_model(None).tokenizer  # the real default model's tokenizer
+    return request.getfixturevalue("default_model").tokenizer  # the real default model's tokenizer
 
 
 def answer_depth(tok, task) -> tuple[int, float]:
