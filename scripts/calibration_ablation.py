@@ -11,10 +11,12 @@ preset from the start. Prints one line per run and a markdown table (found / run
 
 import argparse
 import dataclasses
+import sys
 
 import pcomp_jax
 from pcomp_jax.calibrate import PRESETS
 from pcomp_jax.config import load_config
+from pcomp_jax.errors import PcompError
 from pcomp_jax.io import read_text
 from pcomp_jax.tasks import make_task
 
@@ -37,7 +39,7 @@ def preset_answers(model, task, config, presets, stage: str, max_new_tokens: int
             for p in presets}
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -49,6 +51,16 @@ def main(argv=None):
     p.add_argument("--stage", choices=("merged", "chunk"), default="merged")
     p.add_argument("--text", default=None, help="novel for the needle task (default: the bundled haystack, pcomp_jax.io.BUNDLED_TEXT)")
     args = p.parse_args(argv)
+    try:
+        run_ablation(args)
+    except PcompError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_ablation(args) -> None:
+    """Answers every task, length, depth and preset of ``args``; prints each run and the table."""
     run = load_config(args.config, args.set)
     model = pcomp_jax.load_model(run.model, dtype=run.dtype)
     text = read_text(args.text, "the needle task's") if "needle" in args.tasks else None
@@ -75,4 +87,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

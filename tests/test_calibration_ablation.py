@@ -49,3 +49,14 @@ def test_script_prints_one_line_per_run_and_the_table(tiny, capsys):
     assert sum(line.startswith("passkey 600 depth") for line in out.splitlines()) == 4
     table = [line for line in out.splitlines() if line.startswith("| none |") or line.startswith("| remove_deep_recent |")]
     assert len(table) == 2 and all(line.endswith("/2 |") for line in table)
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
+    path, _ = tiny
+    assert calibration_ablation.main(["--set", "pipeline.chunk_len=0", "--set", f"model={path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "chunk_len" in err and "\n" not in err and "Traceback" not in err
+    missing = str(tmp_path / "no_such_book.txt")
+    assert calibration_ablation.main(["--set", f"model={path}", "--tasks", "needle", "--text", missing]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no_such_book.txt" in err and "\n" not in err

@@ -4,7 +4,6 @@ runs repeat bit for bit; bfloat16 keeps float32's chunks and answer."""
 import numpy as np
 import pytest
 
-import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer, read_document
 from pcomp_jax.tasks import make_task
 

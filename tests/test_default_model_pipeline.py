@@ -6,7 +6,6 @@ test_default_model_agreement.py."""
 import numpy as np
 import pytest
 
-import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer
 from pcomp_jax.chunking import chunk_bounds, encode_parts
 from pcomp_jax.decode import generate_ids

@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-import pcomp_jax
 import tiny
 from pcomp_jax.tasks import FILLER_SENTENCES, PASSKEY_INTRO, Task, count_tokens, make_task
 
