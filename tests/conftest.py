@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 import tempfile
 
@@ -14,6 +15,11 @@ TEST_COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), "pcomp_jax_tests", 
 os.environ["PCOMP_JAX_COMPILATION_CACHE"] = TEST_COMPILATION_CACHE
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# A shell starts a background job with SIGINT ignored, which its children inherit and Python
+# honours; the Ctrl-C tests interrupt the commands they start, so give them Python's handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import tiny  # noqa: E402
 

@@ -164,16 +164,9 @@ def test_compilation_cache_flags_and_field(tmp_path):
     assert load_config(None, cli.cache_overrides(args)).compilation_cache is None
 
 
-def _ctrl_c_reaches_the_child():
-    """A Popen ``preexec_fn``: the child takes SIGINT as a terminal's Ctrl-C, even where the test
-    run itself was started with SIGINT ignored (a shell's background job), which Python honours."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _run_generate(args, env=None, **kw):
     env = {**(env or os.environ), "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "pcomp_jax.generate", *args], cwd=REPO, env=env,
-                            preexec_fn=_ctrl_c_reaches_the_child, **kw)
+    return subprocess.Popen([sys.executable, "-m", "pcomp_jax.generate", *args], cwd=REPO, env=env, **kw)
 
 
 def test_compilation_cache_goes_where_the_flag_says(hf_checkpoints, tmp_path):
@@ -229,8 +222,7 @@ def test_eval_ctrl_c_keeps_finished_predictions_and_resumes(hf_checkpoints, tmp_
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, "-m", "pcomp_jax.eval", "--config", str(config), "--no-progress"]
     predictions = out / "pc" / "predictions.jsonl"
-    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           preexec_fn=_ctrl_c_reaches_the_child)
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and run.poll() is None and not (predictions.exists() and predictions.read_text()):
         time.sleep(0.2)
