@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="answer this prompt alone with full attention instead")
     p.add_argument("--method", choices=method_names(), help="shorthand for --set pipeline.method=...")
     p.add_argument("--model", help="shorthand for --set model=... (HF dir, .gguf, or the default name)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="shorthand for --set dtype=... (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="shorthand for --set dtype=... (auto: bfloat16 on GPU/TPU and on CPUs with bfloat16 dot units, else float32)")
     p.add_argument("--max-new-tokens", type=int, help="shorthand for --set max_new_tokens=...")
     p.add_argument("--no-chat", action="store_true", help="do not use the model's chat template")
     p.add_argument("--output-json", metavar="PATH", help="also write the result as JSON to PATH")

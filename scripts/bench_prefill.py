@@ -35,14 +35,12 @@ def layer_flops(cfg, tokens: int, row_len: int) -> float:
     return cfg.num_layers * (linear + attention)
 
 
-def cpu_flags() -> str:
-    """The CPU's features that decide bfloat16 matmul speed, as ``/proc/cpuinfo`` lists them."""
+def cpu_features() -> str:
+    """The CPU's features that decide bfloat16 matmul speed (``pcomp_jax.hardware.cpu_flags``)."""
+    from pcomp_jax.hardware import cpu_flags
+
+    flags = cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
     return ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in wanted)
 
 
@@ -198,7 +196,7 @@ def report(records: list[dict], peaks: dict, args) -> str:
     """Markdown tables of ``records``; ``peaks``: dtype -> the matmul FLOP/s measured in this run."""
     dtype_of = lambda r: r.get("dtype", args.dtype[0])
     by = {(r["method"], r["length"], dtype_of(r)): r for r in records}
-    lines = [f"CPU features: {cpu_flags()}"] if not records or "cpu" in str(records[0].get("device", "cpu")).lower() else []
+    lines = [f"CPU features: {cpu_features()}"] if not records or "cpu" in str(records[0].get("device", "cpu")).lower() else []
     lines += [f"matmul peak measured in this run ({d}, the model's dot form): {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()]
     lines += ["", "| length | method | dtype | median s | tokens/s | GFLOP/s | MFU | peak mem GB | compile s | compilations |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -317,7 +315,7 @@ def write_results(records, peaks, args) -> str:
     """Writes ``results.json`` and ``results.md`` into the output directory; returns the table."""
     text = report(records, peaks, args)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"matmul_peak_flops": peaks, "cpu_features": cpu_flags(), "args": vars(args), "records": records}, f,
+        json.dump({"matmul_peak_flops": peaks, "cpu_features": cpu_features(), "args": vars(args), "records": records}, f,
                   indent=1)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text + "\n")

@@ -69,15 +69,12 @@ DTYPE_CHOICES = (*DTYPES, "auto")
 
 
 def auto_dtype() -> str:
-    """``dtype: auto``: bfloat16 on GPUs and TPUs, float32 on CPUs.
+    """``dtype: auto``: bfloat16 on GPUs and TPUs and on CPUs with bfloat16 dot units
+    (``avx512_bf16`` or ``amx_bf16``), float32 on other CPUs (``hardware.choose_dtype``).
+    The choice and its reason are printed to standard error once per process."""
+    from ..hardware import announce_auto_dtype
 
-    Measured: on an H100 every attention backend selected the same chunks and produced the
-    same tokens in bfloat16 as in float32 on the default model (docs/bench/gpu; before the
-    mixed-precision dots, whose bfloat16 path is closer to float32 on the CPU); on a CPU
-    without bfloat16 dot units (AMD EPYC, AVX2) bfloat16 prefill is slower than float32
-    (docs/bench/cpu_bf16). CPUs with avx512_bf16 or AMX have not been measured yet, so they
-    keep float32."""
-    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+    return announce_auto_dtype(jax.default_backend()).dtype
 
 
 def _resolve_dtype(dtype):

@@ -69,8 +69,8 @@ class EvalConfig:
             object.__setattr__(self, "methods", tuple(
                 MethodSpec.from_mapping(m) if isinstance(m, dict) else m for m in self.methods))
         check_field_types(self)
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype={self.dtype!r} is not allowed; choose one of: float32, bfloat16")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise ConfigError(f"dtype={self.dtype!r} is not allowed; choose one of: float32, bfloat16, auto")
         for name in ("tasks", "lengths", "depths", "seeds"):
             values = getattr(self, name)
             if len(set(values)) != len(values):

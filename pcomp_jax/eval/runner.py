@@ -283,7 +283,10 @@ def append_record(path: str, record: dict) -> None:
 def method_settings(config: EvalConfig, spec: MethodSpec, text_sha256: str | None = None) -> dict:
     """What makes a method's predictions comparable across resumed runs. text_sha256: the
     needle text's ``text_digest`` (read once per run by the caller)."""
-    settings = {"model": config.model, "dtype": config.dtype, "max_new_tokens": config.max_new_tokens,
+    from ..checkpoints import auto_dtype
+
+    dtype = auto_dtype() if config.dtype == "auto" else config.dtype  # what runs decides, not the word "auto"
+    settings = {"model": config.model, "dtype": dtype, "max_new_tokens": config.max_new_tokens,
                 "pipeline": to_dict(spec.pipeline(config.pipeline))}
     if "needle" in config.tasks:
         settings["text_file"] = config.text_file
