@@ -1,8 +1,9 @@
 """Slow, plain-NumPy reference of the ParallelComp inference pipeline (float64).
 
 Independent of the ``pcomp_jax`` package: it reads a Hugging Face Llama-family
-checkpoint directly and follows /work/shared/ALGORITHM.md step by step, with loops
-where that keeps it obvious. Used by tests to check the JAX implementation.
+checkpoint directly and follows the method (ParallelComp, arXiv 2502.14317, as the
+package's docstrings describe its stages) step by step, with loops where that keeps it
+obvious. Used by tests to check the JAX implementation.
 
 Shape letters: T tokens, E hidden size, V vocabulary, H query heads, KVH KV heads,
 D head dim, G = H // KVH query heads per KV head, M cached tokens.

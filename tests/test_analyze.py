@@ -35,6 +35,7 @@ def test_parse_layers():
         parse_layers("a-b", 6)
 
 
+@pytest.mark.slow
 def test_analyze_command_on_tiny_model(hf_checkpoints, tmp_path, capsys):
     path, _ = hf_checkpoints("llama_gqa_untied")
     text = tmp_path / "t.txt"

@@ -14,6 +14,8 @@ import pcomp_jax  # noqa: E402
 from pcomp_jax import ParallelCompConfig  # noqa: E402
 from pcomp_jax.tasks import make_task  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: the full suite, not the fast tier
+
 PRESETS = ["none", "remove_shallow_sink", "remove_deep_middle"]
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from pcomp_jax.generate import main
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: the full suite, not the fast tier
+
 
 def test_cli_full_method_writes_json(hf_checkpoints, tmp_path, capsys):
     path, _ = hf_checkpoints("llama_gqa_untied")

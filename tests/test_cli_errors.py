@@ -19,6 +19,8 @@ from pcomp_jax.eval import main as eval_main
 from pcomp_jax.generate import main
 from pcomp_jax.io import BUNDLED_TEXT, read_text
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: the full suite, not the fast tier
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_MODEL = ["--model", "/nonexistent/model"]  # an error about anything else shows the model never loaded
 

@@ -1,6 +1,7 @@
 """Decode-time eviction, one step by hand (the whole decode is checked against the NumPy
 reference in test_against_reference.py): which entry goes, and when none can."""
 
+import pytest
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
@@ -19,6 +20,7 @@ def make_cache(valid: np.ndarray, window: np.ndarray) -> KVCache:
                    jnp.asarray(window, jnp.float32)[None, None])
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(st.data())
 def test_one_step_drops_the_lowest_older_entry_per_head(data):

@@ -11,7 +11,7 @@ from pcomp_jax.chunking import chunk_bounds, encode_parts
 from pcomp_jax.decode import generate_ids
 from pcomp_jax.tasks import make_task
 
-pytestmark = pytest.mark.default_model
+pytestmark = [pytest.mark.default_model, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bounds import assert_within, float32_bound, scale_of
 
 import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer
@@ -58,6 +59,7 @@ def test_dynamic_rope_refuses_the_sequential_layout(hf_checkpoints):
         answer(model, make_sentences(30, 1), "who ran?", dataclasses.replace(BASE, merge_layout="sequential"), 4)
 
 
+@pytest.mark.slow
 def test_sequential_layout_puts_each_kept_chunk_after_the_previous_one(model):
     """Layer 0's keys depend on the token and position alone: in the sequential cache, the
     second kept chunk's keys are the raw keys rotated at row position + the first's length."""
@@ -82,10 +84,12 @@ def test_sequential_layout_puts_each_kept_chunk_after_the_previous_one(model):
         raw = jnp.einsum("bte,ehd->bthd", h, w.layers.wk[0])
         want = apply_rope(raw, *rope_tables(cfg, (jnp.arange(p, p + lengths[slot]) + shift)[None]))[0]
         got = sequential.keys[0, 0, p + slot * cap : p + slot * cap + lengths[slot]]
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+        # one projection (a hidden-width reduction) and one rotation, from the same float32 inputs
+        assert_within(got, want, float32_bound(scale_of(want), reduction=cfg.hidden_size, depth=2), "rotated keys")
         np.testing.assert_array_equal(np.asarray(sequential.values), np.asarray(parallel.values))
 
 
+@pytest.mark.slow
 def test_reprefill_of_every_chunk_is_full_attention(model):
     context, question = make_sentences(40, 3), "what did the cat do?"  # P + context + Q fit the window
     every = dataclasses.replace(BASE, top_k_chunks=16, merge_layout="reprefill")
@@ -94,6 +98,7 @@ def test_reprefill_of_every_chunk_is_full_attention(model):
     assert ours.token_ids == answer(model, context, question, dataclasses.replace(BASE, method="full"), 6).token_ids
 
 
+@pytest.mark.slow
 def test_layouts_run_through_answer_and_perplexity(model):
     context, question = make_sentences(90, 4), "where did the cat sit?"
     results = {layout: answer(model, context, question, dataclasses.replace(BASE, merge_layout=layout), 6)
@@ -106,6 +111,7 @@ def test_layouts_run_through_answer_and_perplexity(model):
         assert scored.token_nll.shape == (10,) and np.isfinite(scored.token_nll).all()
 
 
+@pytest.mark.slow
 def test_layout_refusals(model, monkeypatch):
     with pytest.raises(pcomp_jax.ConfigError, match="merge_layout='diagonal' is not allowed"):
         ParallelCompConfig(merge_layout="diagonal")
@@ -130,6 +136,7 @@ def test_layout_refusals(model, monkeypatch):
         answer(model, make_sentences(150, 6), "who ran?", long_chunks, 8)
 
 
+@pytest.mark.slow
 def test_eval_columns_that_differ_after_the_prefill_share_it(model, monkeypatch, tmp_path):
     from pcomp_jax import pipeline
     from pcomp_jax.eval import EvalConfig, MethodSpec, evaluate

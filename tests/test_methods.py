@@ -110,6 +110,7 @@ def test_research_snippet_in_the_readme_runs_and_equals_answer(model):
     assert sorted(selected.tolist()) == expected.selected_chunks
 
 
+@pytest.mark.slow
 def test_custom_scorer_from_the_readme_runs_through_answer_and_the_eval_runner(model, tmp_path):
     context, question = make_context(40, seed=12), "who ran?"  # one 512-token chunk fits the window
     scope = {"model": model, "context": context, "question": question}

@@ -6,7 +6,11 @@ multi-process tests (test_multihost.py)."""
 import json
 import sys
 
+import pytest
+
 from test_multihost import cpu_env, free_port, launch
+
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: the full suite, not the fast tier
 
 
 def test_eval_on_two_processes_writes_once_and_resumes(hf_checkpoints, tmp_path):

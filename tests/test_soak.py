@@ -5,9 +5,13 @@ import csv
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
 import soak  # noqa: E402
+
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: the full suite, not the fast tier
 
 
 def test_soak_reports_memory_compilations_and_one_row_per_request(hf_checkpoints, tmp_path, capsys):

@@ -8,6 +8,7 @@ them (Q/K rows permuted for interleaved RoPE), so loading them exercises our un-
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -59,6 +60,11 @@ BASE = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
+
+# The tiny models' sizes, as the bounds (tests/bounds.py) read them from a ModelConfig.
+DIMS = SimpleNamespace(num_layers=BASE["num_hidden_layers"], hidden_size=BASE["hidden_size"],
+                       intermediate_size=BASE["intermediate_size"], vocab_size=VOCAB_SIZE,
+                       window=BASE["max_position_embeddings"])
 
 VARIANTS = {
     "llama_gqa_untied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
