@@ -167,7 +167,8 @@ def run(args) -> dict | list[dict]:
         if is_main():
             print(estimate.table())
         estimate.check(config.pipeline)  # refused (exit 2) when it cannot fit
-        return {"dry_run": True, "peak_bytes": estimate.peak, "timings_s": {"load": load_s}}
+        return {"dry_run": True, "peak_bytes": estimate.peak, "checked_bytes": estimate.checked,
+                "timings_s": {"load": load_s}}
     if several:
         t = time.perf_counter()
         doc = read_document(model, task.context, config.pipeline, progress=is_main())

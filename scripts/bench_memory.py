@@ -1,26 +1,45 @@
-"""Peak memory and time of ParallelComp against input length: flat with streaming.
+"""Peak memory and time of ParallelComp against input length, measured against the preflight.
 
-    python scripts/bench_memory.py --model random-small --lengths 32768 131072 524288 1048576
-    python scripts/bench_memory.py --model smollm2-135m-instruct --lengths 32768 131072
+    python scripts/bench_memory.py --model random-small --lengths 8192 32768
+    python scripts/bench_memory.py --model smollm2-135m-instruct --lengths 16384
 
 Each length runs in a fresh process (so each peak is its own): random context token ids
-(the default model: its tokenizer's ids of a random word stream), a 16-token question,
-the pipeline of ``--config``'s settings (default configs/demo.yaml) through
-``answer_parts``, timed to the last token. Reported per length: wall seconds, the
-process's peak resident memory (``ru_maxrss``) and its growth over the memory held right
-before the preflight and the run (the model loaded; the growth holds the compilation of
-the preflight's and the run's stages), and the preflight's estimated peak
-per device (``pcomp_jax.memory``, XLA's buffer plan). ``random-small`` is a 4-layer
-Llama (hidden 256, 8 heads, 4 KV heads, vocabulary 32000, window 8192) with random
-weights, so that 1M tokens run on a CPU. On the CPU the measured growth also holds XLA's
-compiler and host-side buffers, so it bounds the device buffers from above; on an
-accelerator the row also holds the device allocator's peak (``peak_bytes_in_use``), the
-number the preflight estimates.
+(``[length]``, clear of special tokens), an 8-token P, a 16-token question, the pipeline of
+``--config``'s settings (default configs/demo.yaml) through ``answer_parts``, 8 new tokens.
+The process first asks the preflight (``pcomp_jax.memory.estimate_memory``) and runs the
+pipeline once (compiling every stage), then runs it again and measures that run:
+
+- on an accelerator, the measured peak is the device allocator's ``peak_bytes_in_use``
+  (since the process started: it holds the load, the compilations, where XLA autotunes
+  with buffers of the same allocator, and both runs);
+- on the CPU (no allocator statistics; the device buffers are host memory) it is the
+  process's peak resident memory over the warm run: freed heap is handed back
+  (``malloc_trim``), the peak is reset (``5`` into ``/proc/self/clear_refs`` resets
+  ``VmHWM``), and measured = ``VmHWM`` after the run - the resident memory right before
+  it + the weights' bytes (resident before, so the difference leaves them out). The
+  process runs with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``,
+  ``MALLOC_TRIM_THRESHOLD_``) and one malloc arena (``MALLOC_ARENA_MAX``): every larger
+  buffer is mapped when allocated and unmapped when freed, and the smaller ones share one
+  heap, so the resident memory follows the live buffers (with malloc's defaults, freed
+  buffers stay in per-thread arenas, and the peak overstated what is alive by about 120
+  MiB for the default model at 16K tokens). It holds host-side work
+  too (the chunk rows, Python), so it bounds the device buffers from above.
+
+Reported per length: chunks, seconds of the warm run, the process's peak RSS
+(``ru_maxrss``), the measured peak, the preflight's estimate (weights + selection + the
+largest phase), its margin, estimate + margin, and preflight / measured (the bare
+estimate over the measured peak). The script exits 1 with one line when a measured peak
+exceeds the preflight's estimate + margin (``MemoryEstimate.checked``, the number
+``--dry-run`` compares with the device), 2 when a length fails to run. ``random-small``
+is a 4-layer Llama (hidden 256, 8 heads, 4 KV heads, vocabulary 32000, window 8192) with
+random weights, so that long inputs run on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -29,6 +48,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# glibc: buffers over 128 KiB mapped and unmapped one by one (a fixed threshold stops the
+# adaptive one), smaller ones in one arena for every thread, so that the resident memory
+# follows the live buffers.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1"}
 
 
 def random_small_model():
@@ -49,8 +72,48 @@ def random_small_model():
 
 
 def rss_bytes() -> int:
+    """The process's resident memory now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_free_heap() -> None:
+    """Garbage-collects and hands malloc's free memory back to the system (glibc ``malloc_trim``),
+    so that a later run's allocations raise the resident memory instead of reusing it unseen."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def settle() -> int:
+    """``release_free_heap`` until the resident memory stops falling (the runtime frees a
+    buffer once the programs reading it are done); returns the resident memory then."""
+    rss = rss_bytes()
+    for _ in range(20):
+        release_free_heap()
+        time.sleep(0.1)
+        now = rss_bytes()
+        if now > rss - 2**20:
+            return now
+        rss = now
+    return rss
+
+
+def reset_peak_rss() -> None:
+    """Resets the process's peak resident memory (``VmHWM``) to its resident memory now (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_since_reset() -> int:
+    """``VmHWM`` in bytes: the peak resident memory since the last ``reset_peak_rss``."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 def one(length: int, model_name: str, config_path: str, overrides: list[str]) -> dict:
@@ -71,23 +134,31 @@ def one(length: int, model_name: str, config_path: str, overrides: list[str]) ->
                         context=rng.integers(low, model.config.vocab_size, length).astype(np.int32),
                         question=rng.integers(low, model.config.vocab_size, 16).astype(np.int32))
     jax.block_until_ready(model.params)
-    before = rss_bytes()
     estimate = estimate_memory(model, parts, config, 8)
+    answer_parts(model, parts, config, max_new_tokens=8)  # compiles every stage
+    before = settle()
+    reset_peak_rss()
     start = time.perf_counter()
     result = answer_parts(model, parts, config, max_new_tokens=8)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
-    return {"length": length, "seconds": round(seconds, 1), "peak_rss": peak, "growth": peak - before,
-            "device_peak": (stats or {}).get("peak_bytes_in_use"),
-            "estimate_peak": estimate.peak, "estimate_weights": estimate.weights, "chunks": result.num_chunks,
-            "device": str(jax.devices()[0])}
+    hwm = peak_rss_since_reset()
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    device_peak = (stats or {}).get("peak_bytes_in_use")
+    measured = device_peak if device_peak else hwm - before + estimate.weights
+    return {"length": length, "seconds": round(seconds, 1), "chunks": result.num_chunks, "device": str(device),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": before,
+            "hwm": hwm, "device_peak": device_peak, "measured": measured,
+            "measured_as": "allocator peak_bytes_in_use" if device_peak else "VmHWM - RSS before + weights",
+            "estimate_peak": estimate.peak, "estimate_margin": estimate.margin, "estimate_checked": estimate.checked,
+            "estimate_weights": estimate.weights, "estimate_selection": estimate.selection,
+            "estimate_phases": estimate.phases, "largest_phase": estimate.largest_phase}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random-small", help="random-small, or any load_model source")
-    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 524288, 1048576])
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--output-json", help="also write the rows as JSON")
@@ -97,26 +168,33 @@ def main(argv=None) -> int:
         print(json.dumps(one(args.one, args.model, args.config, args.overrides)))
         return 0
     rows = []
-    print("| context tokens | chunks | seconds | peak RSS MiB | growth during the run MiB | device peak MiB | "
-          "preflight peak MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| context tokens | chunks | seconds | peak RSS MiB | measured peak MiB | preflight estimate MiB | "
+          "margin MiB | estimate + margin MiB | preflight / measured |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for length in args.lengths:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", str(length), "--model", args.model,
                "--config", args.config] + [x for o in args.overrides for x in ("--set", o)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
             print(f"error: length {length} failed: {last}", file=sys.stderr)
             return 2
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
-        mib = lambda b: f"{b / 2**20:,.0f}"
-        device = mib(row["device_peak"]) if row["device_peak"] else "-"
-        print(f"| {length:,} | {row['chunks']} | {row['seconds']} | {mib(row['peak_rss'])} | {mib(row['growth'])} | "
-              f"{device} | {mib(row['estimate_peak'])} |", flush=True)
+        mib = lambda b: f"{b / 2**20:,.1f}"
+        print(f"| {length:,} | {row['chunks']} | {row['seconds']} | {mib(row['peak_rss'])} | {mib(row['measured'])} | "
+              f"{mib(row['estimate_peak'])} | {mib(row['estimate_margin'])} | {mib(row['estimate_checked'])} | "
+              f"{row['estimate_peak'] / row['measured']:.2f} |", flush=True)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(rows, f, indent=1)
+    over = [r for r in rows if r["measured"] > r["estimate_checked"]]
+    if over:
+        r = over[0]
+        print(f"error: at {r['length']:,} tokens the measured peak ({r['measured'] / 2**20:,.0f} MiB, "
+              f"{r['measured_as']}) exceeds the preflight's estimate + margin ({r['estimate_checked'] / 2**20:,.0f} "
+              "MiB); the estimate misses a buffer", file=sys.stderr)
+        return 1
     return 0
 
 
