@@ -19,9 +19,9 @@ def model(default_model):
     return default_model
 
 
-@pytest.mark.parametrize("kind, depth", [("passkey", 0.1), ("passkey", 0.6), ("number_string", 0.9)])
+@pytest.mark.parametrize("kind, depth", [("passkey", 0.1), ("number_string", 0.9)])
 def test_one_kept_chunk_without_eviction_is_full_attention_over_it(model, kind, depth):
-    task = make_task(kind, model.tokenizer, 1536, depth, seed=2)
+    task = make_task(kind, model.tokenizer, 1024, depth, seed=2)  # two chunks of at most 512: one is dropped
     config = ParallelCompConfig(chunk_len=512, top_k_chunks=1, capacity=None)
     ours = answer(model, task.context, task.question, config, max_new_tokens=12)
     parts = encode_parts(model.tokenizer, task.context, task.question, config.instruction, config.answer_prefix,

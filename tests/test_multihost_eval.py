@@ -25,8 +25,11 @@ def test_eval_on_two_processes_writes_once_and_resumes(hf_checkpoints, tmp_path)
         return [sys.executable, "-m", "pcomp_jax.eval", "--config", str(config), "--output-dir", str(out_dir),
                 "--no-progress"]
 
-    [(rc, _, err)] = launch([(eval_cmd(tmp_path / "one"), cpu_env(4))])
-    assert rc == 0, err
+    from pcomp_jax.eval import evaluate
+    from pcomp_jax.eval.config import load_eval_config
+
+    eval_cmd(tmp_path / "one")  # writes the config; the reference runs it in this process (four CPU devices)
+    evaluate(load_eval_config(str(tmp_path / "eval.yaml"), [f"output_dir={tmp_path / 'one'}"]), progress=False)
     for attempt in range(2):  # the second run finds everything done (process 0's files decide)
         port = free_port()
         results = launch([(eval_cmd(tmp_path / "two") + ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
