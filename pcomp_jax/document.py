@@ -48,6 +48,7 @@ from .chunking import PromptParts, check_row_fits, concat_rows, encode_parts, en
 from .config import ConfigError, ParallelCompConfig, from_dict, to_dict
 from .decode import check_max_new_tokens
 from .errors import CheckpointError, PcompError
+from .integrity import atomic_directory, file_checksums, record_digest, verify_checksums, weights_digest
 from .methods import Method, WholeInput, get_method
 from .model.config import ModelConfig
 from .model.llama import Weights, appended_forward, prefill_forward
@@ -411,13 +412,12 @@ class Document:
         return prefills
 
     def save(self, path: str) -> None:
-        """Writes the document to the directory ``path`` (must not exist yet) with orbax:
-        its tokens, caches and a record of the model, tokenizer and reading config."""
+        """Writes the document to the directory ``path`` (must not exist yet) with orbax: its
+        tokens, caches and a record of the model (a digest of every weight), tokenizer and
+        reading config, with a SHA-256 checksum of every file and of the record. Written to a
+        temporary sibling and renamed: a failed save leaves nothing behind (``CheckpointError``)."""
         import orbax.checkpoint as ocp
 
-        path = os.path.abspath(path)
-        if os.path.exists(path):
-            raise CheckpointError(f"{path!r} already exists; choose a new directory so that nothing is overwritten")
         tree = {"prefix": self.parts.prefix, "context": self.parts.context}
         if self.parts.breaks is not None:
             tree["breaks"] = self.parts.breaks
@@ -425,39 +425,78 @@ class Document:
             tree["prefix_keys"], tree["prefix_values"] = to_host(self.prefix_keys), to_host(self.prefix_values)
             tree["groups"] = [{f.name: to_host(getattr(g, f.name)) for f in dataclasses.fields(ChunkCaches)
                                if f.name != "prefix_len"} for g in self.groups]
-        os.makedirs(path)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(path, "document"), tree)
-        checkpointer.wait_until_finished()
-        record = {"fingerprint": fingerprint(self.model), "config": to_dict(self.config),
-                  "has_breaks": self.parts.breaks is not None, "num_groups": None if self.groups is None
-                  else len(self.groups)}
-        with open(os.path.join(path, DOCUMENT_RECORD), "w") as f:
-            json.dump(record, f, indent=1)
+        try:
+            with atomic_directory(path) as temporary:
+                checkpointer = ocp.StandardCheckpointer()
+                checkpointer.save(os.path.join(temporary, "document"), tree)
+                checkpointer.wait_until_finished()
+                record = {"format": DOCUMENT_FORMAT, "fingerprint": fingerprint(self.model),
+                          "config": to_dict(self.config), "has_breaks": self.parts.breaks is not None,
+                          "num_groups": None if self.groups is None else len(self.groups),
+                          "files": file_checksums(os.path.join(temporary, "document"))}
+                record["record_sha256"] = record_digest(record)
+                with open(os.path.join(temporary, DOCUMENT_RECORD), "w", encoding="utf-8") as f:
+                    json.dump(record, f, indent=1)
+        except PcompError:
+            raise
+        except Exception as err:  # OSError, a full disk, tensorstore's and orbax's own errors
+            raise CheckpointError(f"cannot save the document to {os.path.abspath(path)!r}: "
+                                  f"{first_line(err)}") from err
 
 
 DOCUMENT_RECORD = "pcomp_document.json"
+DOCUMENT_FORMAT = 2  # the record's layout; 2: weights digest over every parameter, file checksums
+RECORD_FIELDS = {"format": int, "fingerprint": dict, "config": dict, "has_breaks": bool, "files": dict,
+                 "record_sha256": str}
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message, first line only (tensorstore's run over many lines)."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
 
 
 def fingerprint(model: Model) -> dict:
-    """What identifies the model and tokenizer a document was read with (JSON data)."""
-    digest = hashlib.sha256()
-    for array in (model.params.embed[:64], model.params.final_norm, model.params.layers.wk[0, :, :1]):
-        digest.update(np.asarray(array, np.float32).tobytes())
+    """What identifies the model and tokenizer a document was read with (JSON data): the
+    model's config, dtype and ``integrity.weights_digest`` (every parameter), and the
+    tokenizer's class, size and vocabulary."""
     tok = model.tokenizer
     vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
     return {
         "model": {"config": json.loads(json.dumps(dataclasses.asdict(model.config))),
-                  "dtype": jnp.dtype(model.dtype).name, "weights": digest.hexdigest()},
+                  "dtype": jnp.dtype(model.dtype).name, "weights": weights_digest(model)},
         "tokenizer": {"class": type(tok).__name__, "size": len(tok), "vocabulary": vocab},
     }
+
+
+def check_record(record, path: str) -> dict:
+    """``record`` (as read from ``pcomp_document.json``) if it is a whole record of this
+    format whose checksum holds; else ``CheckpointError`` naming what is wrong."""
+    where = os.path.join(path, DOCUMENT_RECORD)
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{where} is not a document record (a JSON object); read the document again")
+    if record.get("format") != DOCUMENT_FORMAT:
+        raise CheckpointError(f"{where} has format {record.get('format')!r}, not {DOCUMENT_FORMAT}: it was written by "
+                              "another version of pcomp_jax; read the document again")
+    for name, kind in RECORD_FIELDS.items():
+        if not isinstance(record.get(name), kind):
+            raise CheckpointError(f"{where} lacks a valid {name!r} field; read the document again")
+    if not (record.get("num_groups") is None or type(record["num_groups"]) is int):
+        raise CheckpointError(f"{where} lacks a valid 'num_groups' field; read the document again")
+    if record_digest({k: v for k, v in record.items() if k != "record_sha256"}) != record["record_sha256"]:
+        raise CheckpointError(f"{where} does not match its checksum (edited or damaged); read the document again")
+    return record
 
 
 def check_fingerprint(stored: dict, model: Model, path: str) -> None:
     """Refuses a stored document read with another model or tokenizer, naming what differs."""
     now = fingerprint(model)
     for what in ("model", "tokenizer"):
-        a, b = stored[what], now[what]
+        a, b = stored.get(what), now[what]
+        if not isinstance(a, dict) or (what == "model" and not isinstance(a.get("config"), dict)):
+            raise CheckpointError(f"{os.path.join(path, DOCUMENT_RECORD)} lacks the {what}'s fingerprint; "
+                                  "read the document again")
+        a, b = dict(a), dict(b)
         if what == "model":
             a = {**a.pop("config"), **a}
             b = {**b.pop("config"), **b}
@@ -612,18 +651,33 @@ def load_document(model: Model, path: str, config: ParallelCompConfig | None, co
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a directory written by Document.save")
     try:
-        with open(os.path.join(path, DOCUMENT_RECORD)) as f:
+        with open(os.path.join(path, DOCUMENT_RECORD), encoding="utf-8") as f:
             record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path!r} is not a document written by Document.save: {first_line(err)}") from err
+    record = check_record(record, path)
+    try:
         stored_config = from_dict(ParallelCompConfig, record["config"])
-    except (OSError, json.JSONDecodeError, KeyError) as err:
-        raise CheckpointError(f"{path!r} is not a document written by Document.save: {err}") from err
+    except (PcompError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{os.path.join(path, DOCUMENT_RECORD)} holds no valid config: {first_line(err)}") from err
     check_fingerprint(record["fingerprint"], model, path)
     config = stored_config if config is None else config
     check_same_reading(stored_config, config, f"the document at {path!r}")
     check_document_config(model, config)
-    tree = ocp.StandardCheckpointer().restore(os.path.join(path, "document"))
-    tree = jax.tree.map(np.asarray, tree)
+    verify_checksums(os.path.join(path, "document"), record["files"], f"the document at {path!r}")
+    try:
+        tree = ocp.StandardCheckpointer().restore(os.path.join(path, "document"))
+        tree = jax.tree.map(np.asarray, tree)
+    except Exception as err:  # checksums held, so this is an orbax or tensorstore failure of its own
+        raise CheckpointError(f"the document at {path!r} cannot be read: {first_line(err)}") from err
+    expected = {"prefix", "context"} | ({"breaks"} if record["has_breaks"] else set())
+    if record["num_groups"] is not None:
+        expected |= {"prefix_keys", "prefix_values", "groups"}
+    if set(tree) != expected or len(tree.get("groups", ())) != (record["num_groups"] or 0):
+        raise CheckpointError(f"the document at {path!r} does not hold what its record says; read it again")
     breaks = tree.get("breaks") if record["has_breaks"] else None
     parts = PromptParts(tree["prefix"].astype(np.int32), tree["context"].astype(np.int32), np.zeros(0, np.int32),
                         breaks)
