@@ -140,7 +140,9 @@ def run(args) -> dict | list[dict]:
         text = read_text(config.task.text_file, "the needle task's") if config.task.kind == "needle" else None
     initialize(config.distributed)  # before any other JAX call (is_main() is one)
     if args.output_json and is_main():
-        check_writable(args.output_json, "--output-json")
+        check_writable(args.output_json, "--output-json", {
+            "--config": args.config, "--context-file": args.context_file, "--questions-file": args.questions_file,
+            "needle text (task.text_file)": config.task.text_file})
     use_compilation_cache(config.compilation_cache)
     start = time.perf_counter()
     mesh = make_mesh(config.pipeline.num_devices, config.pipeline.model_parallel)

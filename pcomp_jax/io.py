@@ -82,9 +82,23 @@ def check_readable(path: str | None, what: str) -> None:
         raise PcompError(f"cannot read {what} {path!r}: {_reason(err)}") from None
 
 
-def check_writable(path: str, what: str) -> None:
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (links and relative paths resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_writable(path: str, what: str, inputs: dict | None = None) -> None:
     """Raises ``PcompError`` unless a file can be written at ``path`` (checked before a run,
-    so that a finished run's result is never lost to a bad path). Leaves no file behind."""
+    so that a finished run's result is never lost to a bad path) and it is none of the run's
+    ``inputs`` (flag or field -> path; None entries are skipped), which it would replace.
+    Leaves no file behind."""
+    for name, source in (inputs or {}).items():
+        if source is not None and same_file(path, source):
+            raise PcompError(f"{what} {path!r} is the run's {name}; writing the result there would replace it, "
+                             "so give another path")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise PcompError(f"{what} {path!r} is a directory; give a file path")

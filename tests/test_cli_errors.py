@@ -71,6 +71,26 @@ def test_output_json_checked_before_the_run(capsys, tmp_path):
     assert "model source" in capsys.readouterr().err and not out.exists()  # the check leaves no file
 
 
+def test_output_json_never_replaces_an_input(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(open(os.path.join(REPO, "configs", "demo.yaml")).read())
+    book = tmp_path / "book.txt"
+    book.write_text("The cat sat on the mat. " * 20)
+    questions = tmp_path / "q.txt"
+    questions.write_text("where did the cat sit?\n")
+    alias = tmp_path / "alias.yaml"
+    alias.symlink_to(config)
+    before = {p: p.read_bytes() for p in (config, book, questions)}
+    common = ["--config", str(config), "--context-file", str(book), *NO_MODEL]
+    for out, name in [(config, "--config"), (alias, "--config"), (book, "--context-file"),
+                      (tmp_path / "." / "book.txt", "--context-file")]:
+        assert main([*common, "--question", "where?", "--output-json", str(out)]) == 2
+        one_error_line(capsys, "--output-json", f"is the run's {name}", "would replace it")
+    assert main([*common, "--questions-file", str(questions), "--output-json", str(questions)]) == 2
+    one_error_line(capsys, "is the run's --questions-file")
+    assert {p: p.read_bytes() for p in before} == before
+
+
 @pytest.mark.parametrize("kind,message", [("missing", "No such file"), ("directory", "is a directory"),
                                           ("latin1", "not UTF-8")])
 def test_eval_longbench_file_errors(capsys, tmp_path, kind, message):
