@@ -430,3 +430,37 @@ def test_runner_reads_a_shared_context_once(model, tmp_path):
         assert "error" not in got and got["prediction"] == want.text, (spec.name, item.id)
         assert got["selected_chunks"] == want.selected_chunks and got["context_tokens"] == want.context_tokens
     assert runner.readings == 1 and runner.document_answers == 2  # b, asked once, is answered as before
+
+
+def test_a_users_file_is_never_replaced_and_other_sweeps_keep_their_summaries(model, tmp_path):
+    from pcomp_jax.eval.outputs import MANIFEST
+
+    out = tmp_path / "out"
+    small = EvalConfig(output_dir=str(out), pipeline=ParallelCompConfig(chunk_len=48, obs_window=4),
+                       methods=(MethodSpec.of("pc", method="parallelcomp", capacity=16),), tasks=("passkey",),
+                       lengths=(150,), depths=(0.5,), max_new_tokens=4)
+    out.mkdir()
+    (out / "summary.md").write_text("my notes")
+    calls = []
+    original = Runner.run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Runner, "run", lambda self, item, p: calls.append(item.id) or original(self, item, p))
+        with pytest.raises(ConfigError, match=r"summary\.md exists and was not written by the evaluation runner"):
+            evaluate(small, model, progress=False)
+    assert calls == [] and (out / "summary.md").read_text() == "my notes"  # refused before anything ran
+    (out / "summary.md").unlink()
+
+    evaluate(small, model, progress=False)
+    first = (out / "summary.md").read_text()
+    other = dataclasses.replace(small, methods=(MethodSpec.of("trunc", method="truncate"),))
+    evaluate(other, model, progress=False)
+    assert (out / "summary.md").read_text() == first  # the first sweep's summary stays
+    manifest = json.loads((out / MANIFEST).read_text())
+    (stem,) = [s for s in manifest["summaries"] if s != "summary"]
+    assert manifest["summaries"] == {"summary": ["pc"], stem: ["trunc"]}
+    assert "trunc" in (out / f"{stem}.md").read_text() and (out / f"heatmap_passkey_{stem[8:]}.png").exists()
+    evaluate(small, model, progress=False)  # the same methods again: their own summary, rewritten
+    assert sorted(json.loads((out / MANIFEST).read_text())["summaries"]) == sorted(["summary", stem])
+    (out / MANIFEST).unlink()  # a directory from before the manifest: its method folders make the summary the runner's
+    evaluate(small, model, progress=False)
+    assert ["pc"] in json.loads((out / MANIFEST).read_text())["summaries"].values()

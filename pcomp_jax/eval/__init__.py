@@ -7,7 +7,10 @@ One run sweeps methods x (tasks x lengths x depths x seeds, the LongBench exampl
 perplexity windows). Per method it writes ``<output_dir>/<method>/predictions.jsonl`` (one
 line per finished item, flushed as soon as it is done) and ``metrics.json``; then
 ``summary.md`` (also printed), ``summary.json``, ``heatmap_<task>.png`` (accuracy by depth x
-length per method) and ``perplexity.png`` (perplexity against prefix length per method).
+length per method) and ``perplexity.png`` (perplexity against prefix length per method),
+named in ``pcomp_eval_manifest.json``; a sweep over other methods in the same directory
+writes its summary under a name of its own, and a file the runner did not write is never
+replaced (``outputs``).
 Run it again with the same output directory to resume: finished items are skipped, and a
 method whose settings changed since is refused rather than mixed.
 

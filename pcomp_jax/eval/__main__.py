@@ -14,6 +14,7 @@ from ..distributed import add_distributed_flags, distributed_overrides, initiali
 from ..errors import PcompError
 from . import __doc__ as PACKAGE_DOC
 from .config import load_eval_config
+from .outputs import summary_names
 from .runner import evaluate, summarize
 from .summary import summary_markdown
 
@@ -49,7 +50,9 @@ def main(argv=None) -> int:
     if not is_main():  # process 0 writes and prints the results
         return 0
     print(summary_markdown(metrics))
-    print(f"results in {config.output_dir}/ (summary.md, summary.json, <method>/predictions.jsonl, metrics.json, PNGs)")
+    names = summary_names(config.output_dir, [spec.name for spec in config.methods])
+    print(f"results in {config.output_dir}/ ({names.stem}.md, {names.stem}.json, <method>/predictions.jsonl, "
+          "metrics.json, PNGs)")
     return 0
 
 

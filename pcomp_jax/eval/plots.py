@@ -7,8 +7,8 @@ import os
 import numpy as np
 
 
-def plot_heatmaps(metrics: dict[str, dict], output_dir: str) -> list[str]:
-    """``heatmap_<task>.png``: one panel per method, accuracy by depth (rows) x length (columns)."""
+def plot_heatmaps(metrics: dict[str, dict], output_dir: str, suffix: str = "") -> list[str]:
+    """``heatmap_<task><suffix>.png``: one panel per method, accuracy by depth (rows) x length (columns)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,15 +35,16 @@ def plot_heatmaps(metrics: dict[str, dict], output_dir: str) -> list[str]:
         axes[0][0].set_ylabel("depth", fontsize=8)
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
         fig.suptitle(f"{task}: accuracy by depth and length", fontsize=10)
-        path = os.path.join(output_dir, f"heatmap_{task}.png")
+        path = os.path.join(output_dir, f"heatmap_{task}{suffix}.png")
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written
 
 
-def plot_perplexity(metrics: dict[str, dict], output_dir: str, window: int | None = None) -> str | None:
-    """``perplexity.png``: perplexity against prefix length, one line per method (log scales)."""
+def plot_perplexity(metrics: dict[str, dict], output_dir: str, window: int | None = None,
+                    suffix: str = "") -> str | None:
+    """``perplexity<suffix>.png``: perplexity against prefix length, one line per method (log scales)."""
     if not any(m["perplexity"] for m in metrics.values()):
         return None
     import matplotlib
@@ -64,7 +65,7 @@ def plot_perplexity(metrics: dict[str, dict], output_dir: str, window: int | Non
     ax.set_ylabel("perplexity of the continuation")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    path = os.path.join(output_dir, "perplexity.png")
+    path = os.path.join(output_dir, f"perplexity{suffix}.png")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -25,6 +25,7 @@ from ..io import read_text
 from ..tasks import GENERATOR_VERSIONS, make_task
 from .config import ANSWER_TOKENS, EvalConfig
 from .methods import MethodSpec
+from .outputs import check_outputs, record_outputs, summary_names
 from .plots import plot_heatmaps, plot_perplexity
 from .summary import method_metrics, summary_markdown
 
@@ -364,20 +365,34 @@ def check_method_fits(model, pipeline: ParallelCompConfig, name: str) -> None:
 
 
 def write_results(config: EvalConfig, items: list[Item], done: dict[str, dict], window: int | None) -> dict[str, dict]:
-    """Writes every method's ``metrics.json``, ``summary.md``/``.json`` and the plots; returns the metrics."""
+    """Writes every method's ``metrics.json``, the sweep's summary (``summary.md``/``.json``,
+    or its own name beside another sweep's: ``eval.outputs``) and the plots; returns the metrics."""
     metrics = {}
     for spec in config.methods:
         wanted = {item.id for item in items if spec.runs(item)}
         metrics[spec.name] = method_metrics([r for i, r in done[spec.name].items() if i in wanted])
         with open(os.path.join(config.output_dir, spec.name, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics[spec.name], f, indent=1)
-    with open(os.path.join(config.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+    methods = [spec.name for spec in config.methods]
+    names = summary_names(config.output_dir, methods)
+    check_outputs(config.output_dir, names, config.tasks)
+    with open(os.path.join(config.output_dir, f"{names.stem}.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=1)
-    with open(os.path.join(config.output_dir, "summary.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(config.output_dir, f"{names.stem}.md"), "w", encoding="utf-8") as f:
         f.write(summary_markdown(metrics))
-    plot_heatmaps(metrics, config.output_dir)
-    plot_perplexity(metrics, config.output_dir, window)
+    written = [f"{names.stem}.json", f"{names.stem}.md"]
+    written += [os.path.basename(p) for p in plot_heatmaps(metrics, config.output_dir, names.suffix)]
+    plot = plot_perplexity(metrics, config.output_dir, window, names.suffix)
+    written += [os.path.basename(plot)] if plot else []
+    record_outputs(config.output_dir, names, methods, written)
     return metrics
+
+
+def check_own_outputs(config: EvalConfig) -> None:
+    """Refuses (``ConfigError``) before anything runs when the sweep's summary would replace a
+    file in ``output_dir`` that the runner did not write."""
+    names = summary_names(config.output_dir, [spec.name for spec in config.methods])
+    check_outputs(config.output_dir, names, config.tasks)
 
 
 def summarize(config: EvalConfig) -> dict[str, dict]:
@@ -388,6 +403,7 @@ def summarize(config: EvalConfig) -> dict[str, dict]:
     missing = [spec.name for spec in config.methods if not os.path.isdir(os.path.join(config.output_dir, spec.name))]
     if missing:
         raise ConfigError(f"no results of method(s) {', '.join(missing)} in {config.output_dir}/; run them first")
+    check_own_outputs(config)
     done = {spec.name: current_records(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), repair=False)[0]
             for spec in config.methods}  # a running sweep may be appending: read, never cut
     return write_results(config, items, done, None)
@@ -406,6 +422,7 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
     if is_main():  # only process 0 reads and writes the result files
         try:
             os.makedirs(config.output_dir, exist_ok=True)
+            check_own_outputs(config)  # a file of the user's is never replaced
             for spec in config.methods:  # settings of every method are checked before anything runs
                 check_or_write_settings(os.path.join(config.output_dir, spec.name), method_settings(config, spec, digest))
         except ConfigError as err:
