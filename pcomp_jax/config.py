@@ -201,6 +201,9 @@ PIPELINE_PRESETS = {
 TASK_KINDS = ("passkey", "number_string", "kv_retrieval", "needle")  # pcomp_jax.tasks
 
 
+MIN_TASK_LENGTH = 64  # tokens: below it a task's own template is longer than the length asked for
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """The built-in input when no context file is given: a synthetic task (``pcomp_jax.tasks``).
@@ -219,7 +222,8 @@ class TaskConfig:
     def __post_init__(self):
         check_field_types(self, "task.")
         _check_choice("task.kind", self.kind, TASK_KINDS)
-        _check_min("task.length", self.length, 64)
+        _check_min("task.length", self.length, MIN_TASK_LENGTH)
+        _check_min("task.seed", self.seed, 0)
         if not 0.0 <= self.depth <= 1.0:
             raise ConfigError(f"task.depth must be between 0 and 1, got {self.depth}")
 

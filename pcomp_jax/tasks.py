@@ -80,7 +80,9 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _check(length: int, depth: float) -> None:
+def _check(length: int, depth: float, seed: int = 0) -> None:
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise PcompError(f"seed must be a whole number >= 0, got {seed!r}")
     if not isinstance(length, int) or length < 1:
         raise PcompError(f"length must be a positive number of tokens, got {length!r}")
     if not 0.0 <= depth <= 1.0:
@@ -137,7 +139,7 @@ def hidden_in_filler(tokenizer, intro: str, needle: str, length: int, depth: flo
 
 def passkey_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
     """InfiniteBench passkey: a 5-digit key in ``length`` tokens of filler, at ``depth``."""
-    _check(length, depth)
+    _check(length, depth, seed)
     key = str(np.random.default_rng(seed).integers(10000, 100000))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     context = hidden_in_filler(tokenizer, PASSKEY_INTRO, needle, length, depth)
@@ -146,7 +148,7 @@ def passkey_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
 
 def number_string_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
     """InfiniteBench number_string: a 10-digit number in ``length`` tokens of filler, at ``depth``."""
-    _check(length, depth)
+    _check(length, depth, seed)
     rng = np.random.default_rng(seed)
     number = str(rng.integers(1, 10)) + "".join(str(d) for d in rng.integers(0, 10, size=9))
     needle = f"The sequence of digits is {number}. Remember it. {number} is the sequence of digits. "
@@ -157,7 +159,7 @@ def number_string_task(tokenizer, length: int, depth: float, seed: int = 0) -> T
 def kv_retrieval_task(tokenizer, length: int, depth: float, seed: int = 0) -> Task:
     """InfiniteBench kv_retrieval: a JSON object of random UUID pairs; the question asks for
     the value of the key at ``depth`` of the object. Length: whole pairs (see the module)."""
-    _check(length, depth)
+    _check(length, depth, seed)
     rng = np.random.default_rng(seed)
     new_uuid = lambda: str(uuid.UUID(bytes=rng.bytes(16), version=4))
     as_text = lambda pairs: KV_INTRO + json.dumps(dict(pairs))  # one line, as InfiniteBench writes it
@@ -220,7 +222,7 @@ def needle_task(text: str, tokenizer, length: int, depth: float, seed: int = 0) 
     span, the span's start and end included, so it always follows and precedes whole
     sentences; the question asks for the planted word.
     """
-    _check(length, depth)
+    _check(length, depth, seed)
     rng = np.random.default_rng(seed)
     fact, question = NEEDLE_FACTS[rng.integers(len(NEEDLE_FACTS))]
     word = NEEDLE_WORDS[rng.integers(len(NEEDLE_WORDS))]

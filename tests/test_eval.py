@@ -464,3 +464,24 @@ def test_a_users_file_is_never_replaced_and_other_sweeps_keep_their_summaries(mo
     (out / MANIFEST).unlink()  # a directory from before the manifest: its method folders make the summary the runner's
     evaluate(small, model, progress=False)
     assert ["pc"] in json.loads((out / MANIFEST).read_text())["summaries"].values()
+
+
+def test_setup_errors_stop_the_run_before_any_item(model, tmp_path):
+    from pcomp_jax.io import read_text
+    from pcomp_jax.tasks import count_tokens
+
+    text = tmp_path / "short.txt"
+    text.write_text(". ".join(make_text(12, seed=s) for s in range(20)) + ".")
+    available = count_tokens(model.tokenizer, read_text(str(text), "t"))
+    config = EvalConfig(output_dir=str(tmp_path / "out"), pipeline=ParallelCompConfig(chunk_len=48),
+                        methods=(MethodSpec.of("pc", method="parallelcomp"),), tasks=("needle",),
+                        lengths=(150, available + 1), depths=(0.5,), text_file=str(text), max_new_tokens=4)
+    with pytest.raises(ConfigError, match=rf"needle lengths \[{available + 1}\] exceed the {available} tokens"):
+        evaluate(config, model, progress=False)
+    assert not os.path.exists(tmp_path / "out" / "pc" / "predictions.jsonl")  # nothing scored
+    for bad, message in [(dict(seeds=(-1,)), "seeds must be whole numbers >= 0"),
+                         (dict(lengths=(10,)), "lengths must be at least 64 tokens")]:
+        with pytest.raises(ConfigError, match=message):
+            dataclasses.replace(config, **bad)
+    with pytest.raises(ConfigError, match="task.seed must be >= 0"):
+        load_config("configs/demo.yaml", ["task.seed=-1"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..cli import DEFAULT_COMPILATION_CACHE
-from ..config import ConfigError, ParallelCompConfig, check_field_types
+from ..config import MIN_TASK_LENGTH, ConfigError, ParallelCompConfig, check_field_types
 from ..distributed import DistributedConfig
 from ..tasks import SYNTHETIC_TASKS
 from .methods import DEFAULT_METHODS, MethodSpec
@@ -78,8 +78,11 @@ class EvalConfig:
         for task in self.tasks:
             if task not in SYNTHETIC_TASKS:
                 raise ConfigError(f"unknown task {task!r} in tasks; choose from: {', '.join(SYNTHETIC_TASKS)}")
-        if any(n < 1 for n in self.lengths):
-            raise ConfigError(f"lengths must be positive token counts, got {list(self.lengths)}")
+        if any(n < MIN_TASK_LENGTH for n in self.lengths):
+            raise ConfigError(f"lengths must be at least {MIN_TASK_LENGTH} tokens (a task's own template is longer "
+                              f"below that), got {list(self.lengths)}")
+        if any(s < 0 for s in self.seeds):
+            raise ConfigError(f"seeds must be whole numbers >= 0, got {list(self.seeds)}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ConfigError(f"depths must lie in [0, 1], got {list(self.depths)}")
         names = [m.name for m in self.methods]

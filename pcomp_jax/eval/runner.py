@@ -388,6 +388,21 @@ def write_results(config: EvalConfig, items: list[Item], done: dict[str, dict], 
     return metrics
 
 
+def check_needle_text_fits(model, config: EvalConfig) -> None:
+    """Refuses (``ConfigError``) before any item runs when a needle length asks for more
+    tokens than the needle text has: a setup error, never a score."""
+    if "needle" not in config.tasks or model.tokenizer is None:
+        return
+    from ..tasks import count_tokens
+
+    available = count_tokens(model.tokenizer, read_text(config.text_file, "the needle task's"))
+    too_long = [n for n in config.lengths if n > available]
+    if too_long:
+        text = config.text_file or "the bundled text"
+        raise ConfigError(f"needle lengths {too_long} exceed the {available} tokens of {text}; use lengths up to "
+                          f"{available}, or a longer text_file")
+
+
 def check_own_outputs(config: EvalConfig) -> None:
     """Refuses (``ConfigError``) before anything runs when the sweep's summary would replace a
     file in ``output_dir`` that the runner did not write."""
@@ -442,6 +457,7 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
                           "tokens next to a question; use fewer")
     for spec in config.methods:
         check_method_fits(model, spec.pipeline(config.pipeline), spec.name)
+    check_needle_text_fits(model, config)
     done, outdated = {}, 0
     for spec in config.methods:
         done[spec.name], stale = (current_records(os.path.join(config.output_dir, spec.name, "predictions.jsonl"))
