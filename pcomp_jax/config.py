@@ -354,15 +354,21 @@ def load_config(path: str | None = None, overrides: list[str] = (), cls=RunConfi
     data: dict = {}
     if path is not None:
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
         except OSError as err:
             raise ConfigError(f"cannot read config file {path!r}: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {err.start}: "
+                              f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8") from None
         except yaml.YAMLError as err:
             where = getattr(err, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"config file {path!r} is not valid YAML{at}: {problem}") from None
+        if data is None:
+            raise ConfigError(f"config file {path!r} is empty; give its fields, or leave --config out to run the "
+                              "defaults")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must be a mapping of fields (e.g. 'model: ...'), "
                               f"got a {type(data).__name__}")

@@ -48,10 +48,20 @@ def read_context_file(path: str, record: int, question: str | None) -> Task:
             raise PcompError(f"{path!r} record {record} is not valid JSON: {err}") from err
         if not isinstance(item, dict) or not isinstance(item.get("context"), str):
             raise PcompError(f"{path!r} record {record} needs a string field 'context' (and 'question')")
+        for field in ("question", "input"):
+            if item.get(field) is not None and not isinstance(item[field], str):
+                raise PcompError(f"{path!r} record {record}: {field!r} must be a string, got "
+                                 f"{type(item[field]).__name__}")
         question = question or item.get("question") or item.get("input")
         expected = item.get("answer", "")
+        if not (isinstance(expected, (str, int, float)) or (
+                isinstance(expected, list) and all(isinstance(a, (str, int, float)) for a in expected))):
+            raise PcompError(f"{path!r} record {record}: 'answer' must be a string, a number or a list of them, got "
+                             f"{type(expected).__name__}")
         text = item["context"]
     else:
+        if record != 0:
+            raise PcompError(f"--record {record} applies to .jsonl files; {path!r} is one plain-text context")
         expected = ""
     if not question:
         raise PcompError("no question: pass --question (or a 'question' field in the JSONL record)")

@@ -4,6 +4,7 @@ model that does not exist to show that it never loaded); Ctrl-C stops a run with
 the compilation cache; the shipped configs need no file outside the repository."""
 
 import logging
+import json
 import os
 import signal
 import subprocess
@@ -288,3 +289,45 @@ def test_chunk_group_bar_advances_when_the_group_is_done(hf_checkpoints, monkeyp
     result = pcomp_jax.answer(model, "the cat sat on the mat. " * 60, "where?", config, 2, progress=True)
     assert result.num_chunks >= 4 and len(steps) == len(states) == result.num_chunks  # group_size 1: a chunk each
     assert all(steps)
+
+
+def test_config_files_that_are_not_utf8_or_empty(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(open(os.path.join(REPO, "configs", "demo.yaml"), "rb").read() + b"# caf\xe9\n")
+    assert main(["--config", str(config), *NO_MODEL]) == 2
+    one_error_line(capsys, "is not UTF-8 text", "save it as UTF-8")
+    assert eval_main(["--config", str(config)]) == 2
+    one_error_line(capsys, "is not UTF-8 text")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
+    assert main(["--config", str(empty), *NO_MODEL]) == 2
+    one_error_line(capsys, "is empty", "leave --config out to run the defaults")
+    assert eval_main(["--config", str(empty)]) == 2
+    one_error_line(capsys, "is empty")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"context": "The cat sat.", "question": 42}, "'question' must be a string, got int"),
+    ({"context": "The cat sat.", "question": "who?", "answer": {"a": 1}}, "'answer' must be a string, a number"),
+])
+def test_jsonl_fields_of_the_wrong_type(capsys, tmp_path, record, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    assert main(["--context-file", str(path), *NO_MODEL]) == 2
+    one_error_line(capsys, message)
+
+
+def test_record_applies_to_jsonl_only(capsys, tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("The cat sat on the mat.")
+    assert main(["--context-file", str(path), "--question", "who?", "--record", "3", *NO_MODEL]) == 2
+    one_error_line(capsys, "--record 3 applies to .jsonl files")
+
+
+def test_a_prediction_line_that_is_not_utf8_runs_again(tmp_path, capsys):
+    from pcomp_jax.eval.runner import read_predictions
+
+    path = tmp_path / "predictions.jsonl"
+    path.write_bytes(json.dumps({"id": "a", "prediction": "x"}).encode() + b"\n{\"id\": \"b\xff\"}\n")
+    assert list(read_predictions(str(path))) == ["a"]
+    assert "is not a complete prediction record" in capsys.readouterr().err

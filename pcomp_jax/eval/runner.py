@@ -256,14 +256,14 @@ def read_predictions(path: str, repair: bool = True) -> dict[str, dict]:
                 f.truncate(data.rfind(b"\n") + 1)
                 print(f"warning: {path} ended in a record cut short (an interrupted run?); that item runs again",
                       file=sys.stderr)
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
     for number, line in enumerate(lines[:-1], 1):  # the text after the last newline is not a finished record
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):  # a damaged line (not UTF-8, not JSON) runs again
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("id"), str):
             print(f"warning: {path}:{number} is not a complete prediction record (an interrupted or foreign "
