@@ -170,6 +170,8 @@ def run(args) -> dict | list[dict]:
             print(estimate.table())
         estimate.check(config.pipeline)  # refused (exit 2) when it cannot fit
         return {"dry_run": True, "peak_bytes": estimate.peak, "checked_bytes": estimate.checked,
+                "weights_bytes": estimate.weights, "selection_bytes": estimate.selection,
+                "phase_bytes": estimate.phase_totals, "device_limit_bytes": estimate.device_limit,
                 "timings_s": {"load": load_s}}
     if several:
         t = time.perf_counter()
@@ -218,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, one in enumerate(result):
             print(f"question {i + 1}: {one['question']}")
             print_record(one)
-    elif result.get("dry_run"):
-        return 0
+    elif result.get("dry_run"):  # the estimate's table is printed already; --output-json gets it as JSON
+        pass
     else:
         print_record(result)
     if args.output_json:

@@ -2,6 +2,7 @@
 buffers alive at once added up per phase, and the check with its safety margin."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +185,10 @@ def test_cli_dry_run_prints_the_estimate_and_runs_nothing(model, hf_checkpoints,
     assert rc == 0 and "estimated peak: weights + selection + largest phase" in out
     assert "phase: chunk group prefill (alive at once)" in out and "safety margin: 10% + 64 MiB" in out
     assert "checked against the device: estimated peak + margin" in out
+    assert generate.main([*argv, "--output-json", str(tmp_path / "estimate.json")]) == 0  # written, not dropped
+    written = json.loads((tmp_path / "estimate.json").read_text())
+    assert written["dry_run"] and written["checked_bytes"] > written["peak_bytes"] > written["weights_bytes"] > 0
+    assert "chunk group prefill" in written["phase_bytes"]
     monkeypatch.setattr(memory, "device_memory_limit", lambda device, resident=0: 64 * MIB)  # below the margin
     assert generate.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
