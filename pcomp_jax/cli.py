@@ -62,6 +62,20 @@ def cache_overrides(args) -> list[str]:
     return []
 
 
+def cache_problem(directory: str) -> str | None:
+    """Why JAX could not keep compiled programs in ``directory`` (it cannot be created, or
+    a file cannot be written in it), in words; None when it can."""
+    import tempfile
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".pcomp_write_probe"):
+            pass
+    except OSError as err:
+        return f"cannot be written ({err.strerror or err})"
+    return None
+
+
 def use_compilation_cache(directory: str | None) -> None:
     """Turns on JAX's persistent compilation cache in ``directory`` (None: leaves it off).
     Call before anything is compiled. Every compiled program is kept (no minimum compile
@@ -73,11 +87,14 @@ def use_compilation_cache(directory: str | None) -> None:
     from .errors import ConfigError
 
     directory = os.path.expanduser(directory)
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"compilation_cache {directory!r} cannot be created ({err.strerror}); give a writable "
-                          "directory, or --no-compilation-cache") from None
+    problem = cache_problem(directory)
+    if problem is not None:
+        if directory == os.path.expanduser(DEFAULT_COMPILATION_CACHE):  # not the user's choice: run without it
+            print(f"warning: the compilation cache {directory!r} {problem}; running without it (every program "
+                  "compiles anew)", file=sys.stderr)
+            return
+        raise ConfigError(f"compilation_cache {directory!r} {problem}; give a writable directory, or "
+                          "--no-compilation-cache") from None
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

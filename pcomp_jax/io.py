@@ -38,6 +38,8 @@ def read_context_file(path: str, record: int, question: str | None) -> Task:
     except (OSError, UnicodeDecodeError) as err:
         raise PcompError(f"cannot read context file {path!r}: {_reason(err)}; give a plain-text UTF-8 file "
                          "or a .jsonl file") from None
+    if not text.strip():
+        raise PcompError(f"context file {path!r} is empty; give a file with the text to read")
     if path.endswith(".jsonl"):
         lines = [line for line in text.splitlines() if line.strip()]
         if not 0 <= record < len(lines):

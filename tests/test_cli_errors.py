@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pcomp_jax import cli
-from pcomp_jax.config import RunConfig, load_config
+from pcomp_jax.config import ConfigError, RunConfig, load_config
 from pcomp_jax.eval import EvalConfig
 from pcomp_jax.eval import main as eval_main
 from pcomp_jax.generate import main
@@ -331,3 +331,26 @@ def test_a_prediction_line_that_is_not_utf8_runs_again(tmp_path, capsys):
     path.write_bytes(json.dumps({"id": "a", "prediction": "x"}).encode() + b"\n{\"id\": \"b\xff\"}\n")
     assert list(read_predictions(str(path))) == ["a"]
     assert "is not a complete prediction record" in capsys.readouterr().err
+
+
+def test_an_empty_context_file_is_refused_before_the_model_loads(capsys, tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("  \n")
+    assert main(["--context-file", str(path), "--question", "who?", *NO_MODEL]) == 2
+    one_error_line(capsys, "is empty")
+
+
+def test_an_unwritable_compilation_cache(tmp_path, monkeypatch, capsys):
+    import jax
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    unwritable = str(blocker / "cache")
+    before = jax.config.jax_compilation_cache_dir
+    with pytest.raises(ConfigError, match="cannot be written"):  # chosen by the user: an error
+        cli.use_compilation_cache(unwritable)
+    monkeypatch.setattr(cli, "DEFAULT_COMPILATION_CACHE", unwritable)  # the default: one warning, run without it
+    cli.use_compilation_cache(unwritable)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the compilation cache") and "running without it" in err[0]
+    assert jax.config.jax_compilation_cache_dir == before
