@@ -432,6 +432,7 @@ def test_runner_reads_a_shared_context_once(model, tmp_path):
     assert runner.readings == 1 and runner.document_answers == 2  # b, asked once, is answered as before
 
 
+@pytest.mark.slow
 def test_a_users_file_is_never_replaced_and_other_sweeps_keep_their_summaries(model, tmp_path):
     from pcomp_jax.eval.outputs import MANIFEST
 
