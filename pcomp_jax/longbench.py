@@ -335,7 +335,8 @@ def load_longbench(
     and ``id`` (the ``_id`` field) to the line number (1-based, as a string).
 
     Raises ValueError, naming the file and the line, for invalid JSON, a missing or ill-typed field,
-    or a dataset without a template (listing the supported ones); and for a file with no examples.
+    an ``_id`` that repeats within its dataset, or a dataset without a template (listing the
+    supported ones); and for a file with no examples.
     """
     if dataset is not None:
         dataset = _check_dataset(dataset, f"load_longbench({os.fspath(path)!r})")
@@ -343,6 +344,7 @@ def load_longbench(
         raise LongBenchFormatError(f"limit must be a positive integer or None, got {limit!r}")
     examples: list[LongBenchExample] = []
     seen: set[str] = set()
+    first_line: dict[tuple[str, str], int] = {}  # (dataset, id) -> the line it was first seen on
     nonblank = 0
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -358,6 +360,11 @@ def load_longbench(
                 seen.add(record["dataset"])
             example = _parse_record(record, where, line_no, dataset)
             if example is not None:
+                key = (example.dataset, example.id)
+                if key in first_line:
+                    raise LongBenchFormatError(f"{where}: '_id' {example.id!r} of dataset {example.dataset} repeats "
+                                               f"line {first_line[key]}; every example needs its own id")
+                first_line[key] = line_no
                 examples.append(example)
                 if limit is not None and len(examples) >= limit:
                     break

@@ -486,3 +486,15 @@ def test_setup_errors_stop_the_run_before_any_item(model, tmp_path):
             dataclasses.replace(config, **bad)
     with pytest.raises(ConfigError, match="task.seed must be >= 0"):
         load_config("configs/demo.yaml", ["task.seed=-1"])
+
+
+def test_perplexity_windows_beyond_the_text_stop_the_run(model, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text(". ".join(make_text(12, seed=s) for s in range(10)) + ".")
+    config = EvalConfig(output_dir=str(tmp_path / "out"), pipeline=ParallelCompConfig(chunk_len=48),
+                        methods=(MethodSpec.of("full", method="full"),), tasks=(),
+                        perplexity=dataclasses.replace(EvalConfig().perplexity, prefix_lengths=(100, 5000),
+                                                       continuation=8, samples=1, text_file=str(text)))
+    with pytest.raises(ConfigError, match=r"perplexity: the text has \d+ tokens; prefix 5000 \+ continuation 8"):
+        evaluate(config, model, progress=False)
+    assert not os.path.exists(tmp_path / "out" / "full" / "predictions.jsonl")

@@ -284,3 +284,14 @@ def test_defaults_for_id_and_length(tmp_path):
     [example] = load_longbench(path)
     assert example.id == "2"  # the line number, blank line 1 included
     assert example.length == 6  # words of "Passage 1:\nParis is in France.": Passage, 1:, Paris, is, in, France.
+
+
+def test_a_repeated_id_is_refused_naming_both_lines(tmp_path):
+    line = {"input": "q", "context": "c", "answers": ["a"], "dataset": "hotpotqa", "_id": "x1"}
+    path = tmp_path / "dup.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (line, {**line, "_id": "x2"}, line)) + "\n")
+    with pytest.raises(ValueError, match=r"line 3: '_id' 'x1' of dataset hotpotqa repeats line 1"):
+        load_longbench(path)
+    other = {**line, "dataset": "passage_count", "answers": ["3"]}
+    path.write_text("\n".join(json.dumps(r) for r in (line, other)) + "\n")  # the same id in another dataset: fine
+    assert [e.dataset for e in load_longbench(path)] == ["hotpotqa", "passage_count"]

@@ -470,6 +470,11 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
     finished = main_decides(np.array([item.id in done[spec.name] for spec, item in wanted], bool))
     pending = [pair for pair, was_done in zip(wanted, finished) if not was_done]
     runner = Runner(model, config)
+    if config.perplexity.prefix_lengths:  # a text too short for the windows: a setup error, before any item
+        try:
+            runner.ppl_window(min(config.perplexity.prefix_lengths), 0)
+        except PcompError as err:
+            raise ConfigError(f"perplexity: {err}; use shorter prefix_lengths or a longer text_file") from None
     pending = runner.share_readings(pending, config)  # a context read once for the methods and items sharing it
     skipped = len(wanted) - len(pending)
     if skipped and is_main():
