@@ -9,6 +9,11 @@ The pipeline's pure functions, for composing your own, live in ``pcomp_jax.chunk
 on the merged cache, greedy decoding) and ``pcomp_jax.sharding`` (mesh, logical axes).
 """
 
+from . import _startup
+
+if _startup.started_as_command():  # `python -m pcomp_jax.<command>`: Ctrl-C while importing is one line
+    _startup.quiet_interrupts_while_importing()
+
 from . import chunking, compress, decode, methods, prefill, sharding
 from .calibrate import CalibrationRule
 from .checkpoints import DEFAULT_MODEL, Model, load_model, save_model
@@ -51,3 +56,5 @@ __all__ = [
     "generate_full",
     "load_model",
 ]
+
+_startup.restore_interrupts()

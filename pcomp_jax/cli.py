@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+from ._startup import INTERRUPTED_EXIT  # noqa: E402  (130 = 128 + SIGINT, as a shell reports a Ctrl-C)
 
 
 
