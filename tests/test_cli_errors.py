@@ -370,3 +370,39 @@ def test_ctrl_c_while_the_package_imports_is_one_line(tmp_path, after_s):
         pytest.skip("the command had finished before the signal")
     assert rc == 130, stderr[-2000:]
     assert "Traceback" not in stderr and stderr.strip() == "interrupted", stderr[-2000:]
+
+
+BAD_INPUTS = {  # name -> (command module, arguments, files to write {name: bytes}, words of the one error line)
+    "config not UTF-8": ("generate", ["--config", "{c.yaml}"], {"c.yaml": b"model: x\n# caf\xe9\n"}, "not UTF-8"),
+    "empty config": ("eval", ["--config", "{e.yaml}"], {"e.yaml": b""}, "is empty"),
+    "negative task seed": ("generate", ["--set", "task.seed=-1"], {}, "task.seed must be >= 0"),
+    "negative eval seed": ("eval", ["--set", "seeds=[-1]"], {}, "seeds must be whole numbers >= 0"),
+    "eval length under the minimum": ("eval", ["--set", "lengths=[10]"], {}, "at least 64 tokens"),
+    "output is the config": ("generate", ["--config", "{c.yaml}", "--output-json", "{c.yaml}", "--question", "q",
+                                          "--context-file", "{b.txt}"],
+                             {"c.yaml": b"max_new_tokens: 4\n", "b.txt": b"The cat sat."}, "is the run's --config"),
+    "record on a text file": ("generate", ["--context-file", "{b.txt}", "--question", "q", "--record", "2"],
+                              {"b.txt": b"The cat sat."}, "applies to .jsonl files"),
+    "question that is a number": ("generate", ["--context-file", "{r.jsonl}"],
+                                  {"r.jsonl": b'{"context": "The cat sat.", "question": 7}\n'}, "must be a string"),
+    "empty context file": ("generate", ["--context-file", "{b.txt}", "--question", "q"], {"b.txt": b"\n"}, "is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_through_the_command_line_is_one_line(case, tmp_path):
+    """Each case as a user meets it: its own process, exit 2, one 'error:' line, no traceback,
+    and the model never loads (it does not exist)."""
+    command, args, files, words = BAD_INPUTS[case]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    args = [str(tmp_path / a[1:-1]) if a.startswith("{") else a for a in args]
+    extra = ["--model", "/nonexistent/model"] if command == "generate" else ["--output-dir", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", f"pcomp_jax.{command}", *args, *extra], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    assert words in lines[0] and "Traceback" not in done.stderr
+    for name, data in files.items():
+        assert (tmp_path / name).read_bytes() == data  # inputs untouched
