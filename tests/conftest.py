@@ -38,13 +38,6 @@ def hf_checkpoints(tmp_path_factory):
     return get
 
 
-# Four CPU devices share two cores: under load one device's thread can reach a collective
-# (an all-reduce of the sharded pipeline) more than 40 s after the others, and XLA's CPU
-# runtime then aborts the process ("Termination timeout for all reduce"; seen with
-# --xla_cpu_max_isa=AVX2 beside another job). Give the rendezvous 10 minutes instead.
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_cpu_collective_timeout_seconds=600",
-                                    "--xla_cpu_collective_call_terminate_timeout_seconds=600"]).strip()
-
 # Four CPU devices, so that sharding tests can compare 1 and 4 devices on this machine.
 import jax  # noqa: E402
 
