@@ -210,6 +210,11 @@ def take_rows(groups: list, picks: np.ndarray):
     rows = [jax.tree.map(lambda x, axis: x[(slice(None),) * axis + (slice(r % per, r % per + 1),)],
                          groups[r // per], axes) for r in picks]
     xp = np if isinstance(jax.tree.leaves(groups[0])[0], np.ndarray) else jnp
+    if xp is jnp:
+        # Wait for the programs that made the rows (sharded, with collectives) before the eager
+        # concatenate dispatches its own: on the CPU two programs with collectives in flight at
+        # once can deadlock (each device's thread joins another program's all-reduce first).
+        jax.block_until_ready(rows)
     return jax.tree.map(lambda axis, *xs: xp.concatenate(xs, axis=axis), axes, *rows)
 
 
