@@ -139,7 +139,7 @@ class ChunkScorer:
 
 @dataclasses.dataclass(frozen=True)
 class QueryNLL(ChunkScorer):
-    """ALGORITHM.md stage 1: the mean NLL of the scored question tokens (``question_nll``)."""
+    """docs/algorithm.md stage 1: the mean NLL of the scored question tokens (``question_nll``)."""
 
     def __call__(self, logits, targets, mask):
         return question_nll(logits, targets, mask)
@@ -170,7 +170,7 @@ class TokenScorer:
 
 @dataclasses.dataclass(frozen=True)
 class SnapKV(TokenScorer):
-    """ALGORITHM.md stage 1b: attention of the last ``obs_window`` queries, max-pooled
+    """docs/algorithm.md stage 1b: attention of the last ``obs_window`` queries, max-pooled
     (``snapkv_token_scores``). The config's ``obs_window`` and ``pool_kernel`` set it."""
 
     obs_window: int = 8

@@ -37,7 +37,7 @@ def _check_min(name, value, minimum):
 
 @dataclasses.dataclass(frozen=True)
 class ParallelCompConfig:
-    """How a long input is answered (see ALGORITHM.md for the stages).
+    """How a long input is answered (see docs/algorithm.md for the stages).
 
     method: the name of a registered ``methods.Method``: ``parallelcomp`` (chunks, top-k
       chunk selection, optional KV eviction), ``pcw`` (every chunk kept, no eviction),
@@ -185,7 +185,7 @@ class ParallelCompConfig:
         return self.top_k_chunks * (self.capacity if self.capacity is not None else self.chunk_len)
 
 
-# The authors' quick-start settings (ALGORITHM.md, "Reference defaults"), for the large
+# The authors' quick-start settings (docs/algorithm.md, "Reference defaults"), for the large
 # models they were chosen for: chunks at token counts, the parallel layout, k = 3, no
 # eviction (their eviction setting is capacity 512 on top), chunk length per model family.
 # The library's own defaults were chosen for the default model by the retrieval sweep.

@@ -176,7 +176,7 @@ def greedy_decode(
 
 @dataclasses.dataclass(frozen=True)
 class StageEviction:
-    """ALGORITHM.md stage 2's optional second SnapKV pass: in every layer, the merged cache's
+    """docs/algorithm.md stage 2's optional second SnapKV pass: in every layer, the merged cache's
     chunk entries are cut to ``budget`` per KV head by the attention of the last
     ``obs_window`` question tokens (summed over them and the KV head's query heads,
     max-pooled over neighbouring entries with ``pool_kernel``); P and the question stay.
@@ -210,7 +210,7 @@ class StageEviction:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeEviction:
-    """ALGORITHM.md stage 3's optional dynamic eviction (the reference's ``kv_cache_dynamic``):
+    """docs/algorithm.md stage 3's optional dynamic eviction (the reference's ``kv_cache_dynamic``):
     every layer and KV head holds its cache at the size the question prefill left it.
 
     The cache keeps the attention probabilities of its last ``obs_window`` queries (the

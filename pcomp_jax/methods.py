@@ -179,7 +179,7 @@ def get_method(name: str) -> Method:
 
 
 for _method in (
-    # ALGORITHM.md: chunks, the top_k_chunks best by query NLL, SnapKV eviction to `capacity`.
+    # docs/algorithm.md: chunks, the top_k_chunks best by query NLL, SnapKV eviction to `capacity`.
     Method("parallelcomp"),
     # Parallel context windows: every chunk merged, nothing evicted.
     Method("pcw", top_k=False, token_scorer=None),

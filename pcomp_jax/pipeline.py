@@ -1,7 +1,7 @@
 """One call from (context, question) to an answer: ``answer(model, context, question, config)``.
 
 The config's ``method`` names a ``methods.Method``; its fields decide every step. For a
-chunked method this runs the stages of ALGORITHM.md in order: fit the input to the window,
+chunked method this runs the stages of docs/algorithm.md in order: fit the input to the window,
 chunk (``chunking.build_rows``), prefill + score + evict per group of chunk rows with the
 chunk axis sharded over the devices and a running top-k (``prefill.select_chunks``), merge
 and question prefill on the merged cache and greedy decoding (``decode.decode_selection``).

@@ -6,7 +6,7 @@
 
 Passkey inputs of 3000 and 9000 tokens through every built-in method, eviction and both
 calibration stages (token ids, chunk scores as float hex, selections), and the perplexity
-NLLs of six methods. Session 4 used it to show the methods refactor changed no output.
+NLLs of six methods: two recordings made before and after a change show whether any output moved.
 """
 import json, sys, dataclasses
 import numpy as np

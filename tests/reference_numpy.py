@@ -310,7 +310,7 @@ def attention_probs(q, k_all, n_past, group, keep=None):
 
 
 def decode_evict_one(window, keep, obs_window, pool_kernel):
-    """One decode-time eviction in one layer (ALGORITHM.md stage 3, dynamic eviction).
+    """One decode-time eviction in one layer (docs/algorithm.md stage 3, dynamic eviction).
 
     window: [KVH, w', M] attention rows of the last queries (summed over query heads);
     keep: bool [KVH, M], the entries held. For each KV head: the held entries but the last
@@ -532,20 +532,20 @@ def reference_parallelcomp(
 ):
     """The whole ParallelComp pipeline (stages 1, 1b, 1c, 2, 3).
 
-    merge_layout: "parallel" (ALGORITHM.md: every kept chunk's entries at its own row
+    merge_layout: "parallel" (docs/algorithm.md: every kept chunk's entries at its own row
     positions, the question after the longest kept row) or "sequential" (the kept chunks one
     after another in document order: a kept token at row position r of chunk c has its key
     computed from the layer's pre-RoPE key at r + the lengths of the kept chunks before c;
     the question after P and every kept chunk).
 
     decode_eviction: hold every layer's cache at its size after the question prefill while
-    decoding (ALGORITHM.md stage 3, the reference's ``kv_cache_dynamic``): each layer keeps
+    decoding (docs/algorithm.md stage 3, the reference's ``kv_cache_dynamic``): each layer keeps
     the attention rows of its last ``obs_window`` queries (the question's last tokens, then
     each fed token), and after each fed token ``decode_evict_one`` drops one entry per KV
     head. Reported as "decode_evicted": a list over fed tokens of a list over layers of the
     evicted cache index per KV head (indices into prefix + kept chunks + question + fed tokens).
 
-    stage_budget: None (off), or the stage eviction budget (ALGORITHM.md stage 2): in the
+    stage_budget: None (off), or the stage eviction budget (docs/algorithm.md stage 2): in the
     question prefill every layer keeps that many chunk entries per KV head of the merged
     cache (``stage_eviction_kept``, observation window and pool kernel as in stage 1b);
     the rest leave that layer's cache for the question and decoding. Reported as

@@ -1,4 +1,4 @@
-"""The JAX pipeline against an independent plain-NumPy reading of ALGORITHM.md
+"""The JAX pipeline against an independent plain-NumPy reading of docs/algorithm.md
 (tests/reference_numpy.py, float64) on tiny random models."""
 
 import dataclasses

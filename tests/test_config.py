@@ -43,7 +43,7 @@ def test_bad_values_are_named(override, message):
 
 
 def test_paper_presets_are_the_reference_defaults(tmp_path):
-    """ALGORITHM.md's reference defaults: k = 3 by query NLL, calibration and eviction off in
+    """docs/algorithm.md's reference defaults: k = 3 by query NLL, calibration and eviction off in
     the quick start (eviction: capacity 512, w = 8, kernel 7), chunk length per model family."""
     for name, chunk_len in {"paper_llama2": 3600, "paper_llama3": 7600, "paper_llama3_1": 6000,
                             "paper_qwen2": 6000}.items():

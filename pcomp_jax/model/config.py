@@ -45,7 +45,7 @@ class RopeConfig:
 class ModelConfig:
     """Architecture of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2).
 
-    window: the trained context length (``max_position_embeddings``), W in ALGORITHM.md.
+    window: the trained context length (``max_position_embeddings``), W in docs/algorithm.md.
     qkv_bias: whether q/k/v projections carry biases (Qwen2).
     tie_embeddings: whether the output projection reuses the input embedding.
     """
