@@ -2,11 +2,14 @@
 
 Public API (a contract): ``load_model``, ``forward``, ``generate_full``, ``answer``,
 ``read_document`` (a context read once, ``Document.ask`` per question), ``answer_batch``,
-``ParallelCompConfig``, and ``Method`` / ``register_method`` for methods of your own.
-The pipeline's pure functions, for composing your own, live in ``pcomp_jax.chunking``
-(rows), ``pcomp_jax.prefill`` (sharded chunk prefill, running top-k, merge),
-``pcomp_jax.compress`` (chunk and token scorers), ``pcomp_jax.decode`` (question prefill
-on the merged cache, greedy decoding) and ``pcomp_jax.sharding`` (mesh, logical axes).
+``ParallelCompConfig``, ``plan`` (a config resolved for a model), and ``Method`` /
+``register_method`` for methods of your own. The pipeline's pure functions, for composing
+your own, live in ``pcomp_jax.chunking`` (rows), ``pcomp_jax.prefill`` (sharded chunk
+prefill, running top-k), ``pcomp_jax.compress`` (chunk and token scorers),
+``pcomp_jax.merge`` (stage 2: the merged cache and the question on it),
+``pcomp_jax.decode`` (greedy decoding, the evictions after the merge) and
+``pcomp_jax.sharding`` (mesh, logical axes); ``pcomp_jax.pipeline`` runs them as
+``run_stage1`` and ``run_stage2``.
 """
 
 from . import _startup
@@ -14,7 +17,7 @@ from . import _startup
 if _startup.started_as_command():  # `python -m pcomp_jax.<command>`: Ctrl-C while importing is one line
     _startup.quiet_interrupts_while_importing()
 
-from . import chunking, compress, decode, methods, prefill, sharding
+from . import chunking, compress, decode, merge, methods, pipeline, plans, prefill, sharding
 from .calibrate import CalibrationRule
 from .checkpoints import DEFAULT_MODEL, Model, load_model, save_model
 from .decode import Generation, forward, generate_full
@@ -23,6 +26,7 @@ from .config import ConfigError, ParallelCompConfig, load_config
 from .methods import Method, register_method
 from .model.config import ModelConfig, RopeConfig
 from .pipeline import Answer, answer
+from .plans import Plan, plan
 from .document import Document, answer_batch, read_document
 
 __all__ = [
@@ -38,6 +42,11 @@ __all__ = [
     "chunking",
     "compress",
     "decode",
+    "merge",
+    "pipeline",
+    "plan",
+    "plans",
+    "Plan",
     "load_config",
     "methods",
     "prefill",

@@ -151,8 +151,14 @@ class TokenScorer:
     ``__call__(q [B, T, H, D], k [B, T, KVH, D], row_lengths [B], content [B, T] bool)
     -> [B, KVH, T]`` float32, ``-inf`` outside ``content`` (only the chunk's own tokens may
     be kept; P and Q never are). q and k are one layer's rotated queries and keys.
-    ``for_config(config)`` returns the scorer with the knobs a ``ParallelCompConfig``
-    sets (default: itself). Subclasses are frozen dataclasses (static arguments of ``jax.jit``).
+    The same scorer ranks what the optional evictions after the merge drop:
+    ``merged_scores`` (stage eviction, the merged cache with the question's queries) and
+    ``held_scores`` (decode eviction, the cache while decoding); both default to
+    ``__call__`` on the cache read as one row.
+    ``for_config(config)`` returns the scorer that acts under a ``ParallelCompConfig``:
+    itself, so a scorer's own fields win over the config's (``ConfigSnapKV`` is the one
+    built from the config's knobs). Subclasses are frozen dataclasses (static arguments of
+    ``jax.jit``).
     """
 
     def for_config(self, config) -> "TokenScorer":
@@ -164,6 +170,42 @@ class TokenScorer:
         score tokens only with a scorer that reads no further back than the question."""
         return None
 
+    def decode_window(self) -> int:
+        """How many of the newest queries' attention rows the cache keeps while decoding
+        (``KVCache.attention_window``) for ``held_scores``; 0: none (the default)."""
+        return 0
+
+    def merged_scores(self, q, keys, valid, query_slots, query_len, candidates) -> jax.Array:
+        """Scores of a merged cache's entries for stage eviction.
+
+        q: ``[B, Qb, H, D]`` the rotated queries of the tokens run on the cache (the
+        question, real up to ``query_len``); keys: ``[B, S, KVH, D]`` the cache's keys (the
+        question's own included); valid: ``[B, S, KVH]`` the entries each KV head holds;
+        query_slots: ``[B, Qb]`` the slot of each query; candidates: ``[B, KVH, S]`` the
+        entries that may be dropped (the kept chunks' tokens). Returns ``[B, KVH, S]``.
+        The default reads the cache as one row ending with the question: the queries at
+        their slots (zero elsewhere) and ``content`` = the candidates of any KV head.
+        """
+        batch, slots = keys.shape[:2]
+        real = jnp.arange(q.shape[1]) < query_len
+        rows = jnp.arange(batch)[:, None]
+        q_row = jnp.zeros((batch, slots, *q.shape[2:]), q.dtype)
+        q_row = q_row.at[rows, jnp.where(real[None], query_slots, slots)].set(q, mode="drop")
+        ends = query_slots[:, jnp.maximum(query_len - 1, 0)] + 1
+        scores = self(q_row, keys, ends, candidates.any(axis=1))
+        return jnp.where(candidates, scores, -jnp.inf)
+
+    def held_scores(self, keys, attention_window, ends, candidates) -> jax.Array:
+        """Scores of the entries a cache holds while decoding, for decode eviction.
+
+        keys: ``[L, B, S, KVH, D]``; attention_window: ``[L, B, KVH, w, S]`` the attention
+        of the newest ``decode_window()`` queries (None when that is 0); ends: ``[B]`` the
+        slots in use; candidates: ``[L, B, KVH, S]`` the entries that may be dropped.
+        Returns ``[L, B, KVH, S]``. The default scores each layer's keys as one row
+        (``__call__`` with zero queries: the queries of past steps are not kept)."""
+        per_layer = jax.vmap(lambda k, c: self(jnp.zeros_like(k), k, ends, c.any(axis=1)))
+        return jnp.where(candidates, per_layer(keys, candidates), -jnp.inf)
+
     def __call__(self, q: jax.Array, k: jax.Array, row_lengths: jax.Array, content: jax.Array) -> jax.Array:
         raise NotImplementedError
 
@@ -171,19 +213,51 @@ class TokenScorer:
 @dataclasses.dataclass(frozen=True)
 class SnapKV(TokenScorer):
     """docs/algorithm.md stage 1b: attention of the last ``obs_window`` queries, max-pooled
-    (``snapkv_token_scores``). The config's ``obs_window`` and ``pool_kernel`` set it."""
+    (``snapkv_token_scores``). Its own fields act wherever it is used; ``ConfigSnapKV``
+    takes them from the config instead."""
 
     obs_window: int = 8
     pool_kernel: int = 7
 
-    def for_config(self, config) -> "SnapKV":
-        return SnapKV(config.obs_window, config.pool_kernel)
-
     def queries_read(self) -> int:
         return self.obs_window
 
+    def decode_window(self) -> int:
+        return self.obs_window
+
+    def merged_scores(self, q, keys, valid, query_slots, query_len, candidates):
+        """The attention of the question's last ``obs_window`` queries over the entries each
+        KV head holds, summed over them and the KV head's query heads, max-pooled over
+        neighbouring candidates in slot order (``pool_in_order``)."""
+        slots = jnp.arange(keys.shape[1])
+        question = (slots[None, None, :] == query_slots[:, :, None]).any(axis=1)  # [B, S]
+        w = self.obs_window
+        offsets = query_len - w + jnp.arange(w)  # the last w question tokens (fewer if Q is shorter)
+        idx = jnp.clip(offsets, 0, q.shape[1] - 1)
+        q_slot = query_slots[:, idx]  # [B, w]
+        held = jnp.moveaxis(valid, 2, 1) | question[:, None, :]  # [B, KVH, S]
+        seen = held[:, :, None, :] & (slots[None, None, :] <= q_slot[:, :, None])[:, None]
+        probs = query_probs(q[:, idx], keys, seen) * (offsets >= 0)[None, None, None, :, None]
+        return pool_in_order(probs.sum(axis=(2, 3)), candidates, self.pool_kernel)
+
+    def held_scores(self, keys, attention_window, ends, candidates):
+        """The kept attention rows summed, max-pooled over neighbouring candidates in order."""
+        return pool_in_order(attention_window.sum(axis=3), candidates, self.pool_kernel)
+
     def __call__(self, q, k, row_lengths, content):
         return snapkv_token_scores(q, k, row_lengths, self.obs_window, self.pool_kernel, content)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigSnapKV(TokenScorer):
+    """``SnapKV`` with the ``obs_window`` and ``pool_kernel`` of the config it runs under:
+    the built-in methods' scorer (``for_config`` returns the ``SnapKV`` that acts)."""
+
+    def for_config(self, config) -> SnapKV:
+        return SnapKV(config.obs_window, config.pool_kernel)
+
+    def __call__(self, q, k, row_lengths, content):
+        raise PcompError("ConfigSnapKV takes its knobs from a config: use for_config(config)")
 
 
 @dataclasses.dataclass(frozen=True)

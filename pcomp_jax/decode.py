@@ -1,32 +1,32 @@
-"""Question prefill on the merged cache, greedy decoding, and the full-attention baseline.
+"""Greedy decoding, the evictions after the merge, and the full-attention baseline.
 
-``merged_forward`` is stage 2 of ParallelComp: the merge of a ``prefill.ChunkSelection``
-and a run of new tokens on top of it; ``question_prefill`` runs the question that way and
-``greedy_decode`` is the decoding loop that every method shares (``decode_selection`` does
-both from host-side ids). ``row_forward`` is the one padded full-attention row forward;
-``forward`` and ``generate_full`` are the full-attention baseline built on it.
+``greedy_decode`` is the decoding loop every method shares, over a ``DecodeState``
+pytree; ``StageEviction`` and ``DecodeEviction`` are the optional evictions of stages 2
+and 3, ranked by the method's token scorer (the merge itself is ``pcomp_jax.merge``).
+``row_forward`` is the one padded full-attention row forward; ``forward`` and
+``generate_full`` are the full-attention baseline built on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import causal_attention, query_probs
+import flax.struct
+
+from .attention import causal_attention
+from .axes import axes_field
 from .buckets import bucket_length
-from .calibrate import merged_drop_fn
-from .compress import keep_best_entries, pool_in_order
+from .compress import SnapKV, TokenScorer, keep_best_entries
 from .cache import KVCache, cache_from_prefill
 from .checkpoints import Model
 from .errors import InputTooLongError, PcompError
 from .model.config import ModelConfig
 from .model.llama import Weights, cached_forward, emit_keys_values, prefill_forward
-from .prefill import ChunkSelection, MergeLayout, ParallelLayout, merge_selection
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "</s>")
 
@@ -124,84 +124,86 @@ def encode_prompt(model: Model, prompt, chat: bool) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
+@flax.struct.dataclass
+class DecodeState:
+    """The greedy decoding loop's state for B rows.
+
+    step: ``[]`` tokens emitted so far; cache: the ``KVCache`` every emitted token was fed
+    to but ``token``; token, position: ``[B]`` the next token to emit and feed, and its
+    position; done: ``[B]`` rows that emitted a stop token; emitted: ``[B, num_steps]`` the
+    tokens emitted (-1 after a row stopped and in unused steps).
+    """
+
+    step: jax.Array = axes_field()
+    cache: KVCache
+    token: jax.Array = axes_field("batch")
+    position: jax.Array = axes_field("batch")
+    done: jax.Array = axes_field("batch")
+    emitted: jax.Array = axes_field("batch", "decode_steps")
+
+    @classmethod
+    def start(cls, cache: KVCache, first_token: jax.Array, first_position: jax.Array, num_steps: int) -> "DecodeState":
+        """The state before the first step: ``first_token`` ``[B]`` (predicted by the
+        prefill) at ``first_position`` ``[B]``, room for ``num_steps`` tokens."""
+        batch = first_token.shape[0]
+        return cls(step=jnp.int32(0), cache=cache, token=first_token.astype(jnp.int32),
+                   position=first_position.astype(jnp.int32), done=jnp.zeros((batch,), bool),
+                   emitted=jnp.full((batch, num_steps), -1, jnp.int32))
+
+
 def greedy_decode(
     weights: Weights,
     cfg: ModelConfig,
-    cache: KVCache,
-    first_token: jax.Array,
-    first_position: jax.Array,
+    state: DecodeState,
     stop_ids: jax.Array,
-    num_steps: int,
     max_new_tokens: jax.Array,
     eviction: DecodeEviction | None = None,
-):
-    """Greedy decoding in a ``lax.while_loop``.
+) -> DecodeState:
+    """Greedy decoding in a ``lax.while_loop`` from ``state`` (``DecodeState.start``).
 
-    first_token, first_position: ``[B]``, the token predicted by the prefill and its position.
     stop_ids: ``[K]`` int32; a row stops after emitting one of them (it is recorded).
-    num_steps: static buffer size; max_new_tokens: traced limit ``<= num_steps``.
-    eviction: optional decode-time eviction (``DecodeEviction``; the cache must keep an
-    ``attention_window``): after each step every layer and KV head drops one entry.
-    Returns ``(tokens [B, num_steps] int32, cache)``: the emitted tokens (a stop token
-    included), -1 after a row stopped and in unused steps; the cache after the last step
-    (every emitted token fed).
+    max_new_tokens: traced limit ``<= num_steps`` (the width of ``state.emitted``).
+    eviction: optional decode-time eviction (``DecodeEviction``; the cache must keep the
+    attention window its scorer reads): after each step every layer and KV head drops one
+    entry. Returns the final state: ``emitted`` holds the tokens (a stop token included),
+    ``cache`` every emitted token fed.
     """
-    batch = first_token.shape[0]
 
     def cond(state):
-        step, _, _, _, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
     def body(state):
-        step, cache, token, position, done, out = state
-        out = out.at[:, step].set(jnp.where(done, -1, token))
-        done = done | jnp.isin(token, stop_ids)
-        logits, cache = cached_forward(weights, cfg, token[:, None], position[:, None], cache)
+        emitted = state.emitted.at[:, state.step].set(jnp.where(state.done, -1, state.token))
+        done = state.done | jnp.isin(state.token, stop_ids)
+        logits, cache = cached_forward(weights, cfg, state.token[:, None], state.position[:, None], state.cache)
         if eviction is not None:
             cache = eviction.evict_one(cache)
         next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        return step + 1, cache, next_token, position + 1, done, out
+        return DecodeState(step=state.step + 1, cache=cache, token=next_token, position=state.position + 1,
+                           done=done, emitted=emitted)
 
-    state = (
-        jnp.int32(0),
-        cache,
-        first_token.astype(jnp.int32),
-        first_position.astype(jnp.int32),
-        jnp.zeros((batch,), bool),
-        jnp.full((batch, num_steps), -1, jnp.int32),
-    )
-    _, cache, _, _, _, out = jax.lax.while_loop(cond, body, state)
-    return out, cache
+    return jax.lax.while_loop(cond, body, state)
 
 
 @dataclasses.dataclass(frozen=True)
 class StageEviction:
-    """docs/algorithm.md stage 2's optional second SnapKV pass: in every layer, the merged cache's
-    chunk entries are cut to ``budget`` per KV head by the attention of the last
-    ``obs_window`` question tokens (summed over them and the KV head's query heads,
-    max-pooled over neighbouring entries with ``pool_kernel``); P and the question stay.
+    """docs/algorithm.md stage 2's optional second pass: in every layer, the merged cache's
+    chunk entries are cut to ``budget`` per KV head, ranked by the method's token
+    ``scorer`` (``TokenScorer.merged_scores``; SnapKV: the attention of the question's last
+    ``obs_window`` tokens, max-pooled over neighbouring entries); P and the question stay.
     Static (a jit argument)."""
 
     budget: int
-    obs_window: int = 8
-    pool_kernel: int = 7
+    scorer: TokenScorer = SnapKV()
 
     def drop_fn(self, prefix_len: int, question_len: jax.Array):
         """``drop_from_cache`` hook for ``cached_forward`` (see ``calibrate.merged_drop_fn``)."""
 
         def drop(q, k_cache, valid, layer_index, query_slots):
-            s = k_cache.shape[1]
-            slots = jnp.arange(s)
+            slots = jnp.arange(k_cache.shape[1])
             question = (slots[None, None, :] == query_slots[:, :, None]).any(axis=1)  # [B, S]
-            valid_h = jnp.moveaxis(valid, 2, 1)  # [B, KVH, S]
-            chunks = valid_h & ~question[:, None, :] & (slots >= prefix_len)[None, None, :]
-            w = self.obs_window
-            offsets = question_len - w + jnp.arange(w)  # the last w question tokens (fewer if Q is shorter)
-            idx = jnp.clip(offsets, 0, q.shape[1] - 1)
-            q_slot = query_slots[:, idx]  # [B, w]
-            seen = (valid_h | question[:, None, :])[:, :, None, :] & (slots[None, None, :] <= q_slot[:, :, None])[:, None]
-            probs = query_probs(q[:, idx], k_cache, seen) * (offsets >= 0)[None, None, None, :, None]
-            scores = pool_in_order(probs.sum(axis=(2, 3)), chunks, self.pool_kernel)
+            chunks = jnp.moveaxis(valid, 2, 1) & ~question[:, None, :] & (slots >= prefix_len)[None, None, :]
+            scores = self.scorer.merged_scores(q, k_cache, valid, query_slots, question_len, chunks)
             keep = keep_best_entries(scores, chunks, self.budget)
             return valid & jnp.moveaxis(keep | ~chunks, 1, 2)
 
@@ -213,116 +215,54 @@ class DecodeEviction:
     """docs/algorithm.md stage 3's optional dynamic eviction (the reference's ``kv_cache_dynamic``):
     every layer and KV head holds its cache at the size the question prefill left it.
 
-    The cache keeps the attention probabilities of its last ``obs_window`` queries (the
-    question's last tokens, then the generated ones) as they were when each query ran,
-    summed over the KV head's query heads (``KVCache.attention_window``). After each new
-    token, the entries a layer and KV head holds, but its newest ``obs_window``, are scored
-    by the sum of those rows, max-pooled over neighbouring entries in order (``pool_kernel``),
-    and the lowest-scored one leaves that layer and head's cache (ties: the earliest). Slots
-    are not reused: the static buffer is as for plain decoding; what attention reads stays
-    at a fixed number of entries. Static (a jit argument)."""
+    After each new token, the entries a layer and KV head holds, but its newest
+    ``scorer.decode_window()`` (at least one), are ranked by the method's token ``scorer``
+    (``TokenScorer.held_scores``) and the lowest-ranked one leaves that layer and head's
+    cache (ties: the earliest). SnapKV ranks by the attention probabilities of its last
+    ``obs_window`` queries (the question's last tokens, then the generated ones) as they
+    were when each query ran, summed over the KV head's query heads and max-pooled over
+    neighbouring entries in order; the cache keeps them (``KVCache.attention_window``).
+    Slots are not reused: the static buffer is as for plain decoding; what attention reads
+    stays at a fixed number of entries. Static (a jit argument)."""
 
-    obs_window: int = 8
-    pool_kernel: int = 7
+    scorer: TokenScorer = SnapKV()
+
+    @property
+    def window(self) -> int:
+        """Attention rows the cache keeps for the scorer (0: none)."""
+        return self.scorer.decode_window()
 
     def empty_window(self, cache: KVCache) -> KVCache:
-        """``cache`` with an all-zero ``attention_window`` ``[L, B, KVH, obs_window, S]``."""
+        """``cache`` with an all-zero ``attention_window`` ``[L, B, KVH, window, S]`` (unchanged
+        when the scorer reads none)."""
+        if self.window == 0:
+            return cache
         num_layers, batch, slots, kv_heads, _ = cache.keys.shape
-        return cache.replace(attention_window=jnp.zeros((num_layers, batch, kv_heads, self.obs_window, slots),
+        return cache.replace(attention_window=jnp.zeros((num_layers, batch, kv_heads, self.window, slots),
                                                         jnp.float32))
 
-    def last_queries(self, length: jax.Array) -> jax.Array:
-        """``[obs_window]`` indices of the last ``obs_window`` of ``length`` tokens (-1 before the first)."""
-        offsets = length - self.obs_window + jnp.arange(self.obs_window)
+    def last_queries(self, length: jax.Array) -> jax.Array | None:
+        """``[window]`` indices of the last ``window`` of ``length`` tokens (-1 before the
+        first), or None when the scorer reads none."""
+        if self.window == 0:
+            return None
+        offsets = length - self.window + jnp.arange(self.window)
         return jnp.where(offsets >= 0, offsets, -1)
 
     def evict_one(self, cache: KVCache) -> KVCache:
-        """Drops the lowest-scored entry but the newest ``obs_window``, in every layer, batch
-        row and KV head (none where it holds no more than those)."""
+        """Drops the lowest-ranked entry but the newest ``max(window, 1)``, in every layer,
+        batch row and KV head (none where it holds no more than those)."""
         slots = jnp.arange(cache.capacity)
         valid = jnp.moveaxis(cache.valid, 3, 2)  # [L, B, KVH, S]
         held_from_here = jnp.cumsum(valid[..., ::-1], axis=-1)[..., ::-1]  # entries at this slot or later
-        candidates = valid & (held_from_here > self.obs_window)
-        pooled = pool_in_order(cache.attention_window.sum(axis=3), candidates, self.pool_kernel)
-        lowest = jnp.argmin(jnp.where(candidates, pooled, jnp.inf), axis=-1)
+        candidates = valid & (held_from_here > max(self.window, 1))
+        scores = self.scorer.held_scores(cache.keys, cache.attention_window, cache.end, candidates)
+        lowest = jnp.argmin(jnp.where(candidates, scores, jnp.inf), axis=-1)
         drop = (slots == lowest[..., None]) & candidates.any(axis=-1, keepdims=True)
         return cache.replace(valid=jnp.moveaxis(valid & ~drop, 2, 3))
 
 
-def chain_drops(*drops):
-    """One ``drop_from_cache`` hook applying the given ones (None skipped) in order; None if none."""
-    drops = [d for d in drops if d is not None]
-    if not drops:
-        return None
-
-    def drop(q, k_cache, valid, layer_index, query_slots):
-        for d in drops:
-            valid = d(q, k_cache, valid, layer_index, query_slots)
-        return valid
-
-    return drop
-
-
-def merged_forward(
-    weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, tokens, length, room: int,
-    merged_rules: tuple = (), rule_queries=None, layout: MergeLayout = ParallelLayout(),
-    eviction: StageEviction | None = None, decode_eviction: DecodeEviction | None = None,
-):
-    """Stage 2 (traceable; callers jit): merge the selection, then run ``tokens`` on top of it.
-
-    tokens: ``[Tb]`` padded ids, real up to ``length`` (traced); they take positions from the
-    longest kept row on, padding at that first position (no new largest position).
-    room: free cache slots after the kept chunks (``>= Tb``). merged_rules: stage-``merged``
-    calibration rules, whose queries are the last of the first ``rule_queries`` tokens
-    (default ``length``); removed entries leave that layer's cache. layout: where the kept
-    chunks sit (``prefill.MergeLayout``). eviction: the optional stage eviction
-    (``StageEviction``), after calibration, observing the same queries. decode_eviction:
-    the cache keeps the attention of the last ``obs_window`` of the ``length`` tokens
-    (``DecodeEviction``).
-    Returns ``(logits [Tb, V] float32, cache, first_position)``.
-    """
-    cache, start = merge_selection(prefix_keys, prefix_values, selection, room, layout, cfg)
-    steps = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    positions = (start + jnp.where(steps < length, steps, 0))[None]
-    rule_queries = length if rule_queries is None else rule_queries
-    drop = chain_drops(merged_drop_fn(merged_rules, rule_queries) if merged_rules else None,
-                       eviction.drop_fn(prefix_keys.shape[1], rule_queries) if eviction is not None else None)
-    observe_at = None
-    if decode_eviction is not None:
-        cache, observe_at = decode_eviction.empty_window(cache), decode_eviction.last_queries(length)
-    logits, cache = cached_forward(weights, cfg, tokens[None], positions, cache, drop_from_cache=drop,
-                                   observe_at=observe_at)
-    return logits[0], cache, start
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "merged_rules", "layout", "eviction",
-                                             "decode_eviction"))
-def question_prefill(
-    weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, question, question_len, num_steps,
-    merged_rules: tuple = (), layout: MergeLayout = ParallelLayout(), eviction: StageEviction | None = None,
-    decode_eviction: DecodeEviction | None = None,
-):
-    """Stage 2: merge the selection and run the question on top of it (``merged_forward``).
-
-    question: ``[Qb]`` padded ids; question_len: real length. ``merged_rules``: stage-``merged``
-    calibration rules (removed entries leave that layer's cache). ``decode_eviction``: the
-    returned cache keeps the attention of the question's last ``obs_window`` tokens for it.
-    Returns the cache ready for decoding ``num_steps`` tokens, the first answer token ``[1]``
-    and its position ``[1]``.
-    """
-    qb = question.shape[0]
-    logits, cache, start = merged_forward(
-        weights, cfg, prefix_keys, prefix_values, selection, question, question_len, qb + num_steps, merged_rules,
-        layout=layout, eviction=eviction, decode_eviction=decode_eviction,
-    )
-    end = cache.end - qb + question_len  # drop the question's padding from the cache
-    valid = cache.valid & (jnp.arange(cache.capacity) < end[:, None])[None, :, :, None]
-    cache = cache.replace(valid=valid, end=end)
-    first = jnp.argmax(logits[question_len - 1]).astype(jnp.int32)
-    return cache, first[None], (start + question_len)[None]
-
-
-decode_jit = jax.jit(greedy_decode, static_argnames=("cfg", "num_steps", "eviction"))
+decode_jit = jax.jit(greedy_decode, static_argnames=("cfg", "eviction"))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps"))
@@ -355,47 +295,15 @@ def pad_ids(ids: np.ndarray, minimum: int = 64) -> np.ndarray:
     return padded
 
 
-def decode_selection(
-    model: Model, weights: Weights, prefix_keys, prefix_values, selection: ChunkSelection, question_ids,
-    max_new_tokens: int, merged_rules: tuple = (), timings: dict | None = None,
-    layout: MergeLayout = ParallelLayout(), eviction: StageEviction | None = None,
-    decode_eviction: DecodeEviction | None = None,
-) -> Generation:
-    """Stages 2 and 3 from host-side ids: the question ``question_ids [Q]`` (the prompt's part
-    Q) prefilled on the merged selection, then greedy decoding of up to ``max_new_tokens``
-    (stops at the model's stop tokens). ``weights``: as used for the selection (sharded or not).
-    eviction, decode_eviction: the optional stage and decode-time evictions.
-    ``timings``, when given, gets the seconds of ``question_prefill`` and ``decode``.
-    """
-    check_max_new_tokens(max_new_tokens)
-    timings = {} if timings is None else timings
-    t = time.perf_counter()
-    question_ids = np.asarray(question_ids, np.int32)
-    steps = decode_budget(max_new_tokens)
-    cache, first, position = question_prefill(
-        weights, model.config, prefix_keys, prefix_values, selection, jnp.asarray(pad_ids(question_ids, minimum=16)),
-        jnp.int32(len(question_ids)), steps, merged_rules=tuple(merged_rules), layout=layout, eviction=eviction,
-        decode_eviction=decode_eviction,
-    )
-    jax.block_until_ready(cache)
-    now = time.perf_counter()
-    timings["question_prefill"] = timings.get("question_prefill", 0.0) + now - t
-    stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
-    out, _ = decode_jit(weights, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens),
-                        decode_eviction)
-    gen = finish(model, out, stops, prefix_keys.shape[1] + len(question_ids))
-    timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - now
-    return gen
-
-
 def generate_ids(model: Model, ids: np.ndarray, max_new_tokens: int) -> Generation:
     """Greedy full-attention generation from prompt ids ``[T]``, with no window check."""
     stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
     steps = decode_budget(max_new_tokens)
     cache, first = _prefill_prompt(model.params, model.config, jnp.asarray(pad_ids(ids))[None], jnp.int32(len(ids)), steps)
     position = jnp.array([len(ids)], jnp.int32)
-    out, _ = decode_jit(model.params, model.config, cache, first, position, stops, steps, jnp.int32(max_new_tokens))
-    return finish(model, out, stops, len(ids))
+    state = DecodeState.start(cache, first, position, steps)
+    done = decode_jit(model.params, model.config, state, stops, jnp.int32(max_new_tokens))
+    return finish(model, done.emitted, stops, len(ids))
 
 
 def check_max_new_tokens(max_new_tokens) -> None:

@@ -28,7 +28,8 @@ from .config import RunConfig, load_config, to_dict
 from .decode import generate_full
 from .distributed import add_distributed_flags, distributed_overrides, initialize, is_main
 from .errors import InputTooLongError, PcompError
-from .methods import WholeInput, get_method, method_names
+from .methods import WholeInput, method_names
+from .plans import method_of
 from .io import check_writable, read_context_file, read_text
 from .memory import estimate_memory
 from .pipeline import answer_parts
@@ -83,7 +84,7 @@ def check_new_tokens_fit(model, parts, config, max_new_tokens: int) -> None:
     """Refuses (``InputTooLongError``, with the numbers) ``max_new_tokens`` that cannot fit in
     the model's window next to what the answering row always holds: P and Q for one-row
     methods; P, one chunk's positions and Q for the chunked methods' merged row."""
-    method = get_method(config.method)
+    method = method_of(config)
     window = model.config.window
     fixed, what = len(parts.prefix) + len(parts.question), "the prefix and question"
     if not method.plain_row:
@@ -128,7 +129,7 @@ def run(args) -> dict | list[dict]:
     if args.prompt is not None:
         if args.dry_run:
             raise PcompError("--dry-run estimates a run on a long input (--config, --context-file); not with --prompt")
-        method = get_method(config.pipeline.method)
+        method = method_of(config.pipeline)
         if not (method.plain_row and method.fit == WholeInput()):
             raise PcompError("--prompt runs with full attention only; use --context-file/--question for other methods")
         if not args.prompt.strip():

@@ -60,9 +60,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .chunking import PromptParts
-from .decode import _prefill_prompt, decode_budget, decode_jit, pad_ids, question_prefill
+from .decode import DecodeState, _prefill_prompt, decode_budget, decode_jit, pad_ids
 from .errors import PcompError
-from .methods import get_method
+from .merge import ContextCache, question_prefill
+from .plans import plan
 from .prefill import empty_selection, keep_best_chunks, prefill_group, rows_per_group
 
 GIB = 2**30
@@ -210,7 +211,9 @@ def _row_phases(params, cfg, length: int, steps: int, name: str) -> dict:
     tokens = jax.ShapeDtypeStruct((1, len(pad_ids(np.zeros(length, np.int32)))), jnp.int32)
     prompt = _prefill_prompt.lower(params, cfg, tokens, scalar, steps).compile()
     cache = _as_placed(prompt.out_info[0])
-    decoding = decode_jit.lower(params, cfg, cache, one, one, one, steps, scalar).compile()
+    start = jax.eval_shape(lambda c: DecodeState.start(c, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), steps),
+                           cache)
+    decoding = decode_jit.lower(params, cfg, start, one, scalar).compile()
     return {
         name: {"the row's token ids": per_device_bytes(tokens),
                "row prefill: temporaries + the row's cache out": _stage_bytes(prompt)},
@@ -221,18 +224,15 @@ def _row_phases(params, cfg, length: int, steps: int, name: str) -> dict:
 
 def estimate_memory(model, parts: PromptParts, config, max_new_tokens: int) -> MemoryEstimate:
     """The peak device memory of ``answer_parts(model, parts, config, max_new_tokens)``, per device."""
-    from .pipeline import (
-        calibration_rules, context_chunks, context_rows, merge_layout, model_mesh, stage_rules,
-    )
     from .sharding import rules_for, shardings
 
     cfg = model.config
-    method = get_method(config.method)
-    mesh = model_mesh(model, config)
+    plan_ = plan(model, config)
+    mesh = plan_.mesh()
     device = mesh.local_devices[0]
-    parts = method.fit(parts, cfg.window, max_new_tokens)
+    parts = plan_.fit(parts, max_new_tokens)
     steps = decode_budget(max_new_tokens)
-    if method.plain_row:  # the row runs on the weights as loaded (``decode.generate_ids``)
+    if plan_.plain_row:  # the row runs on the weights as loaded (``decode.generate_ids``)
         loaded = _as_placed(model.params)
         length = len(parts.prefix) + len(parts.context) + len(parts.question)
         phases = _row_phases(loaded, cfg, length, steps, "one row")
@@ -241,14 +241,13 @@ def estimate_memory(model, parts: PromptParts, config, max_new_tokens: int) -> M
 
     rules = rules_for(cfg, mesh)
     weights = _abstract(model.params, shardings(model.params, mesh, rules))
-    all_rules = calibration_rules(config, cfg.num_layers)
-    spec = method.prefill_spec(config, stage_rules(all_rules, "chunk"))
-    rows = context_rows(model, parts, config, method)
-    groups = rows.groups(rows_per_group(config.group_size, rows.num_chunks, mesh))
+    spec = plan_.prefill
+    rows = plan_.rows(parts)
+    groups = rows.groups(rows_per_group(plan_.config.group_size, rows.num_chunks, mesh))
     group = _abstract(groups[0], shardings(groups[0], mesh))
     chunk = prefill_group.lower(weights, cfg, group, spec).compile()
     candidates = _as_placed(chunk.out_info)
-    top_k = method.kept_chunks(config, rows.num_chunks)
+    top_k = plan_.top_k(rows.num_chunks)
     selection = jax.eval_shape(lambda: empty_selection(cfg, top_k, spec.kept_tokens(rows), model.dtype))
     selection = _abstract(selection, shardings(selection, mesh, rules))
     update = keep_best_chunks.lower(selection, candidates, top_k).compile()
@@ -271,26 +270,22 @@ def estimate_memory(model, parts: PromptParts, config, max_new_tokens: int) -> M
             "top-k update: temporaries + the new selection out": update_bytes,
         },
     }
-    layout = merge_layout(model, config)
-    if layout.reprefills:  # P + the kept chunks + Q as one row, on the weights as loaded (``generate_ids``)
-        longest = sorted((e - s for s, e in context_chunks(parts, config, method)), reverse=True)[:top_k]
+    if plan_.merge.layout.reprefills:  # P + the kept chunks + Q as one row, on the weights as loaded (``generate_ids``)
+        longest = sorted((e - s for s, e in plan_.chunk_bounds(parts)), reverse=True)[:top_k]
         length = len(parts.prefix) + sum(longest) + len(parts.question)
         phases.update(_row_phases(_as_placed(model.params), cfg, length, steps, "re-read row (merge_layout=reprefill)"))
     else:
         question = jax.ShapeDtypeStruct(pad_ids(parts.question, minimum=16).shape, jnp.int32)
-        options = dict(merged_rules=tuple(stage_rules(all_rules, "merged")), layout=layout,
-                       eviction=method.stage_eviction(config), decode_eviction=method.decode_eviction(config))
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         one = jax.ShapeDtypeStruct((1,), jnp.int32)
-        merged = question_prefill.lower(weights, cfg, prefix, prefix, selection, question, scalar, steps,
-                                        **options).compile()
-        cache = _as_placed(merged.out_info[0])
-        decoding = decode_jit.lower(weights, cfg, cache, one, one, one, steps, scalar,
-                                    options["decode_eviction"]).compile()
+        context = ContextCache(prefix, prefix, selection)
+        merged = question_prefill.lower(weights, cfg, context, question, scalar, plan_.merge, num_steps=steps).compile()
+        state = _as_placed(merged.out_info)
+        decoding = decode_jit.lower(weights, cfg, state, one, scalar, plan_.merge.decode_eviction).compile()
         phases["question on the merged cache"] = {
             "question prefill: temporaries + the merged cache out": _stage_bytes(merged)}
         phases["decoding"] = {
-            "the merged cache (the loop's input)": per_device_bytes(cache),
+            "the merged cache (the loop's input)": per_device_bytes(state),
             "decoding loop: temporaries + tokens and cache out": _stage_bytes(decoding)}
     held = selection_bytes + 2 * per_device_bytes(prefix)
     placed = per_device_bytes(weights)

@@ -19,7 +19,7 @@ import dataclasses
 
 from .buckets import bucket_length
 from .chunking import PromptParts, context_budget, truncate_middle
-from .compress import ChunkScorer, QueryNLL, RecentTokens, SnapKV, TokenScorer
+from .compress import ChunkScorer, ConfigSnapKV, QueryNLL, RecentTokens, TokenScorer
 from .errors import ConfigError
 from .decode import DecodeEviction, StageEviction
 from .prefill import MERGE_LAYOUTS, MergeLayout, ParallelLayout, PrefillSpec
@@ -67,8 +67,10 @@ class Method:
     chunked: cut the context into ``chunk_len`` chunks (else one row holds it all).
     chunk_scorer: ranks chunks (``compress.QueryNLL``). top_k: keep the ``top_k_chunks``
     best chunks (else every chunk is merged). token_scorer: ranks tokens for eviction
-    (``compress.SnapKV``, ``compress.RecentTokens``, your own ``compress.TokenScorer``), or
-    None to evict nothing. A chunked method evicts to the config's ``capacity`` (None: keep
+    (``compress.SnapKV``, ``compress.RecentTokens``, your own ``compress.TokenScorer``;
+    the default ``compress.ConfigSnapKV`` is SnapKV with the config's ``obs_window`` and
+    ``pool_kernel``, a scorer given here keeps its own fields), or None to evict nothing.
+    The same scorer ranks what the stage and decode evictions drop. A chunked method evicts to the config's ``capacity`` (None: keep
     all) inside each chunk, or, with the config's ``stage_eviction``, to ``capacity x
     top_k_chunks`` over the merged cache, and with ``decode_eviction`` holds the cache at a
     fixed size while decoding; its kept chunks are merged in the config's ``merge_layout``
@@ -84,7 +86,7 @@ class Method:
     chunked: bool = True
     chunk_scorer: ChunkScorer = QueryNLL()
     top_k: bool = True
-    token_scorer: TokenScorer | None = SnapKV()
+    token_scorer: TokenScorer | None = ConfigSnapKV()
     calibration: bool = True
 
     @property
@@ -108,11 +110,16 @@ class Method:
             return config.baseline_kv_budget
         return None if config.stage_eviction else config.capacity  # stage eviction: after the merge
 
+    def token_scorer_for(self, config) -> TokenScorer | None:
+        """The token scorer that acts under ``config`` (``TokenScorer.for_config``), or None."""
+        return None if self.token_scorer is None else self.token_scorer.for_config(config)
+
     def stage_eviction(self, config):
-        """The merged cache's eviction (``decode.StageEviction``) under ``config``, or None."""
+        """The merged cache's eviction (``decode.StageEviction``, by this method's token
+        scorer) under ``config``, or None."""
         if not (config.stage_eviction and self.chunked and self.token_scorer is not None):
             return None
-        return StageEviction(config.capacity * config.top_k_chunks, config.obs_window, config.pool_kernel)
+        return StageEviction(config.capacity * config.top_k_chunks, self.token_scorer_for(config))
 
     def merge_layout(self, config) -> MergeLayout:
         """Where the kept chunks sit for the question: the config's ``merge_layout`` for a
@@ -125,7 +132,7 @@ class Method:
         """The decode-time eviction (``decode.DecodeEviction``) under ``config``, or None."""
         if not (config.decode_eviction and self.chunked and self.token_scorer is not None):
             return None
-        return DecodeEviction(config.obs_window, config.pool_kernel)
+        return DecodeEviction(self.token_scorer_for(config))
 
     def kept_chunks(self, config, num_chunks: int) -> int:
         """Chunks kept: ``top_k_chunks``, or every chunk (as a bucket, so shapes stay few)."""
@@ -135,7 +142,7 @@ class Method:
         """The static settings of this method's chunk prefill under ``config``."""
         # Without eviction every scorer keeps the same tokens; SnapKV's keeps the compiled
         # prefill the one of the evicting methods (so the chunk scores agree to the bit).
-        scorer = SnapKV() if self.token_scorer is None else self.token_scorer
+        scorer = ConfigSnapKV() if self.token_scorer is None else self.token_scorer
         # Split over model_parallel devices, the prefill needs a backend XLA can partition.
         attention = "blockwise" if config.model_parallel > 1 and config.attention == "auto" else config.attention
         return PrefillSpec(capacity=self.capacity(config), token_scorer=scorer.for_config(config),

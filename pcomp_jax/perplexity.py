@@ -11,7 +11,7 @@ to the window by the method (``Method.fit``, room left for the M scored tokens):
   continuation (``full``: positions past the window when T + M > W);
 - any other method (``parallelcomp``, ``pcw``, ``snapkv``, ``streaming``): the query plays
   the question's part in stage 1 (it scores the chunks and, with SnapKV, the tokens); stage
-  2 then runs query + continuation on the merged cache (``decode.merged_forward``, in the
+  2 then runs query + continuation on the merged cache (``merge.merged_forward``, in the
   config's ``merge_layout``; ``reprefill``: P + the kept chunks + query + continuation as
   one row), and the continuation's logits are scored.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,13 +30,14 @@ import optax
 from .checkpoints import Model
 from .chunking import PromptParts
 from .config import ConfigError, ParallelCompConfig
-from .decode import merged_forward, pad_ids, row_forward
+from .axes import axes_field
+from .decode import pad_ids, row_forward
 from .errors import PcompError
-from .methods import get_method
+from .merge import ContextCache, MergeSpec, merged_forward
 from .model.config import ModelConfig
 from .model.llama import Weights
-from .pipeline import calibration_rules, check_laid_out_fits, merge_layout, prefill_context, reprefill_ids, stage_rules
-from .prefill import ChunkSelection, MergeLayout, ParallelLayout
+from .pipeline import run_stage1
+from .plans import one_row_ids, plan
 
 
 @dataclasses.dataclass
@@ -67,19 +69,43 @@ def _row_nll(weights: Weights, cfg: ModelConfig, tokens, length, predict_at, tar
     return token_nll(logits[0], targets, mask)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "merged_rules", "layout", "eviction"))
-def _merged_tail_nll(
-    weights, cfg, prefix_keys, prefix_values, selection: ChunkSelection, tail, tail_len, query_len, targets, mask,
-    merged_rules=(), layout: MergeLayout = ParallelLayout(), eviction=None,
-):
-    """Stage 2 with a scored tail: ``tail`` ``[Tb]`` = query + continuation (real up to
-    ``tail_len``) run on the merged cache (``decode.merged_forward``; calibration's queries
-    are the query's); the logits at tail index i predict ``targets[i]``. Returns the NLL
-    ``[Tb]`` (0 where ``mask`` is)."""
-    logits, _, _ = merged_forward(weights, cfg, prefix_keys, prefix_values, selection, tail, tail_len,
-                                  tail.shape[0], merged_rules, rule_queries=query_len, layout=layout,
-                                  eviction=eviction)
-    return token_nll(logits, targets, mask)
+@flax.struct.dataclass
+class ScoredTail:
+    """Tokens run on the merged cache whose next-token NLL is scored.
+
+    tokens: ``[Tb]`` the query and the continuation, padded (real up to ``length``);
+    query_len: ``[]`` the query's length (the calibration and stage eviction observe it);
+    targets: ``[Tb]`` the token each position's logits predict; mask: ``[Tb]`` float32,
+    1 where that NLL counts.
+    """
+
+    tokens: jax.Array = axes_field("tokens")
+    length: jax.Array = axes_field()
+    query_len: jax.Array = axes_field()
+    targets: jax.Array = axes_field("tokens")
+    mask: jax.Array = axes_field("tokens")
+
+    @classmethod
+    def of(cls, query_ids: np.ndarray, continuation_ids: np.ndarray) -> "ScoredTail":
+        """The tail ``query + continuation`` scoring the continuation's tokens."""
+        tail = np.concatenate([query_ids, continuation_ids]).astype(np.int32)
+        padded = pad_ids(tail, minimum=16)
+        tb, q = len(padded), len(query_ids)
+        targets = np.zeros(tb, np.int32)
+        targets[: len(tail) - 1] = tail[1:]  # logits at tail index i predict tail[i + 1]
+        mask = ((np.arange(tb) >= q - 1) & (np.arange(tb) < len(tail) - 1)).astype(np.float32)
+        return cls(jnp.asarray(padded), jnp.int32(len(tail)), jnp.int32(q), jnp.asarray(targets), jnp.asarray(mask))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def merged_tail_nll(weights: Weights, cfg: ModelConfig, context: ContextCache, tail: ScoredTail,
+                    spec: MergeSpec) -> jax.Array:
+    """Stage 2 with a scored tail instead of decoding: ``tail.tokens`` run on the merged
+    cache (``merged_forward``; calibration and stage eviction observe the query). Returns
+    the NLL ``[Tb]`` of each position's target (0 where ``tail.mask`` is)."""
+    logits, _, _ = merged_forward(weights, cfg, context, tail.tokens, tail.length, spec, room=tail.tokens.shape[0],
+                                  rule_queries=tail.query_len)
+    return token_nll(logits, tail.targets, tail.mask)
 
 
 def _plain_row_nll(model: Model, prompt_ids: np.ndarray, continuation_ids: np.ndarray) -> np.ndarray:
@@ -117,33 +143,23 @@ def continuation_nll(
     continuation_ids = np.asarray(continuation_ids, np.int32)
     check_split(prefix_ids, continuation_ids, query_len)
     m = len(continuation_ids)
-    method = get_method(config.method)
-    if method.decode_eviction(config) is not None:
+    plan_ = plan(model, config)
+    if plan_.merge.decode_eviction is not None:
         raise ConfigError("decode_eviction acts while generating; perplexity scores the continuation in one pass "
                           "on the merged cache, so it cannot apply: turn it off for perplexity")
-    rules = calibration_rules(config, model.config.num_layers)
     parts = PromptParts(prefix=prefix_ids[:1], context=prefix_ids[1:-query_len], question=prefix_ids[-query_len:])
-    parts = method.fit(parts, model.config.window, m)
-    layout = merge_layout(model, config)
-    if method.plain_row:
-        return ContinuationScore(_plain_row_nll(model, np.concatenate([parts.prefix, parts.context, parts.question]),
-                                                continuation_ids), [])
-    pre = prefill_context(model, parts, config, stage_rules(rules, "chunk"), method=method)
-    check_laid_out_fits(model, pre.parts, pre.kept_lengths, layout, m)
-    if layout.reprefills:
-        return ContinuationScore(_plain_row_nll(model, reprefill_ids(pre), continuation_ids), pre.selected_chunks)
-    tail = np.concatenate([parts.question, continuation_ids])
-    padded = pad_ids(tail, minimum=16)
-    tb, q = len(padded), len(parts.question)
-    targets = np.zeros(tb, np.int32)
-    targets[: len(tail) - 1] = tail[1:]  # logits at tail index i predict tail[i + 1]
-    mask = ((np.arange(tb) >= q - 1) & (np.arange(tb) < len(tail) - 1)).astype(np.float32)
-    nll = _merged_tail_nll(
-        pre.weights, model.config, pre.prefix_keys, pre.prefix_values, pre.selection, jnp.asarray(padded),
-        jnp.int32(len(tail)), jnp.int32(q), jnp.asarray(targets), jnp.asarray(mask), stage_rules(rules, "merged"),
-        layout, method.stage_eviction(config),
-    )
-    return ContinuationScore(np.asarray(nll)[q - 1 : len(tail) - 1], pre.selected_chunks)
+    parts = plan_.fit(parts, m)
+    if plan_.plain_row:
+        return ContinuationScore(_plain_row_nll(model, one_row_ids(plan_, parts), continuation_ids), [])
+    pre = run_stage1(model, plan_, parts)
+    plan_.check_fits(pre.parts, pre.kept_lengths, m)
+    row = one_row_ids(plan_, pre.parts, pre.kept_bounds)
+    if row is not None:
+        return ContinuationScore(_plain_row_nll(model, row, continuation_ids), pre.selected_chunks)
+    tail = ScoredTail.of(parts.question, continuation_ids)
+    nll = merged_tail_nll(pre.weights, model.config, pre.context, tail, plan_.merge)
+    q = len(parts.question)
+    return ContinuationScore(np.asarray(nll)[q - 1 : q + m - 1], pre.selected_chunks)
 
 
 def text_windows(ids: np.ndarray, prefix_lengths, continuation_len: int, samples: int, seed: int = 0):

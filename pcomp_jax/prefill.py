@@ -17,7 +17,7 @@ the selection on to the question prefill and greedy decoding.
 
 Stage 1c (calibration): ``chunk`` rules act inside ``prefill_group`` through the model's
 per-layer ``key_keep`` hook; ``merged`` rules act in the question prefill
-(``decode.question_prefill``) through ``cached_forward``'s ``drop_from_cache`` hook.
+(``merge.question_prefill``) through ``cached_forward``'s ``drop_from_cache`` hook.
 """
 
 from __future__ import annotations
@@ -167,8 +167,9 @@ def prefill_group(weights: Weights, cfg: ModelConfig, rows: Rows, spec: PrefillS
         weights, cfg, rows.tokens, rows.positions, logits_at=rows.score_at,
         attention=spec.attention_fn(weights.embed.dtype), emit=emit, key_keep=key_keep,
     )
-    return scored_chunks(spec, logits, rows.question_targets, rows.question_mask, emitted, rows.prefix_len,
-                         rows.chunk_lengths, rows.chunk_ids, capacity)
+    keys, values, kept = emitted
+    scores = chunk_scores(spec, logits, rows.question_targets, rows.question_mask, rows.chunk_lengths)
+    return chunk_selection(keys, values, kept, scores, rows.chunk_lengths, rows.chunk_ids, rows.prefix_len, capacity)
 
 
 def content_slots(prefix_len: int, chunk_lengths: jax.Array, width: int) -> jax.Array:
@@ -192,20 +193,10 @@ def kept_slots(spec: PrefillSpec, capacity: int, q, k, row_lengths, content) -> 
     return idx
 
 
-def scored_chunks(spec: PrefillSpec, logits, targets, mask, emitted, prefix_len: int, chunk_lengths, chunk_ids,
-                  capacity: int) -> ChunkSelection:
-    """The ``ChunkSelection`` of G chunk rows from what their forward gave: ``logits [G, Qb,
-    V]`` at the positions that predict the question ``targets [G or 1, Qb]`` (scored where
-    ``mask``), ``emitted``: ``compress_row``'s output stacked over layers. Padding rows
-    (``chunk_lengths`` 0) are invalid with score +inf."""
-    keys, values, kept = emitted
-    scores = chunk_scores(spec, logits, targets, mask, chunk_lengths)
-    return chunk_selection(keys, values, kept, scores, chunk_lengths, chunk_ids, prefix_len, capacity)
-
-
 def chunk_scores(spec: PrefillSpec, logits, targets, mask, chunk_lengths) -> jax.Array:
-    """``spec.chunk_scorer`` of G rows (shapes as ``scored_chunks``): ``[G]``, +inf for
-    padding rows (``chunk_lengths`` 0)."""
+    """``spec.chunk_scorer`` of G rows: ``logits [G, Qb, V]`` at the positions that predict
+    the question ``targets [G or 1, Qb]``, scored where ``mask [G or 1, Qb]``. Returns
+    ``[G]``, +inf for padding rows (``chunk_lengths`` 0)."""
     targets = jnp.broadcast_to(targets, logits.shape[:2])
     mask = jnp.broadcast_to(mask, logits.shape[:2])
     return jnp.where(chunk_lengths > 0, spec.chunk_scorer(logits, targets, mask), jnp.inf)

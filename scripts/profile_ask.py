@@ -1,6 +1,6 @@
 """Where a question on a read document spends its time: the question pass over the chunk
 caches (``Document.score_chunks``, waited for with ``block_until_ready``) against selection,
-merge and decoding (``answer_selection``; its tokens come back to the host, so it is finished).
+merge and decoding (``pipeline.run_stage2``; its tokens come back to the host, so it is finished).
 
     python scripts/profile_ask.py --length 8192
 
@@ -17,8 +17,8 @@ import jax
 
 import pcomp_jax
 from pcomp_jax import ParallelCompConfig
-from pcomp_jax.methods import get_method
-from pcomp_jax.pipeline import answer_selection
+from pcomp_jax.pipeline import answer_prefilled
+from pcomp_jax.plans import plan
 from pcomp_jax.tasks import make_task
 
 
@@ -34,10 +34,10 @@ def main() -> None:
     for i in range(args.repeats):
         parts = doc.question_parts(task.question, config)
         start = time.perf_counter()
-        (prefill,) = doc.score_chunks([parts], config, get_method(config.method))
-        jax.block_until_ready(prefill.selection)
+        (prefill,) = doc.score_chunks([parts], plan(model, config))
+        jax.block_until_ready(prefill.context)
         scored = time.perf_counter()
-        result = answer_selection(model, prefill, config, 16, {}, len(parts.context))
+        result = answer_prefilled(model, plan(model, config), prefill, 16, {}, len(parts.context))
         done = time.perf_counter()
         print(f"{'first (compiling)' if i == 0 else 'warm'}: {doc.num_chunks} chunks, question pass "
               f"{scored - start:.2f} s, selection + merge + decoding {done - scored:.2f} s, {result.text!r}")

@@ -13,7 +13,8 @@ import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer
 from pcomp_jax.chunking import build_rows, chunk_bounds, encode_parts
 from pcomp_jax.calibrate import CalibrationRule
-from pcomp_jax.decode import DecodeEviction, StageEviction, decode_jit, question_prefill, stop_token_ids
+from pcomp_jax.decode import DecodeEviction, StageEviction, decode_jit, stop_token_ids
+from pcomp_jax.merge import ContextCache, MergeSpec, question_prefill
 from pcomp_jax.compress import SnapKV
 from pcomp_jax.prefill import (
     PrefillSpec,
@@ -140,7 +141,7 @@ def test_calibration_matches_numpy_reference(hf_checkpoints, case):
     chunk_rules = tuple(r for r in rules if r.stage == "chunk")
     spec = PrefillSpec(capacity=config.capacity, token_scorer=SnapKV(config.obs_window, config.pool_kernel),
                        attention="dense", chunk_rules=chunk_rules)
-    for layer, head, removed in removed_from_merged_cache(model, parts, config, spec, merged_rules=merged):
+    for layer, head, removed in removed_from_merged_cache(model, parts, config, spec, MergeSpec(rules=merged)):
         assert removed == expected["merged_masked"][layer][head], f"layer {layer}, KV head {head}"
 
 
@@ -157,13 +158,13 @@ def top2_selection(model, parts, config, spec):
     return state, prefix_k, prefix_v, question_ids
 
 
-def removed_from_merged_cache(model, parts, config, spec, **question_prefill_options):
+def removed_from_merged_cache(model, parts, config, spec, merge_spec):
     """(layer, KV head, ranks among the merged cache's valid entries that the question
     prefill removed) for the top-2 selection of ``spec``'s chunk prefill."""
     state, prefix_k, prefix_v, question_ids = top2_selection(model, parts, config, spec)
     before, _ = merge_selection(prefix_k, prefix_v, state, room=64 + 16)
-    after, _, _ = question_prefill(model.params, model.config, prefix_k, prefix_v, state, jnp.asarray(question_ids),
-                                   jnp.int32(len(parts.question)), 16, **question_prefill_options)
+    after = question_prefill(model.params, model.config, ContextCache(prefix_k, prefix_v, state),
+                             jnp.asarray(question_ids), jnp.int32(len(parts.question)), merge_spec, num_steps=16).cache
     content = np.asarray(before.valid[:, 0])  # [L, S, KVH]
     kept = np.asarray(after.valid[:, 0])
     for layer in range(content.shape[0]):
@@ -196,9 +197,9 @@ def test_stage_eviction_matches_numpy_reference(hf_checkpoints, variant):
 
     # Which merged-cache entries each layer and KV head evicted, by rank among the valid ones.
     spec = PrefillSpec(capacity=None, token_scorer=SnapKV(config.obs_window, config.pool_kernel))
-    eviction = StageEviction(budget, config.obs_window, config.pool_kernel)
+    eviction = StageEviction(budget, SnapKV(config.obs_window, config.pool_kernel))
     kept_chunk_tokens = sum(bounds[c][1] - bounds[c][0] for c in ours.selected_chunks)
-    for layer, head, evicted in removed_from_merged_cache(model, parts, config, spec, eviction=eviction):
+    for layer, head, evicted in removed_from_merged_cache(model, parts, config, spec, MergeSpec(eviction=eviction)):
         assert evicted == expected["merged_evicted"][layer][head], f"layer {layer}, KV head {head}"
         assert len(evicted) == kept_chunk_tokens - budget  # exactly the budget stays
 
@@ -231,13 +232,13 @@ def test_decode_eviction_matches_numpy_reference(hf_checkpoints, variant):
     expected = reference(n + 1, [])
     spec = PrefillSpec(capacity=config.capacity, token_scorer=SnapKV(config.obs_window, config.pool_kernel))
     state, prefix_k, prefix_v, question_ids = top2_selection(model, parts, config, spec)
-    eviction = DecodeEviction(config.obs_window, config.pool_kernel)
-    cache, first, position = question_prefill(
-        model.params, model.config, prefix_k, prefix_v, state, jnp.asarray(question_ids),
-        jnp.int32(len(parts.question)), 16, decode_eviction=eviction)
-    tokens, final = decode_jit(model.params, model.config, cache, first, position, jnp.array([-1], jnp.int32), 16,
-                               jnp.int32(n), eviction)
-    assert np.asarray(tokens)[0, :n].tolist() == expected["tokens"][:n]
+    eviction = DecodeEviction(SnapKV(config.obs_window, config.pool_kernel))
+    start = question_prefill(model.params, model.config, ContextCache(prefix_k, prefix_v, state),
+                             jnp.asarray(question_ids), jnp.int32(len(parts.question)),
+                             MergeSpec(decode_eviction=eviction), num_steps=16)
+    done = decode_jit(model.params, model.config, start, jnp.array([-1], jnp.int32), jnp.int32(n), eviction)
+    cache, final = start.cache, done.cache
+    assert np.asarray(done.emitted)[0, :n].tolist() == expected["tokens"][:n]
     end = int(cache.end[0])
     held = np.array(cache.valid[:, 0])  # [L, S, KVH] after the question
     held[:, end: end + n] = True  # the fed tokens' slots

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pcomp_jax.cache import KVCache
+from pcomp_jax.compress import SnapKV
 from pcomp_jax.decode import DecodeEviction
 
 
@@ -31,7 +32,7 @@ def test_one_step_drops_the_lowest_older_entry_per_head(data):
     # (no subnormals: XLA on the CPU flushes them to zero, which makes ties NumPy does not see)
     window = np.array(data.draw(st.lists(st.floats(0, 1, width=32, allow_subnormal=False), min_size=kvh * w * s, max_size=kvh * w * s)),
                       np.float32).reshape(kvh, w, s)
-    after = np.asarray(DecodeEviction(obs_window=w, pool_kernel=1).evict_one(make_cache(valid, window)).valid[0, 0])
+    after = np.asarray(DecodeEviction(SnapKV(obs_window=w, pool_kernel=1)).evict_one(make_cache(valid, window)).valid[0, 0])
     for g in range(kvh):
         held = np.flatnonzero(valid[:, g])
         older = held[: max(0, len(held) - w)]
@@ -50,6 +51,6 @@ def test_pooling_is_over_the_held_entries_in_order():
     valid = np.array([[1], [0], [1], [1], [0], [1], [1], [1], [1], [1]], bool)  # held: 0 2 3 5 6 7 8 9
     scores = np.array([0.1, 9.0, 0.9, 0.2, 9.0, 0.3, 0.5, 0.6, 0.7, 0.8], np.float32)
     window = scores[None, None, :]  # one KV head, one observed query
-    after = DecodeEviction(obs_window=2, pool_kernel=3).evict_one(make_cache(valid, window)).valid[0, 0, :, 0]
+    after = DecodeEviction(SnapKV(obs_window=2, pool_kernel=3)).evict_one(make_cache(valid, window)).valid[0, 0, :, 0]
     # older held entries 0 2 3 5 6 7 with scores .1 .9 .2 .3 .5 .6: pooled .9 .9 .9 .5 .6 .6 -> slot 5 goes
     assert np.flatnonzero(valid[:, 0] & ~np.asarray(after)).tolist() == [5]

@@ -14,8 +14,8 @@ from bounds import assert_within, model_bound, nll_bound, scale_of
 import pcomp_jax
 from pcomp_jax import CalibrationRule, ParallelCompConfig, answer, document, read_document
 from pcomp_jax.chunking import encode_parts
-from pcomp_jax.methods import get_method
-from pcomp_jax.pipeline import prefill_context
+from pcomp_jax.pipeline import run_stage1
+from pcomp_jax.plans import plan
 
 WORDS = "the cat sat on a mat and then ran in the sun as the other one slept there".split()
 QUESTIONS = ("who slept in the sun?", "where did the cat sit, and what did the other one do?")
@@ -57,8 +57,8 @@ def test_ask_is_answer(model, doc, capacity):
     # Stage 1 itself: the same kept chunks, kept token positions (every layer and KV head) and
     # caches (where a kept slot holds a token: whole chunks keep unused slots apart from answer's).
     parts = encode_parts(model.tokenizer, CONTEXT, question, BASE.instruction, BASE.answer_prefix, BASE.chat)
-    reference = prefill_context(model, parts, config).selection
-    ours = doc.score_chunks([doc.question_parts(question, config)], config, get_method(BASE.method))[0].selection
+    reference = run_stage1(model, plan(model, config), parts).context.selection
+    ours = doc.score_chunks([doc.question_parts(question, config)], plan(model, config))[0].context.selection
     for field in ("chunk_ids", "chunk_valid", "token_valid", "row_lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(ours, field)), np.asarray(getattr(reference, field)))
     used = np.asarray(reference.token_valid)  # [K, cap]
@@ -192,7 +192,7 @@ def test_answer_batch_reads_contexts_in_shared_groups(model, monkeypatch):
               (contexts[2], QUESTIONS[0])]
     references = [answer(model, context, question, BASE, max_new_tokens=4) for context, question in inputs]
     calls = []
-    monkeypatch.setattr(document, "read_group", lambda *a, **k: calls.append(1) or READ_GROUP(*a, **k))
+    monkeypatch.setattr(document.reading, "read_group", lambda *a, **k: calls.append(1) or READ_GROUP(*a, **k))
     batch = pcomp_jax.answer_batch(model, inputs, BASE, max_new_tokens=4)
     for ours, reference in zip(batch, references):
         assert_within(ours.chunk_scores, reference.chunk_scores,

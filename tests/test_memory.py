@@ -13,11 +13,12 @@ import pcomp_jax
 from pcomp_jax import ParallelCompConfig, memory
 from pcomp_jax.buckets import bucket_length
 from pcomp_jax.chunking import encode_parts
-from pcomp_jax.decode import _prefill_prompt, decode_budget, pad_ids, question_prefill
+from pcomp_jax.decode import _prefill_prompt, decode_budget, pad_ids
+from pcomp_jax.merge import question_prefill
 from pcomp_jax.errors import PcompError
 from pcomp_jax.memory import MARGIN_BYTES, MARGIN_FRACTION, MemoryEstimate, estimate_memory, per_device_bytes
-from pcomp_jax.methods import get_method
-from pcomp_jax.pipeline import context_chunks, prefill_context, reprefill_ids
+from pcomp_jax.pipeline import run_stage1
+from pcomp_jax.plans import one_row_ids, plan
 
 CONTEXT = " ".join(f"The cat sat on mat number {i}." for i in range(60))
 MIB = 2**20
@@ -47,9 +48,9 @@ def test_estimate_parts_equal_the_arrays_a_run_holds(model):
     parts = parts_of(model, config)
     estimate = estimate_memory(model, parts, config, 8)
     assert estimate.weights == sum(x.nbytes for x in jax.tree.leaves(model.params))
-    pre = prefill_context(model, parts, config)
-    kept = per_device_bytes(pre.selection)
-    assert estimate.selection == kept + per_device_bytes((pre.prefix_keys, pre.prefix_values))
+    pre = run_stage1(model, plan(model, config), parts)
+    kept = per_device_bytes(pre.context.selection)
+    assert estimate.selection == kept + per_device_bytes((pre.context.prefix_keys, pre.context.prefix_values))
     assert list(estimate.phases) == [*CHUNK_PHASES, "question on the merged cache", "decoding"]
     for name in CHUNK_PHASES:  # select_chunks holds the empty state it started from through the loop
         assert estimate.phases[name][STARTING] == kept
@@ -58,9 +59,9 @@ def test_estimate_parts_equal_the_arrays_a_run_holds(model):
     assert prefill[BEFORE_UPDATE] == update["top-k update: temporaries + the new selection out"] >= kept
     # the decoding loop's input: the cache the question prefill returns
     question = jnp.asarray(pad_ids(parts.question, minimum=16))
-    cache = question_prefill(pre.weights, model.config, pre.prefix_keys, pre.prefix_values, pre.selection, question,
-                             jnp.int32(len(parts.question)), decode_budget(8))[0]
-    assert estimate.phases["decoding"]["the merged cache (the loop's input)"] == per_device_bytes(cache)
+    state = question_prefill(pre.weights, model.config, pre.context, question, jnp.int32(len(parts.question)),
+                             plan(model, config).merge, num_steps=decode_budget(8))
+    assert estimate.phases["decoding"]["the merged cache (the loop's input)"] == per_device_bytes(state)
     assert all(size > 0 for parts_ in estimate.phases.values() for size in parts_.values())
     assert estimate.peak == estimate.weights + estimate.selection + max(estimate.phase_totals.values())
     assert estimate.phase_totals[estimate.largest_phase] == max(estimate.phase_totals.values())
@@ -92,11 +93,12 @@ def test_reprefill_estimates_its_re_read_row_not_the_merged_prefill(model):
     parts = parts_of(model, config)
     estimate = estimate_memory(model, parts, config, 8)
     assert list(estimate.phases) == [*CHUNK_PHASES, REREAD, "decoding"]
-    method = get_method(config.method)
-    longest = sorted((e - s for s, e in context_chunks(parts, config, method)), reverse=True)[:2]
+    plan_ = plan(model, config)
+    longest = sorted((e - s for s, e in plan_.chunk_bounds(parts)), reverse=True)[:2]
     row = len(parts.prefix) + sum(longest) + len(parts.question)  # the longest row any selection can re-read
     assert estimate.phases[REREAD]["the row's token ids"] == 4 * bucket_length(row, minimum=64)
-    ids = reprefill_ids(prefill_context(model, parts, config))
+    pre = run_stage1(model, plan_, parts)
+    ids = one_row_ids(plan_, pre.parts, pre.kept_bounds)
     cache = _prefill_prompt(model.params, model.config, jnp.asarray(pad_ids(ids))[None], jnp.int32(len(ids)),
                             decode_budget(8))[0]
     assert per_device_bytes(cache) <= estimate.phases["decoding"]["the row's cache (the loop's input)"]

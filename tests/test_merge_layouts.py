@@ -125,7 +125,7 @@ def test_layout_refusals(model, monkeypatch):
     from pcomp_jax import pipeline
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "prefill_context", lambda *a, **k: pytest.fail("the prefill ran before the refusal"))
+        patch.setattr(pipeline, "run_stage1", lambda *a, **k: pytest.fail("the prefill ran before the refusal"))
         with pytest.raises(pcomp_jax.InputTooLongError, match="even the 2 shortest chunks laid end to end"):
             answer(model, make_sentences(150, 6), "who ran?", too_long, 8)  # refused before any prefill
     pcw = dataclasses.replace(BASE, method="pcw", chunk_len=window // 2, merge_layout="sequential")
@@ -144,8 +144,8 @@ def test_eval_columns_that_differ_after_the_prefill_share_it(model, monkeypatch,
     from pcomp_jax import document
 
     calls, reads = [], []
-    real, real_read = pipeline.prefill_context, document.read_parts
-    monkeypatch.setattr(pipeline, "prefill_context", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, real_read = pipeline.run_stage1, document.read_parts
+    monkeypatch.setattr(pipeline, "run_stage1", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(document, "read_parts", lambda *a, **k: reads.append(1) or real_read(*a, **k))
     methods = (MethodSpec.of("parallel"), MethodSpec.of("sequential", merge_layout="sequential"),
                MethodSpec.of("calibrated", calibration_preset="remove_shallow_middle"),

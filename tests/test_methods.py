@@ -15,7 +15,7 @@ from pcomp_jax import ParallelCompConfig, answer, methods
 from pcomp_jax.axes import logical_axes
 from pcomp_jax.cache import cache_from_prefill
 from pcomp_jax.chunking import build_rows, encode_parts
-from pcomp_jax.compress import RecentTokens, SnapKV
+from pcomp_jax.compress import ConfigSnapKV, RecentTokens, SnapKV
 from pcomp_jax.eval import EvalConfig, MethodSpec, evaluate
 from pcomp_jax.prefill import PrefillSpec, empty_selection, prefill_group
 from pcomp_jax.sharding import make_mesh, shard, shardings
@@ -31,11 +31,11 @@ def model(hf_checkpoints):
 
 
 def readme_block(marker: str) -> str:
-    """The ```python block that follows ``<!-- marker -->`` in the README."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    """The ```python block that follows ``<!-- marker -->`` in docs/api.md (the Python API's page)."""
+    with open(os.path.join(ROOT, "docs", "api.md"), encoding="utf-8") as f:
         text = f.read()
     found = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S)
-    assert found, f"README has no python block after <!-- {marker} -->"
+    assert found, f"docs/api.md has no python block after <!-- {marker} -->"
     return found.group(1)
 
 
@@ -61,7 +61,7 @@ def test_no_module_outside_the_registry_tests_a_method_name():
 def test_registry_resolves_refuses_and_registers():
     assert methods.method_names()[: len(BUILT_IN)] == BUILT_IN
     pc = methods.get_method("parallelcomp")
-    assert pc.chunked and pc.top_k and isinstance(pc.token_scorer, SnapKV) and pc.calibration
+    assert pc.chunked and pc.top_k and isinstance(pc.token_scorer, ConfigSnapKV) and pc.calibration
     assert methods.get_method("full").plain_row and not methods.get_method("snapkv").plain_row
     with pytest.raises(pcomp_jax.ConfigError, match="method='sparse' is not allowed; choose one of: parallelcomp"):
         ParallelCompConfig(method="sparse")
@@ -98,13 +98,39 @@ def test_calibration_is_refused_for_methods_that_do_not_take_it(model):
         answer(model, make_context(30), "q?", config, 4)
 
 
-def test_research_snippet_in_the_readme_runs_and_equals_answer(model):
-    config = ParallelCompConfig(chunk_len=40, top_k_chunks=2, capacity=12, obs_window=4, group_size=4)
+def shipped_pipeline(name: str) -> ParallelCompConfig:
+    """The pipeline section of ``configs/<name>.yaml`` with chunks sized for the tiny model's
+    256-token window (40 tokens instead of 512; every other setting as shipped)."""
+    pipeline = pcomp_jax.load_config(os.path.join(ROOT, "configs", f"{name}.yaml")).pipeline
+    return dataclasses.replace(pipeline, chunk_len=40, group_size=min(pipeline.group_size, 4))
+
+
+SNIPPET_CONFIGS = {
+    "demo": lambda: shipped_pipeline("demo"),
+    "128k": lambda: shipped_pipeline("128k"),
+    "evict": lambda: ParallelCompConfig(chunk_len=40, capacity=12, obs_window=4),
+    "stage_eviction": lambda: dataclasses.replace(shipped_pipeline("demo"), capacity=12, obs_window=4,
+                                                  stage_eviction=True),
+    "decode_eviction": lambda: ParallelCompConfig(chunk_len=40, capacity=12, obs_window=4, decode_eviction=True),
+    "merged_calibration": lambda: dataclasses.replace(shipped_pipeline("demo"),
+                                                      calibration_preset="remove_shallow_middle"),
+    "chunk_calibration": lambda: ParallelCompConfig(chunk_len=40, calibration_preset="remove_shallow_middle",
+                                                    calibration_preset_stage="chunk"),
+    "scored_tail_overlap": lambda: ParallelCompConfig(chunk_len=40, score_last_tokens=4, chunk_overlap=8,
+                                                      sentence_chunks=False, top_k_chunks=3),
+}
+
+
+@pytest.mark.parametrize("name", list(SNIPPET_CONFIGS))
+def test_research_snippet_runs_and_equals_answer(model, name):
+    """The docs' "Composing the pipeline yourself" block, run as written, gives answer()'s
+    tokens and selection under the shipped configs and eviction and calibration settings."""
+    config = SNIPPET_CONFIGS[name]()
     context, question = make_context(150, seed=11), "where did the cat sit?"
     scope = {"model": model, "context": context, "question": question, "config": config}
-    exec(compile(readme_block("research-api"), "README.md:research-api", "exec"), scope)
+    exec(compile(readme_block("research-api"), "docs/api.md:research-api", "exec"), scope)
     expected = answer(model, context, question, config, max_new_tokens=16)
-    assert len(scope["rows"].groups(scope["group_size"])) > 1, "the snippet must run several chunk groups"
+    assert len(scope["rows"].groups(config.group_size)) > 1, "the snippet must run several chunk groups"
     assert scope["reply"].token_ids == expected.token_ids
     selected = np.asarray(scope["state"].chunk_ids)[np.asarray(scope["state"].chunk_valid)]
     assert sorted(selected.tolist()) == expected.selected_chunks
@@ -114,7 +140,7 @@ def test_research_snippet_in_the_readme_runs_and_equals_answer(model):
 def test_custom_scorer_from_the_readme_runs_through_answer_and_the_eval_runner(model, tmp_path):
     context, question = make_context(40, seed=12), "who ran?"  # one 512-token chunk fits the window
     scope = {"model": model, "context": context, "question": question}
-    exec(compile(readme_block("custom-scorer"), "README.md:custom-scorer", "exec"), scope)
+    exec(compile(readme_block("custom-scorer"), "docs/api.md:custom-scorer", "exec"), scope)
     try:
         assert isinstance(scope["result"], pcomp_jax.pipeline.Answer) and scope["result"].method == "parallelcomp_keynorm"
         key_norm = scope["KeyNorm"]()

@@ -231,9 +231,9 @@ def reading_key(pipeline: ParallelCompConfig):
     """What decides a document's reading (``document.check_same_reading``, devices); None:
     the method cannot reuse chunk caches."""
     from ..document import READ_FIELDS, reuses_chunk_caches
-    from ..methods import get_method
+    from ..plans import method_of
 
-    method = get_method(pipeline.method)
+    method = method_of(pipeline)
     if not reuses_chunk_caches(method):
         return None
     return (*(getattr(pipeline, f) for f in READ_FIELDS), method.chunked, pipeline.num_devices,
@@ -356,10 +356,10 @@ def check_or_write_settings(directory: str, settings: dict) -> None:
 def check_method_fits(model, pipeline: ParallelCompConfig, name: str) -> None:
     """The checks ``answer`` makes of the settings alone (calibration against the method and
     the model's depth, the attention backend), made once before any item runs."""
-    from ..pipeline import check_config_fits
+    from ..plans import plan
 
     try:
-        check_config_fits(model, pipeline)
+        plan(model, pipeline)
     except ConfigError as err:
         raise ConfigError(f"method {name!r}: {err}") from None
 

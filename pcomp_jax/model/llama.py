@@ -156,7 +156,6 @@ def cached_forward(
     attention: AttentionFn = dense_attention,
     drop_from_cache: Callable | None = None,
     observe_at: jax.Array | None = None,
-    emit: Callable | None = None,
 ):
     """Appends ``tokens [B, T]`` (at ``positions [B, T]``) to ``cache`` and runs the model.
 
@@ -167,12 +166,7 @@ def cached_forward(
     When the cache keeps an ``attention_window``, the attention probabilities of the new
     tokens at ``observe_at`` (``[R]`` indices into T, -1 = an all-zero row; default all T)
     join it as its newest rows.
-    emit(q, keys, values, valid, layer_index): optional per-layer output from the new
-    tokens' rotated queries ``[B, T, H, D]`` and the layer's cache after the write (keys,
-    values ``[B, S, KVH, D]``, valid ``[B, S, KVH]``); when given, the emitted outputs
-    (stacked on a leading axis L) are returned instead of the updated cache, which is
-    then never stacked (e.g. a document's chunk rows, compressed per layer).
-    Returns ``(logits [B, T, V] float32, updated cache)``, or ``(logits, emitted)`` with ``emit``.
+    Returns ``(logits [B, T, V] float32, updated cache)``.
     """
     t = tokens.shape[1]
     slots = jnp.arange(cache.capacity)
@@ -199,15 +193,11 @@ def cached_forward(
             probs = jnp.where((observe_at >= 0)[None, None, :, None], probs, 0.0)
             window = jnp.concatenate([window, probs], axis=2)[:, :, -window.shape[2]:]
         out = _finish_layer(x, attention(q, k_cache, v_cache, mask), lw, cfg)
-        if emit is not None:
-            return out, emit(q, k_cache, v_cache, valid, index)
         return out, (k_cache, v_cache, valid, window)
 
     layers_in = (weights.layers, cache.keys, cache.values, cache.valid, cache.attention_window,
                  jnp.arange(cfg.num_layers))
     x, outputs = jax.lax.scan(layer, x, layers_in)
-    if emit is not None:
-        return _logits(weights, x, cfg), outputs
     keys, values, valid, window = outputs
     new_cache = KVCache(keys=keys, values=values, valid=valid, end=cache.end + t, attention_window=window)
     return _logits(weights, x, cfg), new_cache
