@@ -241,7 +241,6 @@ CAUSAL_BACKENDS = {
 }
 NO_KEY_MASK = ("cudnn", "splash", "mosaic_gpu")  # kernels whose masks cannot vary per row and KV head
 SIXTEEN_BIT = ("cudnn", "mosaic_gpu")  # kernels that take bfloat16 or float16 inputs only
-SINGLE_DEVICE_KERNELS = ("pallas", *NO_KEY_MASK)  # one kernel per device: not split over model_parallel
 KERNEL_PLATFORMS = {"pallas": ("gpu", "cpu"), "splash": ("tpu", "cpu"), "cudnn": ("gpu",), "mosaic_gpu": ("gpu",)}
 
 

@@ -15,68 +15,13 @@ the scanned layer stack, not by Python branches per layer.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from .attention import query_probs
+from .config import PRESETS, REGIONS, STAGES, CalibrationRule  # noqa: F401  (re-exported)
 from .errors import ConfigError
-
-REGIONS = ("sink", "recent", "middle", "all")
-STAGES = ("chunk", "merged")
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrationRule:
-    """Remove over-attended tokens of ``region`` in layers ``layers = [first, last]`` (0-based, inclusive).
-
-    region: ``sink`` (first ``region_size`` tokens), ``recent`` (last ``region_size``),
-    ``middle`` (between them) or ``all``. threshold: mean attention above which a token is
-    removed. last_queries: how many final query tokens are averaged. stage: ``chunk`` or ``merged``.
-    """
-
-    layers: tuple[int, int]
-    region: str = "middle"
-    region_size: int = 100
-    threshold: float = 0.1
-    last_queries: int = 1
-    stage: str = "merged"
-
-    def __post_init__(self):
-        layers = tuple(self.layers)
-        if len(layers) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-            raise ConfigError(f"layers must be [first, last] (two integers), got {list(self.layers)}")
-        object.__setattr__(self, "layers", layers)
-        if not 0 <= layers[0] <= layers[1]:
-            raise ConfigError(f"layers {list(layers)} must satisfy 0 <= first <= last")
-        if self.region not in REGIONS:
-            raise ConfigError(f"region {self.region!r} is not allowed; choose one of: {', '.join(REGIONS)}")
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage {self.stage!r} is not allowed; choose one of: {', '.join(STAGES)}")
-        if self.threshold < 0:
-            raise ConfigError(f"threshold must be >= 0, got {self.threshold}")
-        if self.region_size < 1:
-            raise ConfigError(f"region_size must be >= 1, got {self.region_size}")
-        if self.last_queries < 1:
-            raise ConfigError(f"last_queries must be >= 1, got {self.last_queries}")
-
-
-# The paper's layer findings for 32-layer Llama-class models, as (first, last) of 32
-# layers, region; scaled to the model's depth by ``preset_rules``.
-PRESETS: dict[str, tuple[tuple[int, int, str], ...]] = {
-    # Removing the middle bias in shallow layers helps understanding.
-    "remove_shallow_middle": ((1, 8, "middle"),),
-    # Removing the sink bias in shallow layers hurts retrieval (for ablations).
-    "remove_shallow_sink": ((1, 8, "sink"),),
-    # Removing the recent bias in layers 9-16 hurts code and math reasoning (for ablations).
-    "remove_deep_recent": ((9, 16, "recent"),),
-    # Removing the middle bias in deep layers hurts multiple-choice reading (for ablations).
-    "remove_deep_middle": ((24, 31, "middle"),),
-    # The recent bias in early layers matters for in-context learning (for ablations).
-    "remove_early_recent": ((1, 8, "recent"),),
-}
-
 
 def scale_layer(layer_of_32: int, num_layers: int) -> int:
     """Maps a layer index of a 32-layer model to the same relative depth of ``num_layers``."""

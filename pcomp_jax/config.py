@@ -7,22 +7,119 @@ validates everything up front; errors name the field, the value and what is allo
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
 
 import yaml
 
-from .attention import CAUSAL_BACKENDS, SINGLE_DEVICE_KERNELS
-from .calibrate import PRESETS, STAGES, CalibrationRule
-from .checkpoints import DTYPE_CHOICES
 from .cli import DEFAULT_COMPILATION_CACHE
-from .distributed import DistributedConfig
 from .errors import ConfigError
-from .methods import method_names
-from .prefill import MERGE_LAYOUTS
+from .registry import method_names
 
-ATTENTION_BACKENDS = ("auto", *CAUSAL_BACKENDS)
+# The names the settings take. The modules that implement them key their tables by these
+# (``attention.CAUSAL_BACKENDS``, ``prefill.MERGE_LAYOUTS``, ``checkpoints.DTYPES``), and a
+# test checks that the two agree.
+CAUSAL_BACKEND_NAMES = ("dense", "blockwise", "pallas", "cudnn", "splash", "mosaic_gpu")
+ATTENTION_BACKENDS = ("auto", *CAUSAL_BACKEND_NAMES)
+SINGLE_DEVICE_KERNELS = ("pallas", "cudnn", "splash", "mosaic_gpu")  # one kernel per device: not split over model_parallel
+MERGE_LAYOUT_NAMES = ("parallel", "sequential", "reprefill")
+REPREFILL = "reprefill"  # the layout that reads the kept chunks again instead of merging caches
+DTYPE_NAMES = ("float32", "bfloat16")
+DTYPE_CHOICES = (*DTYPE_NAMES, "auto")
+
+
+REGIONS = ("sink", "recent", "middle", "all")
+STAGES = ("chunk", "merged")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationRule:
+    """Remove over-attended tokens of ``region`` in layers ``layers = [first, last]`` (0-based, inclusive).
+
+    region: ``sink`` (first ``region_size`` tokens), ``recent`` (last ``region_size``),
+    ``middle`` (between them) or ``all``. threshold: mean attention above which a token is
+    removed. last_queries: how many final query tokens are averaged. stage: ``chunk`` or ``merged``.
+    """
+
+    layers: tuple[int, int]
+    region: str = "middle"
+    region_size: int = 100
+    threshold: float = 0.1
+    last_queries: int = 1
+    stage: str = "merged"
+
+    def __post_init__(self):
+        layers = tuple(self.layers)
+        if len(layers) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise ConfigError(f"layers must be [first, last] (two integers), got {list(self.layers)}")
+        object.__setattr__(self, "layers", layers)
+        if not 0 <= layers[0] <= layers[1]:
+            raise ConfigError(f"layers {list(layers)} must satisfy 0 <= first <= last")
+        if self.region not in REGIONS:
+            raise ConfigError(f"region {self.region!r} is not allowed; choose one of: {', '.join(REGIONS)}")
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage {self.stage!r} is not allowed; choose one of: {', '.join(STAGES)}")
+        if self.threshold < 0:
+            raise ConfigError(f"threshold must be >= 0, got {self.threshold}")
+        if self.region_size < 1:
+            raise ConfigError(f"region_size must be >= 1, got {self.region_size}")
+        if self.last_queries < 1:
+            raise ConfigError(f"last_queries must be >= 1, got {self.last_queries}")
+
+
+# The paper's layer findings for 32-layer Llama-class models, as (first, last) of 32
+# layers, region; scaled to the model's depth by ``preset_rules``.
+PRESETS: dict[str, tuple[tuple[int, int, str], ...]] = {
+    # Removing the middle bias in shallow layers helps understanding.
+    "remove_shallow_middle": ((1, 8, "middle"),),
+    # Removing the sink bias in shallow layers hurts retrieval (for ablations).
+    "remove_shallow_sink": ((1, 8, "sink"),),
+    # Removing the recent bias in layers 9-16 hurts code and math reasoning (for ablations).
+    "remove_deep_recent": ((9, 16, "recent"),),
+    # Removing the middle bias in deep layers hurts multiple-choice reading (for ablations).
+    "remove_deep_middle": ((24, 31, "middle"),),
+    # The recent bias in early layers matters for in-context learning (for ablations).
+    "remove_early_recent": ((1, 8, "recent"),),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How this process joins a multi-process run.
+
+    coordinator: ``host:port`` of process 0's coordinator service; num_processes: how many
+    processes the run has; process_id: this one's index (0 = the main process). Give all
+    three, or none to rely on JAX's cluster detection (one process outside a cluster).
+    timeout_s: how long to wait for every process to join before giving up.
+    """
+
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    timeout_s: int = 300
+
+    def __post_init__(self):
+        check_field_types(self, "distributed.")
+        given = {"coordinator": self.coordinator, "num_processes": self.num_processes, "process_id": self.process_id}
+        missing = [name for name, value in given.items() if value is None]
+        if 0 < len(missing) < 3:
+            raise ConfigError(f"distributed.{missing[0]} is missing: give coordinator, num_processes and process_id "
+                              "together, or none of them to use JAX's cluster detection")
+        if self.coordinator is not None and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", self.coordinator):
+            raise ConfigError(f"distributed.coordinator must be host:port (e.g. 10.0.0.1:1234), got {self.coordinator!r}")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ConfigError(f"distributed.num_processes must be >= 1, got {self.num_processes}")
+        if self.process_id is not None and not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(f"distributed.process_id must be in [0, {self.num_processes - 1}] "
+                              f"(num_processes={self.num_processes}), got {self.process_id}")
+        if self.timeout_s < 1:
+            raise ConfigError(f"distributed.timeout_s must be >= 1, got {self.timeout_s}")
+
+    @property
+    def explicit(self) -> bool:
+        return self.coordinator is not None
 
 
 def _check_choice(name, value, allowed):
@@ -51,7 +148,7 @@ class ParallelCompConfig:
     sentence_chunks: end chunks at sentence ends near the near-equal targets (else line
       ends, else token counts; ``chunking.chunk_bounds``); False: at token counts alone.
     chunk_overlap: tokens each chunk repeats from before its start (0: none).
-    merge_layout: where the kept chunks sit for the question (``prefill.MERGE_LAYOUTS``):
+    merge_layout: where the kept chunks sit for the question (``MERGE_LAYOUT_NAMES``; ``prefill.MERGE_LAYOUTS``):
       ``parallel`` (the default and the paper's: every chunk at its own row positions; it
       works for any k and chunk length), ``sequential`` (one after another, keys rotated
       on; not with ``dynamic`` rope; P + the kept chunks + Q + the answer must fit in the
@@ -118,12 +215,12 @@ class ParallelCompConfig:
         check_field_types(self)
         _check_choice("method", self.method, method_names())
         _check_choice("attention", self.attention, ATTENTION_BACKENDS)
-        _check_choice("merge_layout", self.merge_layout, tuple(MERGE_LAYOUTS))
+        _check_choice("merge_layout", self.merge_layout, MERGE_LAYOUT_NAMES)
         if self.stage_eviction and self.capacity is None:
             raise ConfigError("stage_eviction keeps capacity x top_k_chunks tokens of the merged cache; set capacity")
         merged_rules = any(r.stage == "merged" for r in self.calibration) or (
             self.calibration_preset is not None and self.calibration_preset_stage == "merged")
-        if MERGE_LAYOUTS[self.merge_layout].reprefills:
+        if self.merge_layout == REPREFILL:
             acting = [name for name, on in (("merged-stage calibration", merged_rules),
                                             ("stage_eviction", self.stage_eviction),
                                             ("decode_eviction", self.decode_eviction)) if on]

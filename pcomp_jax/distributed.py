@@ -13,56 +13,16 @@ and answer come out replicated, the same on every process. Only the main process
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import sys
 import threading
 
 import jax
 import numpy as np
 
-from .errors import ConfigError, PcompError
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    """How this process joins a multi-process run.
-
-    coordinator: ``host:port`` of process 0's coordinator service; num_processes: how many
-    processes the run has; process_id: this one's index (0 = the main process). Give all
-    three, or none to rely on JAX's cluster detection (one process outside a cluster).
-    timeout_s: how long to wait for every process to join before giving up.
-    """
-
-    coordinator: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    timeout_s: int = 300
-
-    def __post_init__(self):
-        from .config import check_field_types
-
-        check_field_types(self, "distributed.")
-        given = {"coordinator": self.coordinator, "num_processes": self.num_processes, "process_id": self.process_id}
-        missing = [name for name, value in given.items() if value is None]
-        if 0 < len(missing) < 3:
-            raise ConfigError(f"distributed.{missing[0]} is missing: give coordinator, num_processes and process_id "
-                              "together, or none of them to use JAX's cluster detection")
-        if self.coordinator is not None and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", self.coordinator):
-            raise ConfigError(f"distributed.coordinator must be host:port (e.g. 10.0.0.1:1234), got {self.coordinator!r}")
-        if self.num_processes is not None and self.num_processes < 1:
-            raise ConfigError(f"distributed.num_processes must be >= 1, got {self.num_processes}")
-        if self.process_id is not None and not 0 <= self.process_id < self.num_processes:
-            raise ConfigError(f"distributed.process_id must be in [0, {self.num_processes - 1}] "
-                              f"(num_processes={self.num_processes}), got {self.process_id}")
-        if self.timeout_s < 1:
-            raise ConfigError(f"distributed.timeout_s must be >= 1, got {self.timeout_s}")
-
-    @property
-    def explicit(self) -> bool:
-        return self.coordinator is not None
+from .config import DistributedConfig
+from .errors import PcompError
 
 
 def initialize(cfg: DistributedConfig) -> bool:

@@ -21,7 +21,8 @@ import json
 import sys
 import time
 
-from .checkpoints import DTYPE_CHOICES, load_model
+from .checkpoints import load_model
+from .config import DTYPE_CHOICES
 from .cli import (add_cache_flags, cache_overrides, exit_interrupted, finish, quiet_transformers,
                   use_compilation_cache)
 from .config import RunConfig, load_config, to_dict

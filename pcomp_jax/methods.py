@@ -23,6 +23,7 @@ from .compress import ChunkScorer, ConfigSnapKV, QueryNLL, RecentTokens, TokenSc
 from .errors import ConfigError
 from .decode import DecodeEviction, StageEviction
 from .prefill import MERGE_LAYOUTS, MergeLayout, ParallelLayout, PrefillSpec
+from .registry import REGISTRY, method_names  # noqa: F401  (method_names: re-exported)
 
 
 class InputFit:
@@ -155,9 +156,6 @@ class Method:
             raise ConfigError(f"calibration applies to the chunked methods ({takers}), not {self.name!r}")
 
 
-REGISTRY: dict[str, Method] = {}
-
-
 def register_method(method: Method, replace: bool = False) -> Method:
     """Makes ``method`` available as ``ParallelCompConfig(method=method.name)``."""
     if not isinstance(method, Method):
@@ -171,11 +169,6 @@ def register_method(method: Method, replace: bool = False) -> Method:
 def unregister_method(name: str) -> None:
     """Removes a method registered with ``register_method``."""
     REGISTRY.pop(name, None)
-
-
-def method_names() -> tuple[str, ...]:
-    """The names a config's ``method`` may take, in registration order."""
-    return tuple(REGISTRY)
 
 
 def get_method(name: str) -> Method:

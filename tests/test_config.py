@@ -116,3 +116,28 @@ def test_python_api_checks_types_and_builds_rules():
     assert cfg.calibration[0].layers == (1, 2) and cfg.calibration[0].region == "sink"
     with pytest.raises(ConfigError, match=r"calibration\[0\].region 'x' is not allowed"):
         ParallelCompConfig(calibration=[{"layers": [1, 2], "region": "x"}])
+
+
+def test_the_config_names_agree_with_the_tables_that_implement_them():
+    """The config module is a leaf: it names the attention backends, merge layouts and dtypes
+    itself; the modules that implement them key their tables by the same names."""
+    from pcomp_jax import attention, checkpoints, config, prefill
+
+    assert tuple(attention.CAUSAL_BACKENDS) == config.CAUSAL_BACKEND_NAMES
+    assert set(config.SINGLE_DEVICE_KERNELS) == {"pallas", *attention.NO_KEY_MASK}
+    assert tuple(prefill.MERGE_LAYOUTS) == config.MERGE_LAYOUT_NAMES
+    assert [n for n, layout in prefill.MERGE_LAYOUTS.items() if layout.reprefills] == [config.REPREFILL]
+    assert tuple(checkpoints.DTYPES) == config.DTYPE_NAMES
+
+
+def test_the_config_module_imports_no_pipeline_module():
+    import ast
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pcomp_jax", "config.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level
+                 and node.module.startswith("pcomp_jax")}
+    assert imported <= {"cli", "errors", "registry"}, imported

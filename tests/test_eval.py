@@ -14,7 +14,7 @@ from pcomp_jax import ParallelCompConfig, answer
 from pcomp_jax.chunking import build_rows, encode_parts
 from pcomp_jax.config import ConfigError, load_config
 from pcomp_jax.decode import forward
-from pcomp_jax.eval import EvalConfig, MethodSpec, Runner, evaluate, method_metrics, summary_markdown
+from pcomp_jax.eval import EvalConfig, MethodSpec, Runner, SyntheticItem, evaluate, method_metrics, summary_markdown
 from pcomp_jax.perplexity import continuation_nll, text_windows
 from pcomp_jax.compress import RecentTokens
 from pcomp_jax.prefill import PrefillSpec, prefill_group
@@ -263,20 +263,21 @@ def test_foreign_lines_and_out_of_memory_do_not_stop_a_sweep(model, eval_config,
     os.makedirs(f"{config.output_dir}/pc")
     with open(f"{config.output_dir}/pc/predictions.jsonl", "w") as f:
         f.write('[1, 2]\n{"no_id": 1}\n')
-    original = Runner._synthetic
+    original = SyntheticItem.predict
 
-    def out_of_memory_at_depth_02(self, item, pipeline):
-        if item.fields["depth"] == 0.2:
+    def out_of_memory_at_depth_02(self, runner, pipeline):
+        if self.fields["depth"] == 0.2:
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB.")
-        return original(self, item, pipeline)
+        return original(self, runner, pipeline)
 
-    monkeypatch.setattr(Runner, "_synthetic", out_of_memory_at_depth_02)
+    monkeypatch.setattr(SyntheticItem, "predict", out_of_memory_at_depth_02)
     metrics = evaluate(config, model, progress=False)
     assert capsys.readouterr().err.count("is not a complete prediction record") == 2
     oom, fine = lines(f"{config.output_dir}/pc/predictions.jsonl")[2:]
     assert oom["error"].startswith("out of memory: RESOURCE_EXHAUSTED") and oom["score"] == 0.0
     assert "error" not in fine and metrics["pc"]["errors"] == 1
-    monkeypatch.setattr(Runner, "_synthetic", lambda *a: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: boom")))
+    monkeypatch.setattr(SyntheticItem, "predict",
+                        lambda *a: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: boom")))
     with pytest.raises(jax.errors.JaxRuntimeError, match="boom"):  # other runtime errors are not hidden
         evaluate(dataclasses.replace(config, depths=(0.5,)), model, progress=False)
 
@@ -403,7 +404,7 @@ def test_runner_reads_a_shared_context_once(model, tmp_path):
     """LongBench items with the same context are answered from one reading (document.read_parts)
     per reading settings, with the predictions and selections answer_parts gives each; a
     context asked once is answered by answer_parts as before."""
-    from pcomp_jax.eval.runner import longbench_items
+    from pcomp_jax.eval.items import longbench_items
     from pcomp_jax.longbench import encode_prompt
     from pcomp_jax.pipeline import answer_parts
 

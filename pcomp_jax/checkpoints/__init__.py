@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ..config import DTYPE_CHOICES
 from ..errors import CheckpointError, ConfigError
 from ..model.config import ModelConfig
 from ..model.llama import Weights
@@ -65,7 +66,6 @@ def default_model_path() -> str:
     )
 
 
-DTYPE_CHOICES = (*DTYPES, "auto")
 
 
 def auto_dtype() -> str:

@@ -41,6 +41,7 @@ from .reading import (
     read_document,
     read_parts,
     read_parts_batch,
+    reading_refusal,
     reuses_chunk_caches,
 )
 from .rows import join_rows, narrowed, take_rows
@@ -50,5 +51,5 @@ __all__ = [
     "AskedQuestion", "ChunkCaches", "DOCUMENT_FORMAT", "DOCUMENT_RECORD", "Document", "QuestionPass", "READ_FIELDS",
     "answer_batch", "check_same_devices", "check_same_reading", "context_parts", "document_plan", "join_rows",
     "kept_selection", "load_document", "narrowed", "question_group", "read_document", "read_group", "read_parts",
-    "read_parts_batch", "reuses_chunk_caches", "save_document", "take_rows",
+    "read_parts_batch", "reading_refusal", "reuses_chunk_caches", "save_document", "take_rows",
 ]

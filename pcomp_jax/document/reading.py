@@ -38,20 +38,29 @@ def reuses_chunk_caches(method: Method) -> bool:
     return not method.plain_row and isinstance(method.fit, WholeInput)
 
 
-def document_plan(model: Model, config: ParallelCompConfig) -> Plan:
-    """``plans.plan(model, config)``, refused with one line naming the option where a
-    document cannot reuse its caches."""
-    plan_ = plan(model, config)
+def reading_refusal(plan_: Plan) -> str | None:
+    """Why a document cannot reuse its chunk caches under ``plan_`` (one line naming the
+    option), or None when it can (or reads no chunk caches at all: one-row methods)."""
     if not reuses_chunk_caches(plan_.method):
-        return plan_
+        return None
     if plan_.prefill.chunk_rules:
-        raise ConfigError("calibration rules of stage 'chunk' (calibration_preset_stage or a rule's stage) change "
-                          "each chunk's attention by the question's, so a document's chunk caches cannot be read "
-                          "before the question; use stage 'merged', or pcomp_jax.answer() per question")
+        return ("calibration rules of stage 'chunk' (calibration_preset_stage or a rule's stage) change each chunk's "
+                "attention by the question's, so a document's chunk caches cannot be read before the question; use "
+                "stage 'merged', or pcomp_jax.answer() per question")
     scorer = plan_.prefill.token_scorer
     if scorer.queries_read() is None:
-        raise ConfigError(f"token scorer {type(scorer).__name__} of method {config.method!r} may read every query "
-                          "of a row, and a document keeps only the chunks' keys and values; use pcomp_jax.answer()")
+        return (f"token scorer {type(scorer).__name__} of method {plan_.config.method!r} may read every query of a "
+                "row, and a document keeps only the chunks' keys and values; use pcomp_jax.answer()")
+    return None
+
+
+def document_plan(model: Model, config: ParallelCompConfig) -> Plan:
+    """``plans.plan(model, config)``, refused (``ConfigError``, ``reading_refusal``) where a
+    document cannot reuse its caches."""
+    plan_ = plan(model, config)
+    refusal = reading_refusal(plan_)
+    if refusal is not None:
+        raise ConfigError(refusal)
     return plan_
 
 
@@ -144,15 +153,36 @@ class Document:
         plan_ = document_plan(self.model, config)
         check_max_new_tokens(max_new_tokens)
         for parts in asked:
-            same_breaks = (parts.breaks is None) == (self.parts.breaks is None) and (
-                parts.breaks is None or np.array_equal(parts.breaks, self.parts.breaks))
-            if not (np.array_equal(parts.prefix, self.parts.prefix) and np.array_equal(parts.context, self.parts.context)
-                    and same_breaks):
-                raise PcompError("a prompt's P or context differs from the document's; read its context with "
-                                 "read_parts, or use answer_parts()")
-            if len(parts.question) == 0:
-                raise PcompError("a prompt has an empty question part Q")
+            refusal = self.question_refusal(parts, plan_)
+            if refusal is not None:
+                raise PcompError(refusal)
         return self._ask_parts(list(asked), max_new_tokens, plan_, progress, 0.0) if asked else []
+
+    def question_refusal(self, parts: PromptParts, plan_: Plan) -> str | None:
+        """Why this document cannot answer the prompt ``parts`` under ``plan_`` (one line), or
+        None when ``ask_parts`` can: its P and context must be the document's, its question
+        part non-empty, and, where tokens are evicted, at least as long as the queries the
+        token scorer reads (a document keeps the chunks' keys and values, not their queries)."""
+        same_breaks = (parts.breaks is None) == (self.parts.breaks is None) and (
+            parts.breaks is None or np.array_equal(parts.breaks, self.parts.breaks))
+        if not (np.array_equal(parts.prefix, self.parts.prefix) and np.array_equal(parts.context, self.parts.context)
+                and same_breaks):
+            return "a prompt's P or context differs from the document's; read its context with read_parts, or use " \
+                   "answer_parts()"
+        if len(parts.question) == 0:
+            return "a prompt has an empty question part Q"
+        if self.groups is None:
+            return None
+        p, q = len(parts.prefix), len(parts.question)
+        longest = max(e - s for s, e in self.bounds)
+        spec = plan_.prefill
+        capacity = spec.kept_for(plan_.method.chunk_len(plan_.config, parts), row_length(p, longest, question_bucket(q)))
+        reads = spec.token_scorer.queries_read()
+        if capacity < longest and reads > q + 1:
+            return (f"the question part has {q} tokens, but {type(spec.token_scorer).__name__} scores tokens by the "
+                    f"row's last {reads} queries (obs_window) and a document has only the question's and the chunk's "
+                    f"last token ({q + 1}); lower obs_window or use answer()")
+        return None
 
     def _ask_parts(self, asked: list[PromptParts], max_new_tokens: int, plan_: Plan, progress: bool,
                    tokenize: float) -> list[Answer]:
@@ -195,12 +225,9 @@ class Document:
             p, q = len(parts.prefix), len(parts.question)
             check_row_fits(p, longest, q, cfg.window)
             capacity = spec.kept_for(plan_.method.chunk_len(config, parts), row_length(p, longest, question_bucket(q)))
-            reads = spec.token_scorer.queries_read()
-            if capacity < longest and reads > q + 1:
-                raise PcompError(f"the question part has {q} tokens, but {type(spec.token_scorer).__name__} scores "
-                                 f"tokens by the row's last {reads} queries (obs_window) and a document has only "
-                                 f"the question's and the chunk's last token ({q + 1}); lower obs_window or use "
-                                 "answer()")
+            refusal = self.question_refusal(parts, plan_)
+            if refusal is not None:
+                raise PcompError(refusal)
             ids, scored = scored_question(parts.question, config.score_last_tokens)
             inputs.append((AskedQuestion(jnp.asarray(ids), jnp.int32(q), jnp.asarray(scored)), capacity))
         passes = [[] for _ in asked]

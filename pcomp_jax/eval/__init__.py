@@ -14,15 +14,17 @@ replaced (``outputs``).
 Run it again with the same output directory to resume: finished items are skipped, and a
 method whose settings changed since is refused rather than mixed.
 
-Modules: ``config`` (``EvalConfig``: what a run sweeps), ``methods`` (``MethodSpec``: a
-method's name and the pipeline fields it changes), ``runner`` (the items, ``evaluate``, the
-resumable files), ``summary`` (metrics and the markdown tables), ``plots`` (the figures),
+Modules: ``config`` (``EvalConfig``: what a run sweeps), ``columns`` (``MethodSpec``: a
+method's name and the pipeline fields it changes), ``items`` (what one prediction is about,
+by kind), ``runner`` (``evaluate``, the resumable files, documents shared by the items of one
+context), ``outputs`` (the files it may write), ``summary`` (metrics and the markdown tables), ``plots`` (the figures),
 ``__main__`` (the command line).
 """
 
 from .config import ANSWER_TOKENS, EvalConfig, PerplexityConfig, load_eval_config
-from .methods import DEFAULT_METHODS, MethodSpec
-from .runner import Item, Runner, evaluate
+from .columns import DEFAULT_METHODS, MethodSpec
+from .items import Item, LongBenchItem, PerplexityItem, SyntheticItem
+from .runner import Runner, evaluate
 from .summary import method_metrics, summary_markdown
 
 __all__ = [
@@ -30,6 +32,9 @@ __all__ = [
     "DEFAULT_METHODS",
     "EvalConfig",
     "Item",
+    "LongBenchItem",
+    "PerplexityItem",
+    "SyntheticItem",
     "MethodSpec",
     "PerplexityConfig",
     "Runner",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..cli import DEFAULT_COMPILATION_CACHE
-from ..config import MIN_TASK_LENGTH, ConfigError, ParallelCompConfig, check_field_types
-from ..distributed import DistributedConfig
+from ..config import MIN_TASK_LENGTH, ConfigError, DistributedConfig, ParallelCompConfig, check_field_types
 from ..tasks import SYNTHETIC_TASKS
-from .methods import DEFAULT_METHODS, MethodSpec
+from .columns import DEFAULT_METHODS, MethodSpec
 
 ANSWER_TOKENS = {"passkey": 16, "number_string": 24, "kv_retrieval": 64, "needle": 16}
 

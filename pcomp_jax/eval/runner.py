@@ -6,7 +6,6 @@ see the package docstring for the files.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -22,57 +21,13 @@ from ..distributed import is_main, main_decides
 from ..sharding import make_mesh
 from ..errors import PcompError
 from ..io import read_text
-from ..tasks import GENERATOR_VERSIONS, make_task
-from .config import ANSWER_TOKENS, EvalConfig
-from .methods import MethodSpec
+from ..tasks import GENERATOR_VERSIONS
+from .columns import MethodSpec
+from .config import EvalConfig
+from .items import Item, sweep_items
 from .outputs import check_outputs, record_outputs, summary_names
 from .plots import plot_heatmaps, plot_perplexity
 from .summary import method_metrics, summary_markdown
-
-
-# ---- items: what one prediction is about -------------------------------------------------
-
-
-@dataclasses.dataclass
-class Item:
-    """One unit of work for a method. kind: synthetic, longbench or perplexity."""
-
-    id: str
-    kind: str
-    fields: dict
-
-
-def synthetic_items(config: EvalConfig) -> list[Item]:
-    return [
-        Item(f"{task}/L{length}/d{depth:g}/s{seed}", "synthetic",
-             {"task": task, "length": length, "depth": depth, "seed": seed})
-        for length in sorted(config.lengths) for task in config.tasks for depth in config.depths for seed in config.seeds
-    ]  # shortest first, so that a run cut short has every method on the shorter inputs
-
-
-def longbench_items(config: EvalConfig) -> list[Item]:
-    if config.longbench is None:
-        return []
-    from ..longbench import load_longbench
-
-    from ..io import check_readable
-
-    check_readable(config.longbench, "longbench file")
-    try:
-        examples = load_longbench(config.longbench, limit=config.longbench_limit)
-    except UnicodeDecodeError as err:
-        raise PcompError(f"cannot read longbench file {config.longbench!r}: not UTF-8 text (byte "
-                         f"{err.object[err.start]:#04x} at offset {err.start}); give a LongBench JSONL file") from None
-    except OSError as err:
-        raise PcompError(f"cannot read longbench file {config.longbench!r}: {err.strerror}") from None
-    return [Item(f"longbench/{ex.dataset}/{ex.id}", "longbench", {"example": ex, "dataset": ex.dataset})
-            for ex in examples]
-
-
-def perplexity_items(config: EvalConfig) -> list[Item]:
-    ppl = config.perplexity
-    return [Item(f"ppl/T{t}/s{s}", "perplexity", {"prefix_len": t, "sample": s})
-            for t in sorted(ppl.prefix_lengths) for s in range(ppl.samples)]
 
 
 # ---- running one item --------------------------------------------------------------------
@@ -101,7 +56,7 @@ class Runner:
         """Notes which (context, reading) pairs of ``pending`` are asked more than once, so that
         their context is read once (``document.read_parts``) and each asked; returns ``pending``
         with the items of one context next to each other (otherwise in order)."""
-        keys = [(context_key(item), reading_key(spec.pipeline(config.pipeline))) for spec, item in pending]
+        keys = [(item.context_key(), self.reading_key(spec.pipeline(config.pipeline))) for spec, item in pending]
         seen: dict = {}
         for key in keys:
             seen[key] = seen.get(key, 0) + 1
@@ -112,27 +67,38 @@ class Runner:
         order = sorted(range(len(pending)), key=lambda i: (first[keys[i][0]] if keys[i][0] is not None else i, i))
         return [pending[i] for i in order]
 
+    def reading_key(self, pipeline: ParallelCompConfig):
+        """What decides a document's reading under ``pipeline`` (``document.READ_FIELDS``,
+        whether the method is chunked, the devices); None where no document applies (a
+        one-row method, or one a document refuses: ``document.reading_refusal``)."""
+        from ..document import READ_FIELDS, reading_refusal, reuses_chunk_caches
+        from ..plans import plan
+
+        plan_ = plan(self.model, pipeline)
+        if not reuses_chunk_caches(plan_.method) or reading_refusal(plan_) is not None:
+            return None
+        return (*(getattr(pipeline, f) for f in READ_FIELDS), plan_.method.chunked, pipeline.num_devices,
+                pipeline.model_parallel)
+
     def ask(self, item: Item, parts, pipeline: ParallelCompConfig, max_new_tokens: int):
         """The answer to ``parts``: from the document of the item's context when its reading
-        is shared (``share_readings``) and the document can answer it, else ``answer_parts``
-        (the same answer)."""
+        is shared (``share_readings``) and the document can answer this prompt
+        (``Document.question_refusal``), else ``answer_parts`` (the same answer)."""
         from ..document import read_parts
         from ..pipeline import answer_parts
+        from ..plans import plan
 
-        key = (context_key(item), reading_key(pipeline))
+        key = (item.context_key(), self.reading_key(pipeline))
         if key in self.shared:
             if self._documents[0] != key[0]:
                 self._documents = (key[0], {})  # one context at a time: its documents only
             docs = self._documents[1]
-            try:
-                if key[1] not in docs:
-                    docs[key[1]] = read_parts(self.model, parts, pipeline, host=jax.default_backend() != "cpu")
-                    self.readings += 1
-                result = docs[key[1]].ask_parts([parts], max_new_tokens, pipeline)[0]
+            if key[1] not in docs:
+                docs[key[1]] = read_parts(self.model, parts, pipeline, host=jax.default_backend() != "cpu")
+                self.readings += 1
+            if docs[key[1]].question_refusal(parts, plan(self.model, pipeline)) is None:
                 self.document_answers += 1
-                return result
-            except PcompError:  # what a document cannot answer (e.g. a short question under SnapKV): as before
-                pass
+                return docs[key[1]].ask_parts([parts], max_new_tokens, pipeline)[0]
         return answer_parts(self.model, parts, pipeline, max_new_tokens, prefills=self.prefills(item))
 
     def needle_text(self) -> str:
@@ -155,7 +121,7 @@ class Runner:
         start = time.perf_counter()
         record = {"id": item.id, "kind": item.kind, **{k: v for k, v in item.fields.items() if k != "example"}}
         try:
-            record.update(getattr(self, f"_{item.kind}")(item, pipeline))
+            record.update(item.predict(self, pipeline))
         except ConfigError:  # a setting, not this input: stop (checked up front, so rare)
             raise
         except PcompError as err:  # this input does not suit this method (e.g. too long): recorded, scored 0
@@ -167,39 +133,6 @@ class Runner:
         record["seconds"] = round(time.perf_counter() - start, 2)
         record["device"] = jax.devices()[0].device_kind  # where the seconds (and the numerics) come from
         return record
-
-    def _synthetic(self, item: Item, pipeline) -> dict:
-        from ..chunking import encode_parts
-
-        f = item.fields
-        task = make_task(f["task"], self.model.tokenizer, f["length"], f["depth"], f["seed"],
-                         text=self.needle_text() if f["task"] == "needle" else None)
-        parts = encode_parts(self.model.tokenizer, task.context, task.question, pipeline.instruction,
-                             pipeline.answer_prefix, pipeline.chat)  # as answer() encodes them
-        result = self.ask(item, parts, pipeline, self.config.max_new_tokens or ANSWER_TOKENS[f["task"]])
-        correct = task.is_correct(result.text)
-        return {**f, "prediction": result.text, "answer": task.answer, "score": float(correct),
-                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens,
-                "generator": GENERATOR_VERSIONS[f["task"]]}
-
-    def _longbench(self, item: Item, pipeline) -> dict:
-        from ..longbench import MAX_NEW_TOKENS, encode_prompt, score_example
-
-        ex = item.fields["example"]
-        parts = encode_prompt(self.model.tokenizer, ex, pipeline.chat)
-        result = self.ask(item, parts, pipeline, self.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset])
-        return {"dataset": ex.dataset, "example_id": ex.id, "length": ex.length, "prediction": result.text,
-                "answers": ex.answers, "score": score_example(ex, result.text),
-                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
-
-    def _perplexity(self, item: Item, pipeline) -> dict:
-        from ..perplexity import continuation_nll
-
-        prefix, continuation = self.ppl_window(item.fields["prefix_len"], item.fields["sample"])
-        scored = continuation_nll(self.model, prefix, continuation, pipeline, self.config.perplexity.query_len)
-        return {**item.fields, "mean_nll": scored.mean_nll, "perplexity": scored.perplexity,
-                "tokens": len(scored.token_nll), "selected_chunks": scored.selected_chunks}
-
 
 def is_current(record: dict) -> bool:
     """Whether a finished record was made from the inputs an item has now: a synthetic task's
@@ -215,29 +148,6 @@ def current_records(path: str, repair: bool = True) -> tuple[dict[str, dict], in
     done = read_predictions(path, repair)
     current = {i: r for i, r in done.items() if is_current(r)}
     return current, len(done) - len(current)
-
-
-def context_key(item: Item):
-    """What decides an item's context (items with equal keys have the same P and context); None: not shared."""
-    if item.kind == "synthetic":
-        return ("synthetic", *(item.fields[k] for k in ("task", "length", "depth", "seed")))
-    if item.kind == "longbench":
-        ex = item.fields["example"]
-        return ("longbench", ex.dataset, ex.context)  # the dataset decides the template's P
-    return None
-
-
-def reading_key(pipeline: ParallelCompConfig):
-    """What decides a document's reading (``document.check_same_reading``, devices); None:
-    the method cannot reuse chunk caches."""
-    from ..document import READ_FIELDS, reuses_chunk_caches
-    from ..plans import method_of
-
-    method = method_of(pipeline)
-    if not reuses_chunk_caches(method):
-        return None
-    return (*(getattr(pipeline, f) for f in READ_FIELDS), method.chunked, pipeline.num_devices,
-            pipeline.model_parallel)
 
 
 # ---- files: append-only predictions, resumable ---------------------------------------------
@@ -414,7 +324,7 @@ def summarize(config: EvalConfig) -> dict[str, dict]:
     """Rewrites the metrics, summary and plots from the predictions already in
     ``config.output_dir`` (nothing runs, no model loads): e.g. one table for a sweep run in
     parts with ``--set lengths=[...]``. Items not run show as "-"."""
-    items = synthetic_items(config) + longbench_items(config) + perplexity_items(config)
+    items = sweep_items(config)
     missing = [spec.name for spec in config.methods if not os.path.isdir(os.path.join(config.output_dir, spec.name))]
     if missing:
         raise ConfigError(f"no results of method(s) {', '.join(missing)} in {config.output_dir}/; run them first")
@@ -426,7 +336,7 @@ def summarize(config: EvalConfig) -> dict[str, dict]:
 
 def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str, dict]:
     """Runs (or resumes) the whole sweep; returns the metrics per method and writes the files."""
-    items = synthetic_items(config) + longbench_items(config) + perplexity_items(config)
+    items = sweep_items(config)
     if not items:
         raise ConfigError("nothing to evaluate: give tasks (with lengths and depths), longbench or "
                           "perplexity.prefix_lengths")

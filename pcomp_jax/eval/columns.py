@@ -1,4 +1,4 @@
-"""A method of the comparison: a name and the pipeline settings it changes.
+"""The columns of a comparison: a method's name and the pipeline settings it changes.
 
 Python::
 
@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import TYPE_CHECKING
 
 from ..config import PIPELINE_PRESETS, ConfigError, ParallelCompConfig, check_field_types, from_dict
-
-if TYPE_CHECKING:
-    from .runner import Item
 
 PIPELINE_FIELDS = tuple(f.name for f in dataclasses.fields(ParallelCompConfig))
 
@@ -104,8 +100,8 @@ class MethodSpec:
         rest = {k: v for k, v in data.items() if k not in ("name", "max_length")}
         return cls(data["name"], data.get("max_length"), tuple(rest.items()))
 
-    def runs(self, item: Item) -> bool:
-        """Whether this method runs ``item`` (see max_length)."""
+    def runs(self, item) -> bool:
+        """Whether this method runs ``item`` (an ``items.Item``; see max_length)."""
         length = item.fields.get("length", item.fields.get("prefix_len"))
         return self.max_length is None or length is None or length <= self.max_length
 

@@ -1,0 +1,135 @@
+"""What one prediction is about: an item of a sweep, and how it is answered and scored.
+
+Each kind of item is a class: ``SyntheticItem`` (a task made from a seed at a length and
+depth), ``LongBenchItem`` (one LongBench example) and ``PerplexityItem`` (one perplexity
+window). ``item.predict(runner, pipeline)`` answers or scores it with one method's pipeline
+and returns the fields of its prediction record; ``item.context_key()`` says which items
+share a context (their P and context), so that it can be read once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from ..config import ParallelCompConfig
+from ..errors import PcompError
+from ..tasks import GENERATOR_VERSIONS, make_task
+from .config import ANSWER_TOKENS, EvalConfig
+
+
+@dataclasses.dataclass
+class Item:
+    """One unit of work for a method: ``id`` (unique in a sweep, the key of its prediction
+    record) and ``fields`` (what the record repeats of it)."""
+
+    kind: ClassVar[str]
+    id: str
+    fields: dict
+
+    def context_key(self):
+        """Equal for items with the same P and context; None: the context is not shared."""
+        return None
+
+    def predict(self, runner, pipeline: ParallelCompConfig) -> dict:
+        """The record's fields for this item under ``pipeline`` (``runner``: the model, the
+        texts and the shared readings, ``runner.Runner``)."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class SyntheticItem(Item):
+    """A synthetic task (``tasks.make_task``) at one length, depth and seed."""
+
+    kind: ClassVar[str] = "synthetic"
+
+    def context_key(self):
+        return ("synthetic", *(self.fields[k] for k in ("task", "length", "depth", "seed")))
+
+    def predict(self, runner, pipeline):
+        from ..chunking import encode_parts
+
+        f = self.fields
+        task = make_task(f["task"], runner.model.tokenizer, f["length"], f["depth"], f["seed"],
+                         text=runner.needle_text() if f["task"] == "needle" else None)
+        parts = encode_parts(runner.model.tokenizer, task.context, task.question, pipeline.instruction,
+                             pipeline.answer_prefix, pipeline.chat)  # as answer() encodes them
+        result = runner.ask(self, parts, pipeline, runner.config.max_new_tokens or ANSWER_TOKENS[f["task"]])
+        correct = task.is_correct(result.text)
+        return {**f, "prediction": result.text, "answer": task.answer, "score": float(correct),
+                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens,
+                "generator": GENERATOR_VERSIONS[f["task"]]}
+
+
+@dataclasses.dataclass
+class LongBenchItem(Item):
+    """One LongBench example (``fields["example"]``, a ``longbench.LongBenchExample``)."""
+
+    kind: ClassVar[str] = "longbench"
+
+    def context_key(self):
+        ex = self.fields["example"]
+        return ("longbench", ex.dataset, ex.context)  # the dataset decides the template's P
+
+    def predict(self, runner, pipeline):
+        from ..longbench import MAX_NEW_TOKENS, encode_prompt, score_example
+
+        ex = self.fields["example"]
+        parts = encode_prompt(runner.model.tokenizer, ex, pipeline.chat)
+        result = runner.ask(self, parts, pipeline, runner.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset])
+        return {"dataset": ex.dataset, "example_id": ex.id, "length": ex.length, "prediction": result.text,
+                "answers": ex.answers, "score": score_example(ex, result.text),
+                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
+
+
+@dataclasses.dataclass
+class PerplexityItem(Item):
+    """One perplexity window: a prefix of ``prefix_len`` tokens and its continuation."""
+
+    kind: ClassVar[str] = "perplexity"
+
+    def predict(self, runner, pipeline):
+        from ..perplexity import continuation_nll
+
+        prefix, continuation = runner.ppl_window(self.fields["prefix_len"], self.fields["sample"])
+        scored = continuation_nll(runner.model, prefix, continuation, pipeline, runner.config.perplexity.query_len)
+        return {**self.fields, "mean_nll": scored.mean_nll, "perplexity": scored.perplexity,
+                "tokens": len(scored.token_nll), "selected_chunks": scored.selected_chunks}
+
+
+def synthetic_items(config: EvalConfig) -> list[Item]:
+    return [
+        SyntheticItem(f"{task}/L{length}/d{depth:g}/s{seed}",
+                      {"task": task, "length": length, "depth": depth, "seed": seed})
+        for length in sorted(config.lengths) for task in config.tasks for depth in config.depths for seed in config.seeds
+    ]  # shortest first, so that a run cut short has every method on the shorter inputs
+
+
+def longbench_items(config: EvalConfig) -> list[Item]:
+    if config.longbench is None:
+        return []
+    from ..io import check_readable
+    from ..longbench import load_longbench
+
+    check_readable(config.longbench, "longbench file")
+    try:
+        examples = load_longbench(config.longbench, limit=config.longbench_limit)
+    except UnicodeDecodeError as err:
+        raise PcompError(f"cannot read longbench file {config.longbench!r}: not UTF-8 text (byte "
+                         f"{err.object[err.start]:#04x} at offset {err.start}); give a LongBench JSONL file") from None
+    except OSError as err:
+        raise PcompError(f"cannot read longbench file {config.longbench!r}: {err.strerror}") from None
+    return [LongBenchItem(f"longbench/{ex.dataset}/{ex.id}", {"example": ex, "dataset": ex.dataset})
+            for ex in examples]
+
+
+def perplexity_items(config: EvalConfig) -> list[Item]:
+    ppl = config.perplexity
+    return [PerplexityItem(f"ppl/T{t}/s{s}", {"prefix_len": t, "sample": s})
+            for t in sorted(ppl.prefix_lengths) for s in range(ppl.samples)]
+
+
+def sweep_items(config: EvalConfig) -> list[Item]:
+    """Every item of ``config``'s sweep: the synthetic tasks, the LongBench examples, the
+    perplexity windows."""
+    return synthetic_items(config) + longbench_items(config) + perplexity_items(config)
