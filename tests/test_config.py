@@ -140,4 +140,4 @@ def test_the_config_module_imports_no_pipeline_module():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level
                  and node.module.startswith("pcomp_jax")}
-    assert imported <= {"cli", "errors", "registry"}, imported
+    assert imported <= {"cli", "errors", "registry", "typed"}, imported

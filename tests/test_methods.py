@@ -1,5 +1,5 @@
-"""Methods as registered objects, the research API as the README shows it, and the pytrees'
-declared axes: the README's two code blocks run as written on the tiny model."""
+"""Methods as registered objects, the research API as docs/api.md shows it, and the pytrees'
+declared axes: the two code blocks of docs/api.md run as written on the tiny model."""
 
 import dataclasses
 import os
@@ -30,7 +30,7 @@ def model(hf_checkpoints):
     return pcomp_jax.load_model(hf_checkpoints("llama_gqa_untied")[0])
 
 
-def readme_block(marker: str) -> str:
+def docs_block(marker: str) -> str:
     """The ```python block that follows ``<!-- marker -->`` in docs/api.md (the Python API's page)."""
     with open(os.path.join(ROOT, "docs", "api.md"), encoding="utf-8") as f:
         text = f.read()
@@ -128,7 +128,7 @@ def test_research_snippet_runs_and_equals_answer(model, name):
     config = SNIPPET_CONFIGS[name]()
     context, question = make_context(150, seed=11), "where did the cat sit?"
     scope = {"model": model, "context": context, "question": question, "config": config}
-    exec(compile(readme_block("research-api"), "docs/api.md:research-api", "exec"), scope)
+    exec(compile(docs_block("research-api"), "docs/api.md:research-api", "exec"), scope)
     expected = answer(model, context, question, config, max_new_tokens=16)
     assert len(scope["rows"].groups(config.group_size)) > 1, "the snippet must run several chunk groups"
     assert scope["reply"].token_ids == expected.token_ids
@@ -137,10 +137,10 @@ def test_research_snippet_runs_and_equals_answer(model, name):
 
 
 @pytest.mark.slow
-def test_custom_scorer_from_the_readme_runs_through_answer_and_the_eval_runner(model, tmp_path):
+def test_custom_scorer_from_the_docs_runs_through_answer_and_the_eval_runner(model, tmp_path):
     context, question = make_context(40, seed=12), "who ran?"  # one 512-token chunk fits the window
     scope = {"model": model, "context": context, "question": question}
-    exec(compile(readme_block("custom-scorer"), "docs/api.md:custom-scorer", "exec"), scope)
+    exec(compile(docs_block("custom-scorer"), "docs/api.md:custom-scorer", "exec"), scope)
     try:
         assert isinstance(scope["result"], pcomp_jax.pipeline.Answer) and scope["result"].method == "parallelcomp_keynorm"
         key_norm = scope["KeyNorm"]()
