@@ -166,7 +166,7 @@ class TokenScorer:
 
     def queries_read(self) -> int | None:
         """How many of the row's last queries the scores depend on (None: possibly all of
-        them). A ``pipeline.Document`` keeps only the chunks' keys and values, so it can
+        them). A ``document.Document`` keeps only the chunks' keys and values, so it can
         score tokens only with a scorer that reads no further back than the question."""
         return None
 

@@ -152,14 +152,18 @@ class ParallelCompConfig:
       ``reprefill`` (the kept chunks run again as one row with full attention).
     stage_eviction: evict after the merge instead of inside each chunk: the chunks keep
       every token through stage 1, and the merged cache's chunk entries are cut to
-      ``capacity x top_k_chunks`` per layer and KV head by the question's SnapKV scores
-      (``decode.StageEviction``); needs ``capacity``.
+      ``capacity x top_k_chunks`` per layer and KV head, ranked by the method's token
+      scorer (SnapKV: the question's last ``obs_window`` queries; ``decode.StageEviction``);
+      needs ``capacity``.
     decode_eviction: while decoding, hold each layer's cache at the size the question
-      prefill left it: after each new token the entry least attended by the last
-      ``obs_window`` queries leaves it (``decode.DecodeEviction``; the reference's
-      ``kv_cache_dynamic``).
-    capacity: tokens kept per chunk, layer and KV head by SnapKV; None keeps all.
-    obs_window: observation queries (w) for SnapKV scores; pool_kernel: max-pool width.
+      prefill left it: after each new token the lowest-ranked entry leaves it (SnapKV: the
+      one least attended by the last ``obs_window`` queries; ``decode.DecodeEviction``; the
+      reference's ``kv_cache_dynamic``).
+    capacity: tokens kept per chunk, layer and KV head by the method's token scorer; None
+      keeps all.
+    obs_window: observation queries (w) of the built-in methods' SnapKV scores
+      (``compress.ConfigSnapKV``); pool_kernel: their max-pool width. A method registered
+      with a scorer of its own keeps that scorer's fields.
     group_size: chunk rows prefilled at once; memory grows with it, results do not change.
     chat: wrap the question in the model's chat template. instruction: header text in the
       prefix P. answer_prefix: text the answer starts from (part of the question part Q).
@@ -253,11 +257,6 @@ class ParallelCompConfig:
                 raise ConfigError(
                     f"capacity={self.capacity} is larger than chunk_len={self.chunk_len}; "
                     "use capacity <= chunk_len, or capacity: null to keep every token"
-                )
-            if self.capacity < self.obs_window:
-                raise ConfigError(
-                    f"capacity={self.capacity} is smaller than obs_window={self.obs_window}; "
-                    "capacity must be >= obs_window"
                 )
 
 

@@ -197,7 +197,10 @@ class StageEviction:
     scorer: TokenScorer = SnapKV()
 
     def drop_fn(self, prefix_len: int, question_len: jax.Array):
-        """``drop_from_cache`` hook for ``cached_forward`` (see ``calibrate.merged_drop_fn``)."""
+        """``drop_from_cache`` hook for ``cached_forward`` (see ``calibrate.merged_drop_fn``):
+        ``drop(q [B, Qb, H, D], k_cache [B, S, KVH, D], valid [B, S, KVH], layer_index,
+        query_slots [B, Qb]) -> valid [B, S, KVH]``, the entries this layer keeps.
+        prefix_len: P's slots (never dropped); question_len: the real question tokens."""
 
         def drop(q, k_cache, valid, layer_index, query_slots):
             slots = jnp.arange(k_cache.shape[1])
@@ -307,6 +310,7 @@ def generate_ids(model: Model, ids: np.ndarray, max_new_tokens: int) -> Generati
 
 
 def check_max_new_tokens(max_new_tokens) -> None:
+    """Refuses (``PcompError``) a ``max_new_tokens`` that is not a positive integer."""
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise PcompError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 

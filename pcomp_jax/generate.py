@@ -30,7 +30,7 @@ from .decode import generate_full
 from .distributed import add_distributed_flags, distributed_overrides, initialize, is_main
 from .errors import InputTooLongError, PcompError
 from .methods import WholeInput, method_names
-from .plans import method_of
+from .plans import check_settings, method_of
 from .io import check_writable, read_context_file, read_text
 from .memory import estimate_memory
 from .pipeline import answer_parts
@@ -125,8 +125,9 @@ def run(args) -> dict | list[dict]:
     if several and (args.dry_run or args.prompt is not None):
         raise PcompError("several questions (--question repeated, --questions-file) are asked about a long input, "
                          "without --dry-run or --prompt; give a single --question there")
-    args.question = questions[0] if questions else None  # one question: the single-question path as before
+    args.question = questions[0] if questions else None  # one question: the single-question path
     config: RunConfig = load_config(args.config, _overrides(args))
+    check_settings(config.pipeline)
     if args.prompt is not None:
         if args.dry_run:
             raise PcompError("--dry-run estimates a run on a long input (--config, --context-file); not with --prompt")

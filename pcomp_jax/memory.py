@@ -27,7 +27,7 @@ up what is alive at once. Three terms:
   * ``running top-k update``: ``prefill.keep_best_chunks`` on a group's candidates (their
     input, its temporaries, the new selection), beside the empty starting selection and
     the next group's rows;
-  * ``question on the merged cache``: ``decode.question_prefill`` (temporaries and the
+  * ``question on the merged cache``: ``merge.question_prefill`` (temporaries and the
     merged cache it returns, ``[L, 1, S, KVH, D]``), or with ``merge_layout=reprefill``
     ``re-read row``: the kept chunks read again as one row P + chunks + Q
     (``decode._prefill_prompt`` on the longest such row, P + the top_k longest chunks + Q,

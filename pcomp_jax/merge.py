@@ -24,6 +24,7 @@ import numpy as np
 from .axes import axes_field
 from .calibrate import CalibrationRule, merged_drop_fn
 from .checkpoints import Model
+from .errors import PcompError
 from .decode import (
     DecodeEviction,
     DecodeState,
@@ -76,7 +77,9 @@ class ContextCache:
 
 
 def chain_drops(*drops):
-    """One ``drop_from_cache`` hook applying the given ones (None skipped) in order; None if none."""
+    """One ``drop_from_cache`` hook applying the given ones (None skipped) in order; None if
+    none. A hook: ``(q [B, T, H, D], k_cache [B, S, KVH, D], valid [B, S, KVH], layer_index,
+    query_slots [B, T]) -> valid [B, S, KVH]``."""
     drops = [d for d in drops if d is not None]
     if not drops:
         return None
@@ -102,6 +105,9 @@ def merged_forward(weights: Weights, cfg: ModelConfig, context: ContextCache, to
     the ``length`` tokens its scorer reads.
     Returns ``(logits [Tb, V] float32, cache, first_position)``.
     """
+    if spec.layout.reprefills:
+        raise PcompError("merge_layout=reprefill reads the kept chunks again as one row and builds no merged cache; "
+                         "run stage 2 with pipeline.run_stage2")
     cache, start = merge_selection(context.prefix_keys, context.prefix_values, context.selection, room, spec.layout,
                                    cfg)
     steps = jnp.arange(tokens.shape[0], dtype=jnp.int32)

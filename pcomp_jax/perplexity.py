@@ -36,13 +36,14 @@ from .errors import PcompError
 from .merge import ContextCache, MergeSpec, merged_forward
 from .model.config import ModelConfig
 from .model.llama import Weights
-from .pipeline import run_stage1
-from .plans import one_row_ids, plan
+from .pipeline import run_plan
+from .plans import plan
 
 
 @dataclasses.dataclass
 class ContinuationScore:
-    """token_nll: ``[M]`` NLL (nats) of each continuation token; chunks: kept chunks (chunked methods)."""
+    """token_nll: ``[M]`` NLL (nats) of each continuation token; selected_chunks: the kept
+    chunks (chunked methods; empty for one-row methods)."""
 
     token_nll: np.ndarray
     selected_chunks: list[int]
@@ -119,6 +120,8 @@ def _plain_row_nll(model: Model, prompt_ids: np.ndarray, continuation_ids: np.nd
 
 
 def check_split(prefix_ids: np.ndarray, continuation_ids: np.ndarray, query_len: int) -> None:
+    """Refuses (``PcompError``) an empty continuation, ``query_len < 1``, or a prefix too short
+    for a sink token, some context and the query."""
     if len(continuation_ids) < 1:
         raise PcompError("the continuation has no tokens to score")
     if query_len < 1:
@@ -142,24 +145,36 @@ def continuation_nll(
     prefix_ids = np.asarray(prefix_ids, np.int32)
     continuation_ids = np.asarray(continuation_ids, np.int32)
     check_split(prefix_ids, continuation_ids, query_len)
-    m = len(continuation_ids)
     plan_ = plan(model, config)
     if plan_.merge.decode_eviction is not None:
         raise ConfigError("decode_eviction acts while generating; perplexity scores the continuation in one pass "
                           "on the merged cache, so it cannot apply: turn it off for perplexity")
     parts = PromptParts(prefix=prefix_ids[:1], context=prefix_ids[1:-query_len], question=prefix_ids[-query_len:])
-    parts = plan_.fit(parts, m)
-    if plan_.plain_row:
-        return ContinuationScore(_plain_row_nll(model, one_row_ids(plan_, parts), continuation_ids), [])
-    pre = run_stage1(model, plan_, parts)
-    plan_.check_fits(pre.parts, pre.kept_lengths, m)
-    row = one_row_ids(plan_, pre.parts, pre.kept_bounds)
-    if row is not None:
-        return ContinuationScore(_plain_row_nll(model, row, continuation_ids), pre.selected_chunks)
-    tail = ScoredTail.of(parts.question, continuation_ids)
-    nll = merged_tail_nll(pre.weights, model.config, pre.context, tail, plan_.merge)
-    q = len(parts.question)
-    return ContinuationScore(np.asarray(nll)[q - 1 : q + m - 1], pre.selected_chunks)
+    token_nll, pre = run_plan(model, plan_, parts, ScoreContinuation(continuation_ids))
+    return ContinuationScore(token_nll, [] if pre is None else pre.selected_chunks)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoreContinuation:
+    """What stage 2 ends in for perplexity (a ``pipeline.run_plan`` task, like
+    ``pipeline.Decode``): the continuation ``[M]`` scored after the query, on one
+    full-attention row (``on_row``) or on the merged cache (``on_merged``); ``room``: M.
+    Both return the NLL ``[M]`` of each continuation token."""
+
+    continuation: np.ndarray
+
+    @property
+    def room(self) -> int:
+        return len(self.continuation)
+
+    def on_row(self, model: Model, ids: np.ndarray) -> np.ndarray:
+        return _plain_row_nll(model, ids, self.continuation)
+
+    def on_merged(self, model: Model, plan_, pre, timings: dict) -> np.ndarray:
+        q, m = len(pre.parts.question), len(self.continuation)
+        nll = merged_tail_nll(pre.weights, model.config, pre.context, ScoredTail.of(pre.parts.question,
+                                                                                      self.continuation), plan_.merge)
+        return np.asarray(nll)[q - 1 : q + m - 1]
 
 
 def text_windows(ids: np.ndarray, prefix_lengths, continuation_len: int, samples: int, seed: int = 0):

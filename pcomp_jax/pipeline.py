@@ -7,8 +7,9 @@ of chunk rows with the chunk axis sharded over the devices and a running top-k
 (``prefill.select_chunks``), into a ``ContextPrefill``; then ``run_stage2``: merge, question
 prefill on the merged cache and greedy decoding (``merge.generate_from_context``), or the
 kept chunks read again as one row (``reprefill``). A one-row method without compression
-generates with plain full attention. ``Document.ask`` and ``perplexity`` run the same two
-stages.
+generates with plain full attention. ``run_plan`` is that path for any stage-2 task
+(``Decode`` here, ``perplexity.ScoreContinuation``); ``Document.ask`` runs its own stage 1
+from the stored chunk caches, then the same ``run_stage2``.
 """
 
 from __future__ import annotations
@@ -91,16 +92,51 @@ def answer_parts(
     one chunk prefill."""
     check_max_new_tokens(max_new_tokens)
     timings = {} if timings is None else timings
-    t = time.perf_counter()
     plan_ = plan(model, config)
-    context_tokens = len(parts.context)
-    parts = plan_.fit(parts, max_new_tokens)
+    gen, pre = run_plan(model, plan_, parts, Decode(max_new_tokens), progress, prefills, timings)
+    if pre is None:
+        return Answer(gen.text, gen.token_ids, [], [], timings, plan_.config.method, len(parts.context), 1)
+    return answer_of(plan_, pre, gen, timings, len(parts.context))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """What stage 2 ends in for ``answer``: the question, then greedy decoding of up to
+    ``max_new_tokens`` (``room``: the new tokens the window must hold). A stage-2 task has
+    ``room``, ``on_row(model, ids)`` (one full-attention row: plain-row methods and
+    ``reprefill``) and ``on_merged(model, plan, prefilled, timings)`` (the merged cache);
+    ``perplexity.ScoreContinuation`` is the other one."""
+
+    max_new_tokens: int
+
+    @property
+    def room(self) -> int:
+        return self.max_new_tokens
+
+    def on_row(self, model: Model, ids) -> Generation:
+        return generate_ids(model, ids, self.max_new_tokens)
+
+    def on_merged(self, model: Model, plan_: Plan, pre: "ContextPrefill", timings: dict) -> Generation:
+        return generate_from_context(model, pre.weights, pre.context, pre.parts.question, plan_.merge,
+                                     self.max_new_tokens, timings)
+
+
+def run_plan(model: Model, plan_: Plan, parts: PromptParts, task, progress: bool = False,
+             prefills: dict | None = None, timings: dict | None = None):
+    """The one path from a prompt to ``task``'s result (``Decode``, ``perplexity.ScoreContinuation``):
+    ``parts`` fitted to the window; a plain-row method's one row (``task.on_row``); else
+    stage 1 (``run_stage1``; kept in ``prefills`` under ``Plan.stage1_key`` when given) and
+    stage 2 (``run_stage2``). Returns ``(result, prefilled)``, ``prefilled`` None for a
+    plain-row method. ``timings`` gets the seconds of each step."""
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
+    parts = plan_.fit(parts, task.room)
     if plan_.plain_row:
-        gen = generate_ids(model, one_row_ids(plan_, parts), max_new_tokens)
+        result = task.on_row(model, one_row_ids(plan_, parts))
         timings["generate"] = time.perf_counter() - t
-        return Answer(gen.text, gen.token_ids, [], [], timings, plan_.config.method, context_tokens, 1)
-    plan_.check_fewest_fit(parts, max_new_tokens)
-    key = plan_.stage1_key
+        return result, None
+    plan_.check_fewest_fit(parts, task.room)
+    key = (plan_.stage1_key, len(parts.context))  # a fit that cuts the context (by the room) reads other tokens
     if prefills is not None and key in prefills:
         pre = prefills[key]
     else:
@@ -108,13 +144,18 @@ def answer_parts(
         if prefills is not None:
             prefills[key] = pre
     timings["prefill"] = timings.get("prefill", 0.0) + time.perf_counter() - t
-    return answer_prefilled(model, plan_, pre, max_new_tokens, timings, context_tokens)
+    return run_stage2(model, plan_, pre, task, timings), pre
 
 
 def answer_prefilled(model: Model, plan_: Plan, pre: "ContextPrefill", max_new_tokens: int, timings: dict,
                      context_tokens: int) -> Answer:
-    """The ``Answer`` of stages 2 and 3 (``run_stage2``) on a done stage 1 (``pre``)."""
-    gen = run_stage2(model, plan_, pre, max_new_tokens, timings)
+    """The ``Answer`` of stages 2 and 3 (``run_stage2`` with ``Decode``) on a done stage 1 (``pre``)."""
+    return answer_of(plan_, pre, run_stage2(model, plan_, pre, Decode(max_new_tokens), timings), timings,
+                     context_tokens)
+
+
+def answer_of(plan_: Plan, pre: "ContextPrefill", gen: Generation, timings: dict, context_tokens: int) -> Answer:
+    """The ``Answer`` of a chunked method: the generation and what stage 1 kept."""
     return Answer(
         text=gen.text, token_ids=gen.token_ids, chunk_scores=pre.chunk_scores, selected_chunks=pre.selected_chunks,
         timings=timings, method=plan_.config.method, context_tokens=context_tokens, num_chunks=len(pre.chunk_scores),
@@ -171,18 +212,18 @@ def run_stage1(model: Model, plan_: Plan, parts: PromptParts, progress: bool = F
                           weights, plan_.chunk_bounds(parts))
 
 
-def run_stage2(model: Model, plan_: Plan, pre: ContextPrefill, max_new_tokens: int,
-               timings: dict | None = None) -> Generation:
-    """Stages 2 and 3 of ``plan_`` on a done stage 1: the kept chunks merged in the plan's
-    layout (or, with ``reprefill``, read again as one row), the question prefilled on them
-    and greedy decoding. ``timings`` gets the seconds of each step."""
+def run_stage2(model: Model, plan_: Plan, pre: ContextPrefill, task, timings: dict | None = None):
+    """Stage 2 of ``plan_`` on a done stage 1, ending in ``task`` (``Decode``,
+    ``perplexity.ScoreContinuation``): the kept chunks laid end to end must fit with
+    ``task.room`` new tokens (sequential, reprefill); with ``reprefill`` they are read again
+    as one row (``task.on_row``), else the question runs on the merged cache
+    (``task.on_merged``). ``timings`` gets the seconds of each step."""
     timings = {} if timings is None else timings
-    plan_.check_fits(pre.parts, pre.kept_lengths, max_new_tokens)
+    plan_.check_fits(pre.parts, pre.kept_lengths, task.room)
     row = one_row_ids(plan_, pre.parts, pre.kept_bounds)
     if row is not None:
         t = time.perf_counter()
-        gen = generate_ids(model, row, max_new_tokens)
+        result = task.on_row(model, row)
         timings["reprefill"] = time.perf_counter() - t
-        return gen
-    return generate_from_context(model, pre.weights, pre.context, pre.parts.question, plan_.merge, max_new_tokens,
-                                 timings)
+        return result
+    return task.on_merged(model, plan_, pre, timings)

@@ -140,6 +140,21 @@ def stage_rules(rules, stage: str) -> tuple:
     return tuple(r for r in rules if r.stage == stage)
 
 
+def check_settings(config: ParallelCompConfig) -> Method:
+    """The checks of ``config`` against its method that need no model (made by ``plan``, and
+    by the command lines before a model loads): a token scorer that reads the last w
+    queries of a row must not keep fewer than w tokens (``capacity``; the built-in methods'
+    w is ``obs_window``, a registered scorer's its own). Returns the method."""
+    method = method_of(config)
+    scorer = method.token_scorer_for(config)
+    reads = None if scorer is None else scorer.queries_read()
+    capacity = config.capacity if method.chunked and scorer is not None else None
+    if capacity is not None and reads is not None and capacity < reads:
+        raise ConfigError(f"capacity={capacity} is smaller than obs_window={reads} (the queries method "
+                          f"{config.method!r}'s token scorer reads); capacity must be >= obs_window")
+    return method
+
+
 def plan(model: Model, config: ParallelCompConfig | None = None) -> Plan:
     """``config`` (default: ParallelComp's defaults) resolved for ``model``: its method, the
     calibration rules per stage (checked against the method and the model's depth), the
@@ -148,7 +163,7 @@ def plan(model: Model, config: ParallelCompConfig | None = None) -> Plan:
     attention backend on this platform. Raises ``ConfigError``."""
     config = check_config(ParallelCompConfig() if config is None else config)
     cfg = model.config
-    method = method_of(config)
+    method = check_settings(config)
     rules = calibration_rules(config, cfg.num_layers, method)
     layout = method.merge_layout(config)
     if layout.moves_keys and not rope_shift_is_exact(cfg):

@@ -12,8 +12,10 @@ layer and KV head) and the merge of stage 2, as pure functions over pytrees:
         state = keep_best_chunks(state, scored, top_k)          # running top-k, static shapes
     cache, question_start = merge_selection(prefix_keys, prefix_values, state, room)
 
-``select_chunks`` is exactly that loop (what ``pipeline.answer`` runs); ``decode`` takes
-the selection on to the question prefill and greedy decoding.
+``select_chunks`` is exactly that loop (what ``pipeline.run_stage1`` runs); ``merge``
+takes the selection (a ``merge.ContextCache`` with P's cache) on to the question prefill,
+and ``decode`` to greedy decoding. ``merge_selection`` and the ``MergeLayout`` classes that
+place the kept chunks stay here, beside the ``ChunkSelection`` they read.
 
 Stage 1c (calibration): ``chunk`` rules act inside ``prefill_group`` through the model's
 per-layer ``key_keep`` hook; ``merged`` rules act in the question prefill

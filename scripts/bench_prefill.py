@@ -133,7 +133,7 @@ def run_one(args) -> dict:
     from pcomp_jax.chunking import PromptParts
     from pcomp_jax.config import ParallelCompConfig
     from pcomp_jax.decode import _prefill_prompt
-    from pcomp_jax.pipeline import run_stage1, run_stage2
+    from pcomp_jax.pipeline import Decode, run_stage1, run_stage2
     from pcomp_jax.plans import plan
     from pcomp_jax.prefill import prefill_group
 
@@ -154,7 +154,7 @@ def run_one(args) -> dict:
 
         def call():
             plan_ = plan(model, config)
-            return run_stage2(model, plan_, run_stage1(model, plan_, parts), max_new_tokens=1)
+            return run_stage2(model, plan_, run_stage1(model, plan_, parts), Decode(1))
 
         rows = math.ceil(length / args.chunk_len)
         row_len = 16 + math.ceil(length / rows) + 24

@@ -6,8 +6,8 @@
 
 Passkey inputs of 3000 and 9000 tokens through every built-in method, eviction in the chunks,
 stage eviction, decode eviction, both calibration stages and the three merge layouts (token
-ids, chunk scores as float hex, selections), a document's ``ask`` under two of those configs,
-and the perplexity NLLs of seven configs: two recordings made before and after a change show
+ids, chunk scores as float hex, selections), a document's ``ask`` under three of those configs,
+and the perplexity NLLs of eight configs: two recordings made before and after a change show
 whether any output moved.
 """
 import json, sys, dataclasses

@@ -23,7 +23,6 @@ def test_overrides_parse_yaml_values():
     [
         ("pipeline.top_k_chunks=0", "top_k_chunks must be >= 1, got 0"),
         ("pipeline.capacity=100000", "capacity=100000 is larger than chunk_len=512"),
-        ("pipeline.capacity=4", "capacity=4 is smaller than obs_window=8"),
         ("pipeline.chunk_size=3", "unknown config field 'pipeline.chunk_size'; allowed fields: method, chunk_len"),
         ("pipeline.chunk_len=abc", "config field 'pipeline.chunk_len' must be int, got 'abc'"),
         ("pipeline.chat=3", "config field 'pipeline.chat' must be bool, got 3"),
@@ -141,3 +140,20 @@ def test_the_config_module_imports_no_pipeline_module():
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level
                  and node.module.startswith("pcomp_jax")}
     assert imported <= {"cli", "errors", "registry", "typed"}, imported
+
+
+def test_capacity_below_the_scorers_window_is_refused_before_a_model_loads():
+    from pcomp_jax import methods
+    from pcomp_jax.compress import SnapKV
+    from pcomp_jax.plans import check_settings
+
+    with pytest.raises(ConfigError, match="capacity=4 is smaller than obs_window=8"):
+        check_settings(load_config(overrides=["pipeline.capacity=4"]).pipeline)
+    check_settings(load_config(overrides=["pipeline.capacity=4", "pipeline.obs_window=4"]).pipeline)
+    methods.register_method(methods.Method("snap32", token_scorer=SnapKV(obs_window=32)))
+    try:  # a registered scorer's own window counts, not the config's
+        with pytest.raises(ConfigError, match="capacity=16 is smaller than obs_window=32"):
+            check_settings(ParallelCompConfig(method="snap32", capacity=16, obs_window=4))
+        check_settings(ParallelCompConfig(method="snap32", capacity=32, obs_window=64))
+    finally:
+        methods.unregister_method("snap32")

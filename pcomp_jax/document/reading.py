@@ -20,7 +20,7 @@ from ..errors import PcompError
 from ..merge import ContextCache
 from ..methods import Method, WholeInput
 from ..pipeline import Answer, ContextPrefill, answer_parts, answer_prefilled
-from ..plans import Plan, check_config, plan
+from ..plans import Plan, check_config, method_of, plan
 from ..prefill import for_each_group, prefill_prefix, rows_per_group, to_host, top_k_lowest
 from ..sharding import rules_for, shard, shard_weights
 from .passes import AskedQuestion, ChunkCaches, kept_selection, question_group, read_group
@@ -64,12 +64,12 @@ def document_plan(model: Model, config: ParallelCompConfig) -> Plan:
     return plan_
 
 
-def check_same_reading(model: Model, stored: ParallelCompConfig, config: ParallelCompConfig, what: str) -> None:
+def check_same_reading(stored: ParallelCompConfig, config: ParallelCompConfig, what: str) -> None:
     """Refuses ``config`` when it differs from ``stored`` (the config a document was read
     with) in a field that shapes the reading."""
     diff = [f"{f}={getattr(stored, f)!r} (asked with {getattr(config, f)!r})" for f in READ_FIELDS
             if getattr(stored, f) != getattr(config, f)]
-    read, asked = plan(model, stored).method, plan(model, config).method
+    read, asked = method_of(stored), method_of(config)
     if (reuses_chunk_caches(read), read.chunked) != (reuses_chunk_caches(asked), asked.chunked):
         diff.append(f"method={stored.method!r} (asked with {config.method!r}, which reads the context otherwise)")
     if diff:
@@ -128,7 +128,7 @@ class Document:
         host moves each group once, not once per question). Each answer's
         ``timings["question_scores"]`` is its share of the shared scoring time."""
         config = self.config if config is None else check_config(config)
-        check_same_reading(self.model, self.config, config, "the document")
+        check_same_reading(self.config, config, "the document")
         check_same_devices(self.config, config)
         plan_ = document_plan(self.model, config)
         check_max_new_tokens(max_new_tokens)
@@ -148,7 +148,7 @@ class Document:
         and context (its question part Q is asked); ``[answer_parts(model, parts, config,
         max_new_tokens) for parts in asked]``, reading the context once."""
         config = self.config if config is None else check_config(config)
-        check_same_reading(self.model, self.config, config, "the document")
+        check_same_reading(self.config, config, "the document")
         check_same_devices(self.config, config)
         plan_ = document_plan(self.model, config)
         check_max_new_tokens(max_new_tokens)
@@ -181,7 +181,7 @@ class Document:
         if capacity < longest and reads > q + 1:
             return (f"the question part has {q} tokens, but {type(spec.token_scorer).__name__} scores tokens by the "
                     f"row's last {reads} queries (obs_window) and a document has only the question's and the chunk's "
-                    f"last token ({q + 1}); lower obs_window or use answer()")
+                    f"last token ({q + 1}); lower obs_window (a scorer reading fewer queries) or use answer()")
         return None
 
     def _ask_parts(self, asked: list[PromptParts], max_new_tokens: int, plan_: Plan, progress: bool,

@@ -141,7 +141,7 @@ def load_document(model: Model, path: str, config: ParallelCompConfig | None, co
         raise CheckpointError(f"{os.path.join(path, DOCUMENT_RECORD)} holds no valid config: {first_line(err)}") from err
     check_fingerprint(record["fingerprint"], model, path)
     config = stored_config if config is None else config
-    check_same_reading(model, stored_config, config, f"the document at {path!r}")
+    check_same_reading(stored_config, config, f"the document at {path!r}")
     plan_ = document_plan(model, config)
     verify_checksums(os.path.join(path, "document"), record["files"], f"the document at {path!r}")
     try:

@@ -44,10 +44,19 @@ class Runner:
         self.shared: set = set()  # (context key, reading key) asked more than once in this run (share_readings)
         self._documents: tuple[object, dict] = (None, {})  # (context key, {reading key: Document}) for one context
         self.readings, self.document_answers = 0, 0  # documents read; answers asked of them
+        self._plans: dict = {}  # pipeline config -> its plans.Plan for this model
+
+    def plan(self, pipeline: ParallelCompConfig):
+        """``plans.plan(model, pipeline)``, resolved once per pipeline config."""
+        from ..plans import plan
+
+        if pipeline not in self._plans:
+            self._plans[pipeline] = plan(self.model, pipeline)
+        return self._plans[pipeline]
 
     def prefills(self, item: Item) -> dict:
         """Stage-1 results shared by the methods that run ``item`` one after another
-        (``pipeline.prefill_key``); kept for one item at a time."""
+        (``pipeline.run_plan``'s ``prefills``, keyed by ``Plan.stage1_key``); kept for one item at a time."""
         if self._prefills[0] != item.id:
             self._prefills = (item.id, {})
         return self._prefills[1]
@@ -72,9 +81,8 @@ class Runner:
         whether the method is chunked, the devices); None where no document applies (a
         one-row method, or one a document refuses: ``document.reading_refusal``)."""
         from ..document import READ_FIELDS, reading_refusal, reuses_chunk_caches
-        from ..plans import plan
 
-        plan_ = plan(self.model, pipeline)
+        plan_ = self.plan(pipeline)
         if not reuses_chunk_caches(plan_.method) or reading_refusal(plan_) is not None:
             return None
         return (*(getattr(pipeline, f) for f in READ_FIELDS), plan_.method.chunked, pipeline.num_devices,
@@ -86,7 +94,6 @@ class Runner:
         (``Document.question_refusal``), else ``answer_parts`` (the same answer)."""
         from ..document import read_parts
         from ..pipeline import answer_parts
-        from ..plans import plan
 
         key = (item.context_key(), self.reading_key(pipeline))
         if key in self.shared:
@@ -96,7 +103,7 @@ class Runner:
             if key[1] not in docs:
                 docs[key[1]] = read_parts(self.model, parts, pipeline, host=jax.default_backend() != "cpu")
                 self.readings += 1
-            if docs[key[1]].question_refusal(parts, plan(self.model, pipeline)) is None:
+            if docs[key[1]].question_refusal(parts, self.plan(pipeline)) is None:
                 self.document_answers += 1
                 return docs[key[1]].ask_parts([parts], max_new_tokens, pipeline)[0]
         return answer_parts(self.model, parts, pipeline, max_new_tokens, prefills=self.prefills(item))
@@ -340,6 +347,13 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
     if not items:
         raise ConfigError("nothing to evaluate: give tasks (with lengths and depths), longbench or "
                           "perplexity.prefix_lengths")
+    from ..plans import check_settings
+
+    for spec in config.methods:  # what needs no model, before any work
+        try:
+            check_settings(spec.pipeline(config.pipeline))
+        except ConfigError as err:
+            raise ConfigError(f"method {spec.name!r}: {err}") from None
     digest = text_digest(config.text_file) if "needle" in config.tasks else None  # fails before any work
     if config.perplexity.prefix_lengths:
         read_text(config.perplexity.text_file, "the perplexity")
