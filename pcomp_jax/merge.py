@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .axes import axes_field
+from .buckets import bucket_length
 from .calibrate import CalibrationRule, merged_drop_fn
 from .checkpoints import Model
 from .errors import PcompError
@@ -163,3 +164,86 @@ def generate_from_context(model: Model, weights: Weights, context: ContextCache,
     gen = finish(model, done.emitted, stops, context.prefix_len + len(question_ids))
     timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - now
     return gen
+
+
+def batches(spec: MergeSpec) -> bool:
+    """Whether ``generate_batch`` runs several requests under ``spec`` in one batch: a merged
+    layout without the merged-stage calibration rules and the evictions after the merge
+    (their observed queries are per request; such requests run one by one)."""
+    return not (spec.layout.reprefills or spec.rules or spec.eviction is not None
+                or spec.decode_eviction is not None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "capacity"))
+def _merged_into(context: ContextCache, cfg: ModelConfig, layout, capacity: int):
+    """``context`` merged in ``layout`` into a batch-1 cache of exactly ``capacity`` slots
+    (the free room after the kept chunks fills the rest). Returns ``(cache, start)``."""
+    _, k, cap, _, _ = context.selection.keys.shape
+    room = capacity - context.prefix_len - k * cap
+    return merge_selection(context.prefix_keys, context.prefix_values, context.selection, room, layout, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps"))
+def _question_batch(weights: Weights, cfg: ModelConfig, cache, starts: jax.Array, questions: jax.Array,
+                    lengths: jax.Array, running: jax.Array, *, num_steps: int) -> DecodeState:
+    """Stage 2 for B merged caches at once: ``questions [B, Qb]`` (row b real up to
+    ``lengths[b]``) at positions from ``starts [B]`` (padding at the row's first position),
+    on ``cache`` (batch B, each row's next write at its ``end``). ``running [B]``: False for
+    the rows that only fill the batch to its bucket (they emit nothing). Returns the
+    ``DecodeState`` of every row, as ``question_prefill`` gives it for one."""
+    qb = questions.shape[1]
+    steps = jnp.arange(qb, dtype=jnp.int32)
+    positions = starts[:, None] + jnp.where(steps[None, :] < lengths[:, None], steps[None, :], 0)
+    logits, cache = cached_forward(weights, cfg, questions, positions, cache)
+    end = cache.end - qb + lengths  # drop each question's padding from the cache
+    valid = cache.valid & (jnp.arange(cache.capacity)[None, :] < end[:, None])[None, :, :, None]
+    cache = cache.replace(valid=valid, end=end)
+    first = jnp.argmax(jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], axis=-1)
+    state = DecodeState.start(cache, first.astype(jnp.int32), starts + lengths, num_steps)
+    return state.replace(done=~running)
+
+
+def generate_batch(model: Model, weights: Weights, contexts: list, questions: list, spec: MergeSpec,
+                   max_new_tokens: int, timings: dict | None = None) -> list[Generation]:
+    """``[generate_from_context(model, weights, c, q, spec, max_new_tokens) for c, q in
+    zip(contexts, questions)]`` with stage 2 and decoding run as one batch: each request's
+    merged cache (``ContextCache``, its own selection) is laid into a common number of
+    slots (a bucket), the questions ``[Q_b]`` padded to a common bucket, one question
+    prefill for the batch and one greedy decoding loop in which each request stops at its
+    own stop token (a stopped request emits nothing more). The batch is padded to a power
+    of two with rows that emit nothing, so that few programs compile. Under a spec that
+    does not batch (``batches``) the requests run one by one. ``timings`` gets the seconds
+    of the batch's ``question_prefill`` and ``decode``."""
+    check_max_new_tokens(max_new_tokens)
+    timings = {} if timings is None else timings
+    if not batches(spec) or len(contexts) == 1:
+        return [generate_from_context(model, weights, c, q, spec, max_new_tokens, timings)
+                for c, q in zip(contexts, questions)]
+    t = time.perf_counter()
+    questions = [np.asarray(q, np.int32) for q in questions]
+    steps = decode_budget(max_new_tokens)
+    qb = max(len(pad_ids(q, minimum=16)) for q in questions)
+    widths = [c.prefix_len + c.selection.keys.shape[1] * c.selection.keys.shape[2] for c in contexts]
+    capacity = bucket_length(max(widths) + qb + steps)
+    n, size = len(contexts), 1 << (len(contexts) - 1).bit_length()
+    fill = list(range(n)) + [n - 1] * (size - n)  # rows that fill the bucket repeat the last request
+    merged = [_merged_into(contexts[i], model.config, spec.layout, capacity) for i in range(n)]
+    caches = [merged[i][0] for i in fill]
+    cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim > 1 else 0), *caches)
+    starts = jnp.stack([merged[i][1] for i in fill]).astype(jnp.int32)
+    padded = np.zeros((size, qb), np.int32)
+    for row, i in enumerate(fill):
+        padded[row, : len(questions[i])] = questions[i]
+    lengths = jnp.asarray([len(questions[i]) for i in fill], jnp.int32)
+    running = jnp.asarray([row < n for row in range(size)])
+    state = _question_batch(weights, model.config, cache, starts, jnp.asarray(padded), lengths, running,
+                            num_steps=steps)
+    jax.block_until_ready(state)
+    now = time.perf_counter()
+    timings["question_prefill"] = timings.get("question_prefill", 0.0) + now - t
+    stops = jnp.asarray(stop_token_ids(model) or [-1], jnp.int32)
+    done = decode_jit(weights, model.config, state, stops, jnp.int32(max_new_tokens), None)
+    emitted = np.asarray(done.emitted)
+    gens = [finish(model, emitted[i : i + 1], stops, contexts[i].prefix_len + len(questions[i])) for i in range(n)]
+    timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - now
+    return gens

@@ -24,7 +24,7 @@ from .chunking import PromptParts, encode_parts
 from .config import ConfigError, ParallelCompConfig
 from .decode import Generation, check_max_new_tokens, generate_ids
 from .errors import PcompError
-from .merge import ContextCache, generate_from_context
+from .merge import ContextCache, batches, generate_batch, generate_from_context
 from .plans import Plan, check_config, one_row_ids, plan
 from .prefill import prefill_prefix, rows_per_group, select_chunks, to_host
 from .sharding import rules_for, shard_weights
@@ -227,3 +227,19 @@ def run_stage2(model: Model, plan_: Plan, pre: ContextPrefill, task, timings: di
         timings["reprefill"] = time.perf_counter() - t
         return result
     return task.on_merged(model, plan_, pre, timings)
+
+
+def run_stage2_batch(model: Model, plan_: Plan, prefilled: list[ContextPrefill], max_new_tokens: int,
+                     timings: dict | None = None) -> list[Generation]:
+    """``[run_stage2(model, plan_, pre, Decode(max_new_tokens)) for pre in prefilled]``, the
+    requests' questions prefilled and decoded as one batch (``merge.generate_batch``: each
+    request keeps its own kept chunks) where the plan's stage 2 batches
+    (``merge.batches``), one by one otherwise (``reprefill``, merged-stage calibration,
+    evictions after the merge). ``timings`` gets the batch's seconds."""
+    timings = {} if timings is None else timings
+    if not batches(plan_.merge):
+        return [run_stage2(model, plan_, pre, Decode(max_new_tokens), timings) for pre in prefilled]
+    for pre in prefilled:
+        plan_.check_fits(pre.parts, pre.kept_lengths, max_new_tokens)
+    return generate_batch(model, prefilled[0].weights, [pre.context for pre in prefilled],
+                          [pre.parts.question for pre in prefilled], plan_.merge, max_new_tokens, timings)

@@ -230,3 +230,22 @@ def test_batched_reading_gives_each_context_its_own_document(model):
                               model_bound(model.config, scale_of(want), row_len=model.config.window), field)
         assert_same(doc.ask(QUESTIONS[0], 4), alone.ask(QUESTIONS[0], 4), at_least=1)
     assert {doc.groups[0].keys.shape[2] for doc in docs} == {64, 128}  # row lengths differ
+
+
+@pytest.mark.parametrize("changes", [{}, {"merge_layout": "sequential"}, {"capacity": 8},
+                                     {"capacity": 8, "stage_eviction": True}],
+                         ids=["parallel", "sequential", "evicting", "stage_eviction_one_by_one"])
+def test_answer_batch_on_distinct_contexts_is_each_requests_answer(model, changes):
+    """Distinct contexts of unequal lengths and unequal questions: stage 2 and decoding run as
+    one batch (padded to a bucket of rows and slots), each request's tokens and selection
+    are its own answer()'s; a plan whose stage 2 does not batch runs one by one."""
+    config = dataclasses.replace(BASE, **changes)
+    inputs = [(make_context(150, seed=21), "where did the cat sit?"), (make_context(60, seed=22), QUESTIONS[0]),
+              (make_context(110, seed=23), "what did the dog eat at noon?"), (CONTEXT, QUESTIONS[1]),
+              (make_context(90, seed=24), "who?")]
+    references = [answer(model, context, question, config, max_new_tokens=8) for context, question in inputs]
+    batch = pcomp_jax.answer_batch(model, inputs, config, max_new_tokens=8)
+    for ours, reference in zip(batch, references):
+        assert ours.token_ids == reference.token_ids
+        assert ours.selected_chunks == reference.selected_chunks
+        assert ours.chunk_scores == reference.chunk_scores  # stage 1 runs as in answer()

@@ -1,13 +1,18 @@
-"""Many (context, question) requests at once: each distinct context read once."""
+"""Many (context, question) requests at once: each distinct context read once, stage 2 and
+decoding as one batch."""
 
 from __future__ import annotations
 
+import time
+
 from ..checkpoints import Model
+from ..chunking import encode_parts
 from ..config import ParallelCompConfig
+from ..decode import check_max_new_tokens
 from ..errors import PcompError
-from ..pipeline import Answer, answer
+from ..pipeline import Answer, answer, answer_of, run_stage1, run_stage2_batch
 from ..plans import check_config
-from .reading import context_parts, document_plan, read_parts_batch
+from .reading import context_parts, document_plan, read_parts_batch, reuses_chunk_caches
 
 
 def answer_batch(
@@ -18,34 +23,62 @@ def answer_batch(
     progress: bool = False,
 ) -> list[Answer]:
     """``[answer(model, context, question, config, max_new_tokens) for context, question in
-    inputs]`` (the same tokens, selections and chunk scores to float rounding), reading each
-    distinct context once. A context asked several questions is read as a ``Document``: the
+    inputs]`` (the same tokens and selections, chunk scores to float rounding), with stage 2
+    and decoding run as one batch over all the requests (``pipeline.run_stage2_batch``)
+    and each distinct context read once.
+
+    Stage 1 per request: a context asked one question runs ``pipeline.run_stage1`` on P +
+    chunk + Q (reading it as a document and then running the question on every chunk's
+    cache costs more); a context asked several questions is read as a ``Document``: the
     chunk rows of all such contexts run through shared groups of one compiled
-    ``read_group`` (``read_parts_batch``: a context's partial last group is filled with the
-    next contexts' rows), and each context's questions are asked of its own document
-    together (``Document.ask_many``), each selecting among its own chunks. A context asked
-    one question goes through ``answer`` (reading it as a document and then running the
-    question on every chunk's cache costs more than one pass over P + chunk + Q: measured
-    0.88x on 8 contexts of 1024 tokens, ``scripts/bench_questions.py``).
-    One-row methods read nothing ahead (``ask`` runs ``answer``'s one-row path).
-    inputs: ``(context, question)`` pairs. Answers come back in the order of ``inputs``."""
+    ``read_group`` (``read_parts_batch``), and each of its questions selects among its own
+    chunks (``Document.score_chunks``). Then every request's kept chunks go into one batched
+    question prefill and one decoding loop. One-row methods answer one by one.
+    inputs: ``(context, question)`` pairs. Answers come back in the order of ``inputs``;
+    each answer's ``timings`` has its own stage 1 and its share of the batch's stage 2."""
     config = check_config(ParallelCompConfig() if config is None else config)
+    check_max_new_tokens(max_new_tokens)
     pairs = list(inputs)
     if not all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
         raise PcompError("answer_batch takes a list of (context, question) pairs of strings")
     if model.tokenizer is None:
         raise PcompError(f"{model.source!r} has no tokenizer; answer_batch() needs one to read text")
-    document_plan(model, config)
+    plan_ = document_plan(model, config)
+    if not reuses_chunk_caches(plan_.method):  # one-row methods: their row depends on the question
+        return [answer(model, context, question, config, max_new_tokens, progress) for context, question in pairs]
     by_context: dict[str, list[int]] = {}
     for i, (context, _) in enumerate(pairs):
         by_context.setdefault(context, []).append(i)
-    answers: list[Answer | None] = [None] * len(pairs)
+    prefilled: dict[int, tuple] = {}  # request -> (ContextPrefill, its timings, context tokens)
+    for context, where in by_context.items():
+        if len(where) == 1:  # one question: P + chunk + Q once; a document would run Q again
+            t = time.perf_counter()
+            parts = encode_parts(model.tokenizer, context, pairs[where[0]][1], config.instruction,
+                                 config.answer_prefix, config.chat)
+            fitted = plan_.fit(parts, max_new_tokens)
+            plan_.check_fewest_fit(fitted, max_new_tokens)
+            pre = run_stage1(model, plan_, fitted, progress)
+            prefilled[where[0]] = (pre, {"prefill": time.perf_counter() - t}, len(parts.context))
     shared = {c: where for c, where in by_context.items() if len(where) > 1}
-    for c, where in by_context.items():
-        if len(where) == 1:  # one question: answer() reads P + chunk + Q once, a document would run Q again
-            answers[where[0]] = answer(model, c, pairs[where[0]][1], config, max_new_tokens, progress)
     docs = read_parts_batch(model, [context_parts(model, c, config) for c in shared], config, progress)
     for doc, where in zip(docs, shared.values()):
-        for i, result in zip(where, doc.ask_many([pairs[i][1] for i in where], max_new_tokens, progress=progress)):
-            answers[i] = result
+        t = time.perf_counter()
+        asked = [doc.question_parts(pairs[i][1], config) for i in where]
+        for parts in asked:
+            refusal = doc.question_refusal(parts, plan_)
+            if refusal is not None:
+                raise PcompError(refusal)
+            plan_.check_fewest_fit(parts, max_new_tokens)
+        pres = doc.score_chunks(asked, plan_, progress)
+        share = (time.perf_counter() - t) / len(where)
+        for i, pre in zip(where, pres):
+            prefilled[i] = (pre, {"question_scores": share}, len(pre.parts.context))
+    order = sorted(prefilled)
+    batch_timings: dict = {}
+    gens = run_stage2_batch(model, plan_, [prefilled[i][0] for i in order], max_new_tokens, batch_timings)
+    answers: list[Answer | None] = [None] * len(pairs)
+    for i, gen in zip(order, gens):
+        pre, timings, context_tokens = prefilled[i]
+        timings.update({name: seconds / len(order) for name, seconds in batch_timings.items()})
+        answers[i] = answer_of(plan_, pre, gen, timings, context_tokens)
     return answers
