@@ -10,7 +10,12 @@ or JSONL with ``context`` and ``question`` fields) or, by default, the config's 
 task; it prints the answer, whether it is right when known, the selected chunks and
 the time of each stage. Several questions (``--question`` repeated, or
 ``--questions-file`` with one a line) read the context once (``read_document``) and ask
-each; every answer is printed and ``--output-json`` writes the list of records.
+each; every answer is printed and ``--output-json`` writes the list of records. A
+``--questions-file`` ending in ``.jsonl`` holds requests, one JSON object a line:
+``{"question": ...}`` about the common context, or with a context of its own,
+``{"context": ..., "question": ...}`` or ``{"context_file": path, "question": ...}`` (a
+relative path from the questions file's folder); they are answered as one batch
+(``answer_batch``: each distinct context read once, stage 2 and decoding batched).
 ``--prompt`` runs one prompt with full attention.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -35,7 +41,7 @@ from .io import check_writable, read_context_file, read_text
 from .memory import estimate_memory
 from .pipeline import answer_parts
 from .chunking import encode_parts
-from .document import read_document
+from .document import answer_batch, read_document
 from .sharding import make_mesh
 from .tasks import Task, make_task
 
@@ -51,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the question (required with a plain-text context file); repeat it to ask several "
                         "questions about one reading of the context")
     p.add_argument("--questions-file", metavar="PATH",
-                   help="ask each non-empty line of PATH about one reading of the context (not with --question)")
+                   help="ask each non-empty line of PATH about one reading of the context (not with --question); a "
+                        ".jsonl file: one request a line, {\"question\": ...} with an optional \"context\" or "
+                        "\"context_file\" of its own, answered as one batch")
     p.add_argument("--prompt", help="answer this prompt alone with full attention instead")
     p.add_argument("--method", choices=method_names(), help="shorthand for --set pipeline.method=...")
     p.add_argument("--model", help="shorthand for --set model=... (HF dir, .gguf, or the default name)")
@@ -97,10 +105,53 @@ def check_new_tokens_fit(model, parts, config, max_new_tokens: int) -> None:
             f"tokens, which leaves room for at most {max(window - fixed, 0)} new tokens")
 
 
+def read_requests(path: str) -> list[tuple[str | None, str]]:
+    """The requests of a ``.jsonl`` questions file: ``(context or None, question)`` per
+    non-empty line (None: the common context); a ``context_file`` is read (relative paths
+    from the file's folder). Errors name the line and what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line) for n, line in enumerate(f.read().splitlines(), 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise PcompError(f"cannot read --questions-file {path!r}: {err}") from err
+    if not lines:
+        raise PcompError(f"--questions-file {path!r} has no requests (one JSON object a line)")
+    requests, texts = [], {}
+    for n, line in lines:
+        where = f"--questions-file {path!r} line {n}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PcompError(f"{where} is not valid JSON: {err.msg}") from None
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not item["question"].strip():
+            raise PcompError(f"{where} needs a non-empty string field 'question' (and optionally 'context' or "
+                             "'context_file')")
+        unknown = sorted(set(item) - {"question", "context", "context_file"})
+        if unknown:
+            raise PcompError(f"{where}: unknown field {unknown[0]!r}; allowed: question, context, context_file")
+        if "context" in item and "context_file" in item:
+            raise PcompError(f"{where} gives both 'context' and 'context_file'; give one")
+        context = item.get("context")
+        if "context_file" in item:
+            name = item["context_file"]
+            if not isinstance(name, str) or not name:
+                raise PcompError(f"{where}: 'context_file' must be a path (a string)")
+            name = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+            if name not in texts:
+                texts[name] = read_context_file(name, 0, item["question"]).context
+            context = texts[name]
+        if context is not None and (not isinstance(context, str) or not context.strip()):
+            raise PcompError(f"{where}: 'context' must be a non-empty string")
+        requests.append((context, item["question"]))
+    return requests
+
+
 def read_questions(args) -> list[str] | None:
     """The questions of ``--question`` (repeatable) or ``--questions-file``; None when neither is given."""
     if args.question is not None and args.questions_file is not None:
         raise PcompError("give the questions with --question or with --questions-file, not both")
+    if args.questions_file is not None and args.questions_file.endswith(".jsonl"):
+        return read_requests(args.questions_file)
     if args.questions_file is not None:
         try:
             with open(args.questions_file, encoding="utf-8") as f:
@@ -121,6 +172,9 @@ def run(args) -> dict | list[dict]:
     Everything that can be checked without the model (the config, the output path, the input
     files, the questions) is checked before it loads."""
     questions = read_questions(args)
+    requests = None
+    if questions and isinstance(questions[0], tuple):  # a .jsonl questions file: requests, answered as one batch
+        requests, questions = questions, [q for _, q in questions]
     several = questions is not None and (len(questions) > 1 or args.questions_file is not None)
     if several and (args.dry_run or args.prompt is not None):
         raise PcompError("several questions (--question repeated, --questions-file) are asked about a long input, "
@@ -176,6 +230,11 @@ def run(args) -> dict | list[dict]:
                 "weights_bytes": estimate.weights, "selection_bytes": estimate.selection,
                 "phase_bytes": estimate.phase_totals, "device_limit_bytes": estimate.device_limit,
                 "timings_s": {"load": load_s}}
+    if requests is not None:
+        pairs = [(task.context if context is None else context, q) for context, q in requests]
+        results = answer_batch(model, pairs, config.pipeline, config.max_new_tokens, progress=is_main())
+        return [record(config, Task(context, q, ""), r, {"load": load_s, **r.timings})
+                for (context, q), r in zip(pairs, results)]
     if several:
         t = time.perf_counter()
         doc = read_document(model, task.context, config.pipeline, progress=is_main())

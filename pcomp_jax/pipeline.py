@@ -17,6 +17,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
+from tqdm.auto import tqdm
+
 import jax.numpy as jnp
 
 from .checkpoints import Model
@@ -26,8 +29,10 @@ from .decode import Generation, check_max_new_tokens, generate_ids
 from .errors import PcompError
 from .merge import ContextCache, batches, generate_batch, generate_from_context
 from .plans import Plan, check_config, one_row_ids, plan
-from .prefill import prefill_prefix, rows_per_group, select_chunks, to_host
-from .sharding import rules_for, shard_weights
+from .chunking import concat_rows
+from .prefill import empty_selection, keep_best_chunks, prefill_group, prefill_prefix, rows_per_group, select_chunks, \
+    to_host
+from .sharding import rules_for, shard, shard_weights
 
 
 @dataclasses.dataclass
@@ -243,3 +248,53 @@ def run_stage2_batch(model: Model, plan_: Plan, prefilled: list[ContextPrefill],
         plan_.check_fits(pre.parts, pre.kept_lengths, max_new_tokens)
     return generate_batch(model, prefilled[0].weights, [pre.context for pre in prefilled],
                           [pre.parts.question for pre in prefilled], plan_.merge, max_new_tokens, timings)
+
+
+def run_stage1_batch(model: Model, plan_: Plan, inputs: list[PromptParts], progress: bool = False) -> list[ContextPrefill]:
+    """``[run_stage1(model, plan_, parts) for parts in inputs]`` (the same selections, chunk
+    scores and caches), with the chunk rows of requests whose rows have the same shapes
+    (P, row length, chunk length, question bucket) run through shared groups: a request's
+    partial last group is filled with the next requests' rows instead of empty ones. Each
+    request keeps its own running top-k over its own rows (the others' are masked out of
+    its candidates), so its result does not depend on its neighbours."""
+    if plan_.plain_row:
+        raise ConfigError(f"method {plan_.method.name!r} reads one plain row; it has no chunk prefill")
+    cfg = model.config
+    mesh = plan_.mesh()
+    weights = shard_weights(model.params, mesh, rules_for(cfg, mesh))
+    rows = [plan_.rows(parts) for parts in inputs]
+    classes: dict[tuple, list[int]] = {}
+    for i, (parts, r) in enumerate(zip(inputs, rows)):
+        key = (parts.prefix.tobytes(), r.prefix_len, r.row_len, r.chunk_len, r.question_targets.shape[1])
+        classes.setdefault(key, []).append(i)
+    prefixes: dict[bytes, tuple] = {}
+    results: list[ContextPrefill | None] = [None] * len(inputs)
+    bar = tqdm(total=sum(r.num_chunks for r in rows), desc="stage 1 (chunk rows)", unit="row", disable=not progress)
+    for members in classes.values():
+        joined = concat_rows([rows[i] for i in members])  # equal shapes: nothing is widened
+        owner = np.concatenate([np.full(rows[i].num_chunks, j) for j, i in enumerate(members)])
+        size = rows_per_group(plan_.config.group_size, joined.num_chunks, mesh)
+        top_k = [plan_.top_k(rows[i].num_chunks) for i in members]
+        states = [empty_selection(cfg, k, plan_.prefill.kept_tokens(rows[i]), weights.embed.dtype)
+                  for k, i in zip(top_k, members)]
+        scores: list[list] = [[] for _ in members]
+        for g, group in enumerate(joined.groups(size)):
+            scored = prefill_group(weights, cfg, shard(group, mesh), plan_.prefill)
+            here = np.full(size, -1)
+            part = owner[g * size : (g + 1) * size]
+            here[: len(part)] = part
+            for j in np.unique(part):
+                mine = here == j
+                candidates = scored.replace(chunk_valid=scored.chunk_valid & jnp.asarray(mine))
+                states[j] = keep_best_chunks(states[j], candidates, top_k[j])
+                scores[j].append(to_host(scored.scores)[mine])
+            bar.update(len(part))
+        for j, i in enumerate(members):
+            prefix = inputs[i].prefix.tobytes()
+            if prefix not in prefixes:
+                prefixes[prefix] = prefill_prefix(weights, cfg, jnp.asarray(inputs[i].prefix))
+            context = ContextCache(*prefixes[prefix], states[j])
+            results[i] = ContextPrefill(inputs[i], context, [float(s) for s in np.concatenate(scores[j])], weights,
+                                        plan_.chunk_bounds(inputs[i]))
+    bar.close()
+    return results

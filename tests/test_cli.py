@@ -133,3 +133,44 @@ def test_cli_bad_questions_input(tmp_path, capsys):
         assert main(["--context-file", str(text), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_requests_with_contexts_of_their_own_are_one_batch(hf_checkpoints, tmp_path, capsys):
+    """A .jsonl questions file: requests on the common context, on an inline context and on a
+    context file of their own, answered as one batch; each record is its own answer()'s."""
+    import pcomp_jax
+    from pcomp_jax.config import load_config
+
+    path, _ = hf_checkpoints("llama_gqa_untied")
+    common_text = "the cat sat on the mat. the dog ran in the park. " * 12
+    (tmp_path / "book.txt").write_text(common_text)
+    other = "the bird sang in the tree. the fish swam in the lake. " * 10
+    (tmp_path / "other.txt").write_text(other)
+    inline = "a red fox jumped over the fence. the cow ate the grass. " * 9
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"question": "where did the cat sit?"}) + "\n\n"
+                        + json.dumps({"context": inline, "question": "what did the cow eat?"}) + "\n"
+                        + json.dumps({"context_file": "other.txt", "question": "where did the fish swim?"}) + "\n")
+    out = tmp_path / "batch.json"
+    common = ["--config", "configs/demo.yaml", "--model", path, "--context-file", str(tmp_path / "book.txt"),
+              "--max-new-tokens", "4", *TINY_SETS]
+    assert main([*common, "--questions-file", str(requests), "--output-json", str(out)]) == 0
+    assert "question 3: where did the fish swim?" in capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert [r["question"] for r in records] == ["where did the cat sit?", "what did the cow eat?",
+                                                "where did the fish swim?"]
+    overrides = [s for s in TINY_SETS if s != "--set"]
+    pipeline = load_config("configs/demo.yaml", overrides).pipeline
+    model = pcomp_jax.load_model(path)
+    for record, context in zip(records, (common_text, inline, other)):
+        reference = pcomp_jax.answer(model, context, record["question"], pipeline, 4)
+        assert record["token_ids"] == reference.token_ids and record["selected_chunks"] == reference.selected_chunks
+    bad = [('{"question": 3}', "needs a non-empty string field 'question'"), ("not json", "is not valid JSON"),
+           ('{"question": "q?", "context": "c", "context_file": "x"}', "both 'context' and 'context_file'"),
+           ('{"question": "q?", "colour": 1}', "unknown field 'colour'"),
+           ('{"question": "q?", "context_file": "missing.txt"}', "cannot read context file")]
+    for line, message in bad:
+        requests.write_text(line + "\n")
+        assert main([*common, "--questions-file", str(requests)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err

@@ -249,3 +249,21 @@ def test_answer_batch_on_distinct_contexts_is_each_requests_answer(model, change
         assert ours.token_ids == reference.token_ids
         assert ours.selected_chunks == reference.selected_chunks
         assert ours.chunk_scores == reference.chunk_scores  # stage 1 runs as in answer()
+
+
+def test_answer_batch_shares_chunk_groups_across_contexts(model, monkeypatch):
+    """Three contexts whose rows have the same shapes, 5 chunk rows each: 15 rows run in
+    ceil(15 / 4) = 4 shared groups instead of 3 x 2; each request's answer is still its own."""
+    from pcomp_jax import pipeline
+
+    contexts = [make_context(80, seed=s) for s in (31, 32, 33)]
+    inputs = [(c, q) for c, q in zip(contexts, ("where did the cat sit?", "where did the dog run?", "when did the cow eat?"))]
+    references = [answer(model, c, q, BASE, max_new_tokens=6) for c, q in inputs]
+    counts = [r.num_chunks for r in references]
+    calls, real = [], pipeline.prefill_group
+    monkeypatch.setattr(pipeline, "prefill_group", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = pcomp_jax.answer_batch(model, inputs, BASE, max_new_tokens=6)
+    for ours, reference in zip(batch, references):
+        assert ours.token_ids == reference.token_ids and ours.selected_chunks == reference.selected_chunks
+        assert ours.chunk_scores == reference.chunk_scores
+    assert len(calls) == math.ceil(sum(counts) / 4) < sum(math.ceil(n / 4) for n in counts), counts

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 
+
 from ..checkpoints import Model
 from ..chunking import encode_parts
 from ..config import ParallelCompConfig
 from ..decode import check_max_new_tokens
 from ..errors import PcompError
-from ..pipeline import Answer, answer, answer_of, run_stage1, run_stage2_batch
+from ..pipeline import Answer, answer, answer_of, run_stage1_batch, run_stage2_batch
 from ..plans import check_config
 from .reading import context_parts, document_plan, read_parts_batch, reuses_chunk_caches
 
@@ -50,15 +51,19 @@ def answer_batch(
     for i, (context, _) in enumerate(pairs):
         by_context.setdefault(context, []).append(i)
     prefilled: dict[int, tuple] = {}  # request -> (ContextPrefill, its timings, context tokens)
-    for context, where in by_context.items():
-        if len(where) == 1:  # one question: P + chunk + Q once; a document would run Q again
-            t = time.perf_counter()
-            parts = encode_parts(model.tokenizer, context, pairs[where[0]][1], config.instruction,
-                                 config.answer_prefix, config.chat)
-            fitted = plan_.fit(parts, max_new_tokens)
-            plan_.check_fewest_fit(fitted, max_new_tokens)
-            pre = run_stage1(model, plan_, fitted, progress)
-            prefilled[where[0]] = (pre, {"prefill": time.perf_counter() - t}, len(parts.context))
+    singles = [where[0] for where in by_context.values() if len(where) == 1]
+    t = time.perf_counter()
+    fitted = []
+    for i in singles:  # one question: P + chunk + Q once (a document would run Q again)
+        parts = encode_parts(model.tokenizer, pairs[i][0], pairs[i][1], config.instruction, config.answer_prefix,
+                             config.chat)
+        fitted.append(plan_.fit(parts, max_new_tokens))
+        plan_.check_fewest_fit(fitted[-1], max_new_tokens)
+    if singles:
+        pres = run_stage1_batch(model, plan_, fitted, progress)
+        share = (time.perf_counter() - t) / len(singles)
+        for i, pre in zip(singles, pres):
+            prefilled[i] = (pre, {"prefill": share}, len(pre.parts.context))  # the fit keeps the whole context
     shared = {c: where for c, where in by_context.items() if len(where) > 1}
     docs = read_parts_batch(model, [context_parts(model, c, config) for c in shared], config, progress)
     for doc, where in zip(docs, shared.values()):
