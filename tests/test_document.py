@@ -232,9 +232,10 @@ def test_batched_reading_gives_each_context_its_own_document(model):
     assert {doc.groups[0].keys.shape[2] for doc in docs} == {64, 128}  # row lengths differ
 
 
-@pytest.mark.parametrize("changes", [{}, {"merge_layout": "sequential"}, {"capacity": 8},
+@pytest.mark.slow
+@pytest.mark.parametrize("changes", [{}, {"merge_layout": "sequential", "capacity": None},
                                      {"capacity": 8, "stage_eviction": True}],
-                         ids=["parallel", "sequential", "evicting", "stage_eviction_one_by_one"])
+                         ids=["parallel_evicting", "sequential_whole_chunks", "stage_eviction_one_by_one"])
 def test_answer_batch_on_distinct_contexts_is_each_requests_answer(model, changes):
     """Distinct contexts of unequal lengths and unequal questions: stage 2 and decoding run as
     one batch (padded to a bucket of rows and slots), each request's tokens and selection
@@ -251,6 +252,7 @@ def test_answer_batch_on_distinct_contexts_is_each_requests_answer(model, change
         assert ours.chunk_scores == reference.chunk_scores  # stage 1 runs as in answer()
 
 
+@pytest.mark.slow
 def test_answer_batch_shares_chunk_groups_across_contexts(model, monkeypatch):
     """Three contexts whose rows have the same shapes, 5 chunk rows each: 15 rows run in
     ceil(15 / 4) = 4 shared groups instead of 3 x 2; each request's answer is still its own."""

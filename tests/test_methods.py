@@ -108,10 +108,10 @@ def shipped_pipeline(name: str) -> ParallelCompConfig:
 SNIPPET_CONFIGS = {
     "demo": lambda: shipped_pipeline("demo"),
     "128k": lambda: shipped_pipeline("128k"),
-    "evict": lambda: ParallelCompConfig(chunk_len=40, capacity=12, obs_window=4),
     "stage_eviction": lambda: dataclasses.replace(shipped_pipeline("demo"), capacity=12, obs_window=4,
                                                   stage_eviction=True),
-    "decode_eviction": lambda: ParallelCompConfig(chunk_len=40, capacity=12, obs_window=4, decode_eviction=True),
+    "evict_and_decode_eviction": lambda: ParallelCompConfig(chunk_len=40, capacity=12, obs_window=4,
+                                                            decode_eviction=True),
     "merged_calibration": lambda: dataclasses.replace(shipped_pipeline("demo"),
                                                       calibration_preset="remove_shallow_middle"),
     "chunk_calibration": lambda: ParallelCompConfig(chunk_len=40, calibration_preset="remove_shallow_middle",
@@ -121,7 +121,8 @@ SNIPPET_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SNIPPET_CONFIGS))
+@pytest.mark.parametrize("name", [name if name == "demo" else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in SNIPPET_CONFIGS])  # the fast tier runs the demo config's
 def test_research_snippet_runs_and_equals_answer(model, name):
     """The docs' "Composing the pipeline yourself" block, run as written, gives answer()'s
     tokens and selection under the shipped configs and eviction and calibration settings."""

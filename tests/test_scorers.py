@@ -47,6 +47,7 @@ def registered():
         methods.unregister_method(name)
 
 
+@pytest.mark.slow
 def test_a_registered_scorer_keeps_its_own_fields(model, registered):
     registered(pcomp_jax.Method("snap32", token_scorer=SnapKV(obs_window=32, pool_kernel=3)))
     config = ParallelCompConfig(method="snap32", chunk_len=48, capacity=40, obs_window=4, pool_kernel=7,
