@@ -27,6 +27,7 @@ import os
 import sys
 import time
 
+from ._startup import raise_if_interrupted
 from .checkpoints import load_model
 from .config import DTYPE_CHOICES
 from .cli import (add_cache_flags, cache_overrides, exit_interrupted, finish, quiet_transformers,
@@ -38,10 +39,11 @@ from .errors import InputTooLongError, PcompError
 from .methods import WholeInput, method_names
 from .plans import check_settings, method_of
 from .io import check_writable, read_context_file, read_text
-from .memory import estimate_memory
+from .memory import estimate_batch_memory, estimate_memory
 from .pipeline import answer_parts
 from .chunking import encode_parts
 from .document import answer_batch, read_document
+from .document.batch import request_batches
 from .sharding import make_mesh
 from .tasks import Task, make_task
 
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask each non-empty line of PATH about one reading of the context (not with --question); a "
                         ".jsonl file: one request a line, {\"question\": ...} with an optional \"context\" or "
                         "\"context_file\" of its own, answered as one batch")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="with a .jsonl --questions-file: answer at most N requests at once (memory grows with N; "
+                        "--dry-run estimates the largest batch); default: all of them")
     p.add_argument("--prompt", help="answer this prompt alone with full attention instead")
     p.add_argument("--method", choices=method_names(), help="shorthand for --set pipeline.method=...")
     p.add_argument("--model", help="shorthand for --set model=... (HF dir, .gguf, or the default name)")
@@ -176,9 +181,14 @@ def run(args) -> dict | list[dict]:
     if questions and isinstance(questions[0], tuple):  # a .jsonl questions file: requests, answered as one batch
         requests, questions = questions, [q for _, q in questions]
     several = questions is not None and (len(questions) > 1 or args.questions_file is not None)
-    if several and (args.dry_run or args.prompt is not None):
+    if several and (args.prompt is not None or (args.dry_run and requests is None)):
         raise PcompError("several questions (--question repeated, --questions-file) are asked about a long input, "
-                         "without --dry-run or --prompt; give a single --question there")
+                         "without --prompt (and --dry-run only with a .jsonl --questions-file); give a single "
+                         "--question there")
+    if args.batch_size is not None and requests is None:
+        raise PcompError("--batch-size applies to a .jsonl --questions-file (requests answered in batches)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise PcompError(f"--batch-size must be a whole number >= 1, got {args.batch_size}")
     args.question = questions[0] if questions else None  # one question: the single-question path
     config: RunConfig = load_config(args.config, _overrides(args))
     check_settings(config.pipeline)
@@ -221,8 +231,17 @@ def run(args) -> dict | list[dict]:
                          config.pipeline.answer_prefix, config.pipeline.chat)
     tokenize_s = time.perf_counter() - t
     check_new_tokens_fit(model, parts, config.pipeline, config.max_new_tokens)
+    if requests is not None:
+        pairs = [(task.context if context is None else context, q) for context, q in requests]
     if args.dry_run:
-        estimate = estimate_memory(model, parts, config.pipeline, config.max_new_tokens)
+        if requests is None:
+            estimate = estimate_memory(model, parts, config.pipeline, config.max_new_tokens)
+        else:  # the largest of the batches the run would make
+            asked = [encode_parts(model.tokenizer, c, q, config.pipeline.instruction, config.pipeline.answer_prefix,
+                                  config.pipeline.chat) for c, q in pairs]
+            estimate = max((estimate_batch_memory(model, [asked[i] for i in batch], config.pipeline,
+                                                  config.max_new_tokens)
+                            for batch in request_batches(asked, args.batch_size or len(asked))), key=lambda e: e.peak)
         if is_main():
             print(estimate.table())
         estimate.check(config.pipeline)  # refused (exit 2) when it cannot fit
@@ -231,8 +250,8 @@ def run(args) -> dict | list[dict]:
                 "phase_bytes": estimate.phase_totals, "device_limit_bytes": estimate.device_limit,
                 "timings_s": {"load": load_s}}
     if requests is not None:
-        pairs = [(task.context if context is None else context, q) for context, q in requests]
-        results = answer_batch(model, pairs, config.pipeline, config.max_new_tokens, progress=is_main())
+        results = answer_batch(model, pairs, config.pipeline, config.max_new_tokens, progress=is_main(),
+                               batch_size=args.batch_size)
         return [record(config, Task(context, q, ""), r, {"load": load_s, **r.timings})
                 for (context, q), r in zip(pairs, results)]
     if several:
@@ -271,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
+        raise_if_interrupted()  # a Ctrl-C that Python dropped still ends the command as interrupted
     except PcompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -291,3 +291,65 @@ def estimate_memory(model, parts: PromptParts, config, max_new_tokens: int) -> M
     placed = per_device_bytes(weights)
     resident = placed if mesh.size == 1 else 0  # on one device the run uses the loaded weights as they are
     return MemoryEstimate(placed, held, phases, device_memory_limit(device, resident), str(device))
+
+
+def estimate_batch_memory(model, inputs: list[PromptParts], config, max_new_tokens: int) -> MemoryEstimate:
+    """The peak device memory of ``document.answer_parts_batch(model, inputs, config,
+    max_new_tokens)`` (one batch), per device.
+
+    Stage 1 runs request by request (in shared groups): its phases are those of the request
+    with the widest chunk rows (``estimate_memory``). What is held grows with the batch:
+    every request's kept chunk caches and P's cache stay until the batch's stage 2 (the
+    selection term is their sum). Stage 2 is one program for the batch
+    (``merge.generate_batch``): ``batched question`` (the requests' merged caches laid into
+    a common number of slots, and the question prefill over them) and ``batched decoding``
+    (the loop beside its input cache). A one-row method, or a plan whose stage 2 does not
+    batch (``merge.batches``), answers one by one: the largest single estimate."""
+    from .decode import stop_token_ids
+    from .merge import _merged_into, _question_batch, batch_shapes, batches
+    from .sharding import rules_for, shardings
+
+    inputs = list(inputs)
+    if not inputs:
+        raise PcompError("estimate_batch_memory needs at least one request")
+    plan_ = plan(model, config)
+    fitted = [plan_.fit(parts, max_new_tokens) for parts in inputs]
+    widest = max(range(len(inputs)), key=lambda i: (len(fitted[i].prefix) + len(fitted[i].question), i))
+    single = estimate_memory(model, inputs[widest], config, max_new_tokens)
+    if plan_.plain_row or not batches(plan_.merge) or len(inputs) == 1:
+        if len(inputs) == 1 or plan_.plain_row:
+            return single
+        return max((estimate_memory(model, parts, config, max_new_tokens) for parts in inputs), key=lambda e: e.peak)
+    cfg, mesh = model.config, plan_.mesh()
+    rules = rules_for(cfg, mesh)
+    weights = _abstract(model.params, shardings(model.params, mesh, rules))
+    contexts, held = [], 0
+    for parts in fitted:
+        rows = plan_.rows(parts)
+        selection = jax.eval_shape(lambda: empty_selection(cfg, plan_.top_k(rows.num_chunks),
+                                                           plan_.prefill.kept_tokens(rows), model.dtype))
+        selection = _abstract(selection, shardings(selection, mesh, rules))
+        prefix = jax.ShapeDtypeStruct((cfg.num_layers, len(parts.prefix), cfg.num_kv_heads, cfg.head_dim), model.dtype)
+        contexts.append(ContextCache(prefix, prefix, selection))
+        held += per_device_bytes(selection) + 2 * per_device_bytes(prefix)
+    size, qb, capacity, steps = batch_shapes(contexts, [parts.question for parts in fitted], max_new_tokens)
+    merged = [jax.eval_shape(lambda c: _merged_into(c, cfg, plan_.merge.layout, capacity), c) for c in contexts]
+    fill = list(range(len(contexts))) + [len(contexts) - 1] * (size - len(contexts))
+    cache = jax.eval_shape(lambda *caches: jax.tree.map(
+        lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim > 1 else 0), *caches), *[merged[i][0] for i in fill])
+    rows_of = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
+    question = _question_batch.lower(weights, cfg, cache, rows_of((size,)), rows_of((size, qb)), rows_of((size,)),
+                                     rows_of((size,), jnp.bool_), num_steps=steps).compile()
+    state = _as_placed(question.out_info)
+    stops = rows_of((max(1, len(stop_token_ids(model))),))
+    decoding = decode_jit.lower(weights, cfg, state, stops, rows_of(()), None).compile()
+    phases = {name: parts for name, parts in single.phases.items()
+              if name in ("chunk group prefill", "running top-k update")}
+    phases["batched question"] = {
+        f"the requests' merged caches and the {size}-row batch laid out from them (both held)":
+            2 * per_device_bytes(cache),
+        "question prefill of the batch: temporaries + the caches out": _stage_bytes(question)}
+    phases["batched decoding"] = {
+        "the batch's cache (the loop's input)": per_device_bytes(state),
+        "decoding loop: temporaries + tokens and cache out": _stage_bytes(decoding)}
+    return MemoryEstimate(single.weights, held, phases, single.device_limit, single.device)

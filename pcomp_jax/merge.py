@@ -203,6 +203,17 @@ def _question_batch(weights: Weights, cfg: ModelConfig, cache, starts: jax.Array
     return state.replace(done=~running)
 
 
+def batch_shapes(contexts: list, questions: list, max_new_tokens: int) -> tuple[int, int, int, int]:
+    """The static shapes of ``generate_batch`` for ``contexts`` (``ContextCache``s, concrete
+    or abstract) and ``questions`` (token ids): ``(rows, question bucket, cache slots,
+    decoding steps)``: the batch padded to a power of two, the longest question's bucket,
+    the slots of the widest merged cache + question + steps (bucketed)."""
+    steps = decode_budget(max_new_tokens)
+    qb = max(len(pad_ids(np.zeros(len(q), np.int32), minimum=16)) for q in questions)
+    widths = [c.prefix_len + c.selection.keys.shape[1] * c.selection.keys.shape[2] for c in contexts]
+    return 1 << (len(contexts) - 1).bit_length(), qb, bucket_length(max(widths) + qb + steps), steps
+
+
 def generate_batch(model: Model, weights: Weights, contexts: list, questions: list, spec: MergeSpec,
                    max_new_tokens: int, timings: dict | None = None) -> list[Generation]:
     """``[generate_from_context(model, weights, c, q, spec, max_new_tokens) for c, q in
@@ -221,11 +232,8 @@ def generate_batch(model: Model, weights: Weights, contexts: list, questions: li
                 for c, q in zip(contexts, questions)]
     t = time.perf_counter()
     questions = [np.asarray(q, np.int32) for q in questions]
-    steps = decode_budget(max_new_tokens)
-    qb = max(len(pad_ids(q, minimum=16)) for q in questions)
-    widths = [c.prefix_len + c.selection.keys.shape[1] * c.selection.keys.shape[2] for c in contexts]
-    capacity = bucket_length(max(widths) + qb + steps)
-    n, size = len(contexts), 1 << (len(contexts) - 1).bit_length()
+    n = len(contexts)
+    size, qb, capacity, steps = batch_shapes(contexts, questions, max_new_tokens)
     fill = list(range(n)) + [n - 1] * (size - n)  # rows that fill the bucket repeat the last request
     merged = [_merged_into(contexts[i], model.config, spec.layout, capacity) for i in range(n)]
     caches = [merged[i][0] for i in fill]

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from ._startup import raise_if_interrupted
 from .attention import causal_attention
 from .axes import axes_field, axis_positions
 from .cache import KVCache
@@ -296,7 +297,7 @@ def for_each_group(groups, step, progress: bool = False) -> None:
     JAX dispatches asynchronously: without a wait the loop would place every group's rows
     at once. Group g+1 is dispatched, then what ``step`` returned for group g waited for,
     so memory stays flat in the input length, and the bar advances when a group's result is
-    ready (its rate and ETA are the work's, not the dispatch's). A Ctrl-C is seen at a wait.
+    ready (its rate and ETA are the work's, not the dispatch's). A Ctrl-C is seen at a wait (and a command's Ctrl-C that Python dropped, after it: ``_startup``).
     """
     bar = tqdm(total=len(groups), desc="chunk groups", unit="group", disable=not progress)
     in_flight = None
@@ -306,6 +307,7 @@ def for_each_group(groups, step, progress: bool = False) -> None:
             if in_flight is not None:
                 jax.block_until_ready(in_flight)
                 bar.update(1)
+                raise_if_interrupted()
             in_flight = done
         jax.block_until_ready(in_flight)
         bar.update(1)

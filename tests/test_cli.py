@@ -165,6 +165,21 @@ def test_cli_requests_with_contexts_of_their_own_are_one_batch(hf_checkpoints, t
     for record, context in zip(records, (common_text, inline, other)):
         reference = pcomp_jax.answer(model, context, record["question"], pipeline, 4)
         assert record["token_ids"] == reference.token_ids and record["selected_chunks"] == reference.selected_chunks
+    # --batch-size: the same answers in batches of at most 2; --dry-run estimates the largest batch
+    assert main([*common, "--questions-file", str(requests), "--batch-size", "2", "--output-json", str(out)]) == 0
+    assert [r["token_ids"] for r in json.loads(out.read_text())] == [r["token_ids"] for r in records]
+    peaks = {}
+    for size in ("1", "3"):
+        assert main([*common, "--questions-file", str(requests), "--batch-size", size, "--dry-run",
+                     "--output-json", str(out)]) == 0
+        peaks[size] = json.loads(out.read_text())["peak_bytes"]
+    assert "phase: batched decoding" in capsys.readouterr().out and peaks["3"] > peaks["1"]
+    for extra, message in ((["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
+                           (["--batch-size", "2", "--question", "q?"], "give the questions with --question or")):
+        assert main([*common, "--questions-file", str(requests), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*common, "--question", "q?", "--batch-size", "2"]) == 2
+    assert "--batch-size applies to a .jsonl --questions-file" in capsys.readouterr().err
     bad = [('{"question": 3}', "needs a non-empty string field 'question'"), ("not json", "is not valid JSON"),
            ('{"question": "q?", "context": "c", "context_file": "x"}', "both 'context' and 'context_file'"),
            ('{"question": "q?", "colour": 1}', "unknown field 'colour'"),

@@ -261,6 +261,34 @@ def test_eval_ctrl_c_keeps_finished_predictions_and_resumes(hf_checkpoints, tmp_
     assert "resuming: 1 finished predictions kept, 0 to run" in again.stderr
 
 
+DROPPED_INTERRUPT = """
+import signal, sys
+sys.argv[:1] = ["-m"]  # as `python -m pcomp_jax.<command>` imports the package
+from pcomp_jax import _startup
+from pcomp_jax.prefill import for_each_group
+
+class InterruptedWhileCollected:
+    def __del__(self):  # Python cannot raise from here: it prints "Exception ignored" and drops it
+        signal.raise_signal(signal.SIGINT)
+
+InterruptedWhileCollected()  # collected at once: the Ctrl-C arrives and is dropped
+print("still running", flush=True)
+try:
+    for_each_group([1, 2, 3], lambda group: print("group", group, flush=True) or group)
+except KeyboardInterrupt:
+    print("interrupted at a group", flush=True)
+"""
+
+
+def test_a_ctrl_c_python_drops_is_raised_at_the_next_unit_of_work():
+    """A Ctrl-C that lands where Python cannot raise it (a finalizer, a garbage-collection
+    callback) is remembered: the next chunk group (or evaluation item) raises it, quietly."""
+    run = subprocess.run([sys.executable, "-c", DROPPED_INTERRUPT], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.stdout.split("\n")[:4] == ["still running", "group 1", "group 2", "interrupted at a group"], run
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
 def test_chunk_group_bar_advances_when_the_group_is_done(hf_checkpoints, monkeypatch):
     """Each step of the bar reports a group whose result is computed (not just dispatched)."""
     import jax
@@ -389,20 +417,31 @@ BAD_INPUTS = {  # name -> (command module, arguments, files to write {name: byte
 }
 
 
+# Cases run as their own process (as a user meets them: the `python -m` entry, one per
+# command); the others call the same command's main() in this process (the same code after
+# the imports), which costs no interpreter start-up.
+OWN_PROCESS = {"config not UTF-8", "empty config"}
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_through_the_command_line_is_one_line(case, tmp_path):
-    """Each case as a user meets it: its own process, exit 2, one 'error:' line, no traceback,
-    and the model never loads (it does not exist)."""
+def test_bad_input_through_the_command_line_is_one_line(case, tmp_path, capsys):
+    """Each case: exit 2, one 'error:' line, no traceback, the model never loads (it does not
+    exist), the input files untouched."""
     command, args, files, words = BAD_INPUTS[case]
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     args = [str(tmp_path / a[1:-1]) if a.startswith("{") else a for a in args]
     extra = ["--model", "/nonexistent/model"] if command == "generate" else ["--output-dir", str(tmp_path / "out")]
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", f"pcomp_jax.{command}", *args, *extra], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
-    assert words in lines[0] and "Traceback" not in done.stderr
+    if case in OWN_PROCESS:
+        env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        done = subprocess.run([sys.executable, "-m", f"pcomp_jax.{command}", *args, *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        rc, stderr = done.returncode, done.stderr
+    else:
+        rc = (main if command == "generate" else eval_main)([*args, *extra])
+        stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+    assert words in lines[0] and "Traceback" not in stderr
     for name, data in files.items():
         assert (tmp_path / name).read_bytes() == data  # inputs untouched

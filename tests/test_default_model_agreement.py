@@ -10,6 +10,10 @@ from pcomp_jax.tasks import make_task
 
 pytestmark = [pytest.mark.default_model, pytest.mark.slow]
 
+# num_devices=1: these check the real model, not sharding (test_sharding.py, test_pipeline.py do);
+# its programs split over the suite's four CPU devices take twice as long on a 2-core machine.
+ONE_DEVICE = 1
+
 
 @pytest.fixture(scope="module")
 def model(default_model):
@@ -20,7 +24,7 @@ def model(default_model):
 def passkey(model):
     """A 1536-token passkey input (3 chunks of at most 512), its config, and answer()'s result."""
     task = make_task("passkey", model.tokenizer, 1536, 0.4, seed=3)
-    config = ParallelCompConfig(chunk_len=512, top_k_chunks=2, capacity=128)
+    config = ParallelCompConfig(chunk_len=512, top_k_chunks=2, capacity=128, num_devices=ONE_DEVICE)
     return task, config, answer(model, task.context, task.question, config, max_new_tokens=12)
 
 

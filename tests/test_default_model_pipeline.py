@@ -13,6 +13,10 @@ from pcomp_jax.tasks import make_task
 
 pytestmark = [pytest.mark.default_model, pytest.mark.slow]
 
+# num_devices=1: these check the real model, not sharding (test_sharding.py, test_pipeline.py do);
+# its programs split over the suite's four CPU devices take twice as long on a 2-core machine.
+ONE_DEVICE = 1
+
 
 @pytest.fixture(scope="module")
 def model(default_model):
@@ -22,7 +26,7 @@ def model(default_model):
 @pytest.mark.parametrize("kind, depth", [("passkey", 0.1), ("number_string", 0.9)])
 def test_one_kept_chunk_without_eviction_is_full_attention_over_it(model, kind, depth):
     task = make_task(kind, model.tokenizer, 1024, depth, seed=2)  # two chunks of at most 512: one is dropped
-    config = ParallelCompConfig(chunk_len=512, top_k_chunks=1, capacity=None)
+    config = ParallelCompConfig(chunk_len=512, top_k_chunks=1, capacity=None, num_devices=ONE_DEVICE)
     ours = answer(model, task.context, task.question, config, max_new_tokens=12)
     parts = encode_parts(model.tokenizer, task.context, task.question, config.instruction, config.answer_prefix,
                          config.chat)

@@ -250,6 +250,24 @@ def test_answer_batch_on_distinct_contexts_is_each_requests_answer(model, change
         assert ours.token_ids == reference.token_ids
         assert ours.selected_chunks == reference.selected_chunks
         assert ours.chunk_scores == reference.chunk_scores  # stage 1 runs as in answer()
+    if not changes:  # at most 2 requests at once, a context asked twice kept in one batch: the same answers
+        asked = [*inputs, (inputs[1][0], "who sat?")]
+        again = pcomp_jax.answer_batch(model, asked, config, max_new_tokens=8, batch_size=2)
+        assert [a.token_ids for a in again[:5]] == [r.token_ids for r in references]
+        assert again[5].token_ids == answer(model, *asked[5], config, max_new_tokens=8).token_ids
+
+
+def test_request_batches_keep_a_contexts_questions_together(model):
+    from pcomp_jax.document.batch import request_batches
+
+    one, two = make_context(40, seed=1), make_context(40, seed=2)
+    asked = [encode_parts(model.tokenizer, c, q, BASE.instruction, BASE.answer_prefix, BASE.chat)
+             for c, q in ((one, "a?"), (two, "b?"), (one, "c?"), (two, "d?"), (one, "e?"))]
+    assert request_batches(asked, 2) == [[0, 2], [4, 1], [3]]
+    assert request_batches(asked, 5) == [[0, 2, 4, 1, 3]]
+    for bad in (0, 1.5, True):
+        with pytest.raises(pcomp_jax.PcompError, match="batch_size must be a whole number >= 1 or None"):
+            pcomp_jax.answer_batch(model, [(one, "a?")], BASE, batch_size=bad)
 
 
 @pytest.mark.slow

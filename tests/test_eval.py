@@ -183,6 +183,59 @@ def test_runner_writes_resumes_and_refuses_changed_settings(model, eval_config, 
     assert open(f"{out}/pc/predictions.jsonl").read() == before
 
 
+@pytest.mark.slow
+def test_batched_sweep_predicts_as_one_by_one(model, eval_config, tmp_path, monkeypatch):
+    """batch_size > 1 (items of a method answered together: document.answer_parts_batch)
+    gives every record the prediction, selection and score of the one-by-one run: a
+    one-row method, a chunked one, one whose stage 2 does not batch (reprefill), two that
+    share a reading (answered from documents one by one, in batches from their own stage 1),
+    inputs of two lengths and answers of two lengths (passkey, needle), perplexity items beside them."""
+    methods = (*eval_config.methods, MethodSpec.of("pc_seq", method="parallelcomp", capacity=16, merge_layout="sequential"),
+               MethodSpec.of("pc_re", method="parallelcomp", merge_layout="reprefill"))
+    runs = {}
+    for size in (1, 3):
+        config = dataclasses.replace(eval_config, methods=methods, batch_size=size, max_new_tokens=None,
+                                     output_dir=str(tmp_path / f"b{size}"))
+        evaluate(config, model, progress=False)
+        runs[size] = {spec.name: lines(f"{config.output_dir}/{spec.name}/predictions.jsonl") for spec in methods}
+    fields = ("id", "prediction", "selected_chunks", "score", "context_tokens", "error")
+    for name, one in runs[1].items():
+        batched = sorted(runs[3][name], key=lambda r: r["id"])
+        assert [tuple(r.get(f) for f in fields) for r in sorted(one, key=lambda r: r["id"])] == \
+            [tuple(r.get(f) for f in fields) for r in batched], name
+        assert all("batch" not in r for r in one)
+        answered = [r for r in batched if r["kind"] == "synthetic"]
+        assert answered and max(r["batch"] for r in answered) == 3, name
+
+    # A batch that runs out of memory is answered again one by one: each item gets its own record.
+    import jax
+
+    def out_of_memory(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB.")
+
+    monkeypatch.setattr(pcomp_jax.document, "answer_parts_batch", out_of_memory)
+    config = dataclasses.replace(eval_config, methods=methods[1:2], batch_size=3, max_new_tokens=None,
+                                 output_dir=str(tmp_path / "oom"))
+    evaluate(config, model, progress=False)
+    again = sorted(lines(f"{config.output_dir}/pc/predictions.jsonl"), key=lambda r: r["id"])
+    assert [tuple(r.get(f) for f in fields) for r in again] == \
+        [tuple(r.get(f) for f in fields) for r in sorted(runs[1]["pc"], key=lambda r: r["id"])]
+    assert all("batch" not in r for r in again)
+
+
+def test_batches_of_take_turns_between_methods():
+    from pcomp_jax.eval.runner import batches_of
+
+    a, b = MethodSpec.of("a", method="parallelcomp"), MethodSpec.of("b", method="truncate")
+    items = [SyntheticItem(f"i{n}", {}) for n in range(5)]
+    pending = [(spec, item) for item in items for spec in (a, b)]
+    got = [(spec.name, [item.id for item in batch]) for spec, batch in batches_of(pending, 2)]
+    assert got == [("a", ["i0", "i1"]), ("b", ["i0", "i1"]), ("a", ["i2", "i3"]), ("b", ["i2", "i3"]),
+                   ("a", ["i4"]), ("b", ["i4"])]
+    assert [(s.name, [i.id for i in batch]) for s, batch in batches_of(pending[:3], 1)] == \
+        [("a", ["i0"]), ("b", ["i0"]), ("a", ["i1"])]
+
+
 def test_runner_records_item_errors_and_scores_them_zero(model, eval_config):
     # truncate cannot fit the question with a 250-token answer in the 256-token window
     config = dataclasses.replace(eval_config, methods=(MethodSpec.of("t", method="truncate"),), tasks=("passkey",),
@@ -232,7 +285,7 @@ def test_records_of_an_older_task_generator_run_again(model, eval_config, monkey
     from pcomp_jax.eval.runner import summarize
 
     config = dataclasses.replace(eval_config, methods=(MethodSpec.of("pc", method="parallelcomp", capacity=16),),
-                                 tasks=("passkey", "needle"), lengths=(150,), depths=(0.5,),
+                                 tasks=("passkey", "needle"), lengths=(150,), depths=(0.5,), batch_size=1,
                                  perplexity=dataclasses.replace(eval_config.perplexity, prefix_lengths=()))
     evaluate(config, model, progress=False)
     path = f"{config.output_dir}/pc/predictions.jsonl"
@@ -258,7 +311,7 @@ def test_foreign_lines_and_out_of_memory_do_not_stop_a_sweep(model, eval_config,
     import jax
 
     config = dataclasses.replace(eval_config, methods=(MethodSpec.of("pc", method="parallelcomp", capacity=16),),
-                                 tasks=("passkey",), lengths=(150,), depths=(0.2, 0.8),
+                                 tasks=("passkey",), lengths=(150,), depths=(0.2, 0.8), batch_size=1,
                                  perplexity=dataclasses.replace(eval_config.perplexity, prefix_lengths=()))
     os.makedirs(f"{config.output_dir}/pc")
     with open(f"{config.output_dir}/pc/predictions.jsonl", "w") as f:

@@ -67,6 +67,34 @@ def test_estimate_parts_equal_the_arrays_a_run_holds(model):
     assert estimate.phase_totals[estimate.largest_phase] == max(estimate.phase_totals.values())
 
 
+def test_batch_estimate_holds_every_requests_selection_and_the_batched_stage_2(model):
+    """estimate_batch_memory: the selections of every request held at once (each as its own
+    run holds it), stage 1's phases of the request with the widest rows, and stage 2 as one
+    program for the batch whose decoding input is the state generate_batch decodes from."""
+    from pcomp_jax.merge import _merged_into, _question_batch, batch_shapes
+
+    config = ParallelCompConfig(chunk_len=48, top_k_chunks=2, capacity=16, group_size=4, num_devices=1)
+    tok = model.tokenizer
+    asked = [encode_parts(tok, CONTEXT[: 900 + 300 * i], q, config.instruction, config.answer_prefix, config.chat)
+             for i, q in enumerate(["where?", "which mat is it, the one with the cat on it?", "who sat?"])]
+    singles = [estimate_memory(model, parts, config, 8) for parts in asked]
+    batch = memory.estimate_batch_memory(model, asked, config, 8)
+    assert batch.selection == sum(e.selection for e in singles)
+    assert list(batch.phases) == [*CHUNK_PHASES, "batched question", "batched decoding"]
+    assert batch.phases["chunk group prefill"] == singles[1].phases["chunk group prefill"]  # the longest question
+    assert batch.weights == singles[0].weights and batch.peak > max(e.peak for e in singles)
+    pres = [run_stage1(model, plan(model, config), plan(model, config).fit(parts, 8)) for parts in asked]
+    size, qb, capacity, steps = batch_shapes([p.context for p in pres], [p.question for p in asked], 8)
+    caches = [_merged_into(p.context, model.config, plan(model, config).merge.layout, capacity)[0] for p in pres]
+    cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim > 1 else 0), *caches, caches[-1])
+    state = _question_batch(pres[0].weights, model.config, cache, jnp.zeros(size, jnp.int32),
+                            jnp.zeros((size, qb), jnp.int32), jnp.ones(size, jnp.int32), jnp.ones(size, bool),
+                            num_steps=steps)
+    assert size == 4 and batch.phases["batched decoding"]["the batch's cache (the loop's input)"] == per_device_bytes(state)
+    alone = memory.estimate_batch_memory(model, asked[:1], config, 8)  # one request: its own estimate
+    assert dataclasses.replace(alone, device_limit=None) == dataclasses.replace(singles[0], device_limit=None)
+
+
 @pytest.mark.slow
 def test_a_larger_group_grows_the_groups_in_flight(model):
     base = ParallelCompConfig(chunk_len=48, top_k_chunks=2, group_size=4, num_devices=1, attention="dense")

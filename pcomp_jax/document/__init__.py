@@ -29,7 +29,7 @@ The package, by job: ``passes`` (the jitted reading and question passes), ``rows
 ``store`` (save and load) and ``batch`` (``answer_batch``).
 """
 
-from .batch import answer_batch
+from .batch import answer_batch, answer_parts_batch
 from .passes import AskedQuestion, ChunkCaches, QuestionPass, kept_selection, question_group, read_group
 from .reading import (
     READ_FIELDS,
@@ -49,7 +49,7 @@ from .store import DOCUMENT_FORMAT, DOCUMENT_RECORD, load_document, save_documen
 
 __all__ = [
     "AskedQuestion", "ChunkCaches", "DOCUMENT_FORMAT", "DOCUMENT_RECORD", "Document", "QuestionPass", "READ_FIELDS",
-    "answer_batch", "check_same_devices", "check_same_reading", "context_parts", "document_plan", "join_rows",
+    "answer_batch", "answer_parts_batch", "check_same_devices", "check_same_reading", "context_parts", "document_plan", "join_rows",
     "kept_selection", "load_document", "narrowed", "question_group", "read_document", "read_group", "read_parts",
     "read_parts_batch", "reading_refusal", "reuses_chunk_caches", "save_document", "take_rows",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._startup import raise_if_interrupted
 from ..cli import (add_cache_flags, cache_overrides, exit_interrupted, finish, quiet_transformers,
                   use_compilation_cache)
 from ..distributed import add_distributed_flags, distributed_overrides, initialize, is_main
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
             initialize(config.distributed)  # before any other JAX call; every process runs the same sweep
             use_compilation_cache(config.compilation_cache)
             metrics = evaluate(config, progress=not args.no_progress)
+        raise_if_interrupted()  # a Ctrl-C that Python dropped still ends the command as interrupted
     except PcompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

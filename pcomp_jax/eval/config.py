@@ -42,6 +42,9 @@ class EvalConfig:
     LongBench-format JSONL file (optional), longbench_limit: examples read from it.
     max_new_tokens: answer length (null: per task, LongBench's per dataset).
     compilation_cache: JAX's persistent compilation cache directory (null: off; ``pcomp_jax.cli``).
+    batch_size: items of one method answered together (``document.answer_parts_batch``:
+    stage 1 in shared groups, one question prefill and one decoding loop for the batch; the
+    same predictions as one by one); 1: one at a time.
     methods: ``MethodSpec``s; mappings (as read from YAML: ``{name: ..., max_length: ...,
     <pipeline field>: value}``) become ``MethodSpec``s (``MethodSpec.from_mapping``).
     """
@@ -62,6 +65,7 @@ class EvalConfig:
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     compilation_cache: str | None = DEFAULT_COMPILATION_CACHE
+    batch_size: int = 8
 
     def __post_init__(self):
         if isinstance(self.methods, (list, tuple)):  # mappings (YAML, Python) become MethodSpecs
@@ -94,6 +98,8 @@ class EvalConfig:
                 raise ConfigError(f"method {spec.name!r}: {err}") from None
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.longbench_limit is not None and self.longbench_limit < 1:
             raise ConfigError(f"longbench_limit must be >= 1, got {self.longbench_limit}")
 

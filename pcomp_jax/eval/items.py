@@ -3,14 +3,15 @@
 Each kind of item is a class: ``SyntheticItem`` (a task made from a seed at a length and
 depth), ``LongBenchItem`` (one LongBench example) and ``PerplexityItem`` (one perplexity
 window). ``item.predict(runner, pipeline)`` answers or scores it with one method's pipeline
-and returns the fields of its prediction record; ``item.context_key()`` says which items
+and returns the fields of its prediction record (an item that asks a question says what,
+``item.question(runner, pipeline)``, so that the runner can answer several in one batch); ``item.context_key()`` says which items
 share a context (their P and context), so that it can be read once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from ..config import ParallelCompConfig
 from ..errors import PcompError
@@ -34,7 +35,26 @@ class Item:
     def predict(self, runner, pipeline: ParallelCompConfig) -> dict:
         """The record's fields for this item under ``pipeline`` (``runner``: the model, the
         texts and the shared readings, ``runner.Runner``)."""
-        raise NotImplementedError
+        question = self.question(runner, pipeline)
+        if question is None:
+            raise NotImplementedError
+        return question.record(runner.ask(self, question.parts, pipeline, question.max_new_tokens))
+
+    def question(self, runner, pipeline: ParallelCompConfig) -> "Question | None":
+        """What the item asks under ``pipeline``, answered by ``answer_parts`` (so that
+        several items can be answered as one batch: ``answer_parts_batch``); None for an
+        item that is not a question (perplexity)."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """An item's prompt (``parts``), its answer length, and ``record(answer) -> dict``: the
+    prediction record's fields from the ``pipeline.Answer``."""
+
+    parts: object  # chunking.PromptParts
+    max_new_tokens: int
+    record: Callable[[object], dict]
 
 
 @dataclasses.dataclass
@@ -46,7 +66,7 @@ class SyntheticItem(Item):
     def context_key(self):
         return ("synthetic", *(self.fields[k] for k in ("task", "length", "depth", "seed")))
 
-    def predict(self, runner, pipeline):
+    def question(self, runner, pipeline):
         from ..chunking import encode_parts
 
         f = self.fields
@@ -54,11 +74,13 @@ class SyntheticItem(Item):
                          text=runner.needle_text() if f["task"] == "needle" else None)
         parts = encode_parts(runner.model.tokenizer, task.context, task.question, pipeline.instruction,
                              pipeline.answer_prefix, pipeline.chat)  # as answer() encodes them
-        result = runner.ask(self, parts, pipeline, runner.config.max_new_tokens or ANSWER_TOKENS[f["task"]])
-        correct = task.is_correct(result.text)
-        return {**f, "prediction": result.text, "answer": task.answer, "score": float(correct),
-                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens,
-                "generator": GENERATOR_VERSIONS[f["task"]]}
+
+        def record(result) -> dict:
+            return {**f, "prediction": result.text, "answer": task.answer, "score": float(task.is_correct(result.text)),
+                    "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens,
+                    "generator": GENERATOR_VERSIONS[f["task"]]}
+
+        return Question(parts, runner.config.max_new_tokens or ANSWER_TOKENS[f["task"]], record)
 
 
 @dataclasses.dataclass
@@ -71,15 +93,18 @@ class LongBenchItem(Item):
         ex = self.fields["example"]
         return ("longbench", ex.dataset, ex.context)  # the dataset decides the template's P
 
-    def predict(self, runner, pipeline):
+    def question(self, runner, pipeline):
         from ..longbench import MAX_NEW_TOKENS, encode_prompt, score_example
 
         ex = self.fields["example"]
-        parts = encode_prompt(runner.model.tokenizer, ex, pipeline.chat)
-        result = runner.ask(self, parts, pipeline, runner.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset])
-        return {"dataset": ex.dataset, "example_id": ex.id, "length": ex.length, "prediction": result.text,
-                "answers": ex.answers, "score": score_example(ex, result.text),
-                "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
+
+        def record(result) -> dict:
+            return {"dataset": ex.dataset, "example_id": ex.id, "length": ex.length, "prediction": result.text,
+                    "answers": ex.answers, "score": score_example(ex, result.text),
+                    "selected_chunks": result.selected_chunks, "context_tokens": result.context_tokens}
+
+        return Question(encode_prompt(runner.model.tokenizer, ex, pipeline.chat),
+                        runner.config.max_new_tokens or MAX_NEW_TOKENS[ex.dataset], record)
 
 
 @dataclasses.dataclass

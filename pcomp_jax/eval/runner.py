@@ -6,6 +6,7 @@ see the package docstring for the files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._startup import raise_if_interrupted
 from ..config import ConfigError, ParallelCompConfig, to_dict
 from ..distributed import is_main, main_decides
 from ..sharding import make_mesh
@@ -126,20 +128,88 @@ class Runner:
 
     def run(self, item: Item, pipeline: ParallelCompConfig) -> dict:
         start = time.perf_counter()
-        record = {"id": item.id, "kind": item.kind, **{k: v for k, v in item.fields.items() if k != "example"}}
-        try:
+        record = self._record(item)
+        with _recorded_failure(record):
             record.update(item.predict(self, pipeline))
-        except ConfigError:  # a setting, not this input: stop (checked up front, so rare)
-            raise
-        except PcompError as err:  # this input does not suit this method (e.g. too long): recorded, scored 0
-            record.update({"error": f"{type(err).__name__}: {err}", "score": 0.0})
-        except jax.errors.JaxRuntimeError as err:  # out of memory at this length: recorded, the sweep goes on
-            if "RESOURCE_EXHAUSTED" not in str(err):
+        return self._timed(record, time.perf_counter() - start)
+
+    def run_batch(self, items: list[Item], pipeline: ParallelCompConfig) -> list[dict]:
+        """``[run(item, pipeline) for item in items]``, the items that ask a question
+        (``Item.question``) and want the same answer length answered as one batch
+        (``document.answer_parts_batch``); the others, and every item of a batch that fails
+        (an input too long for the method, out of memory), run one by one, so that a
+        failure is recorded against its own item. A batch's records share its seconds
+        (``seconds``: the batch's time over its size; ``batch``: its size)."""
+        from ..document import answer_parts_batch
+
+        records: dict[int, dict] = {}
+        batches: dict[int, list[tuple[int, object]]] = {}
+        for i, item in enumerate(items):
+            try:
+                question = item.question(self, pipeline)
+            except PcompError:  # recorded by run(), one by one
+                question = None
+            if question is None or len(items) == 1:
+                records[i] = self.run(item, pipeline)
+            else:
+                batches.setdefault(question.max_new_tokens, []).append((i, question))
+        for max_new_tokens, members in batches.items():
+            start = time.perf_counter()
+            try:
+                answers = answer_parts_batch(self.model, [q.parts for _, q in members], pipeline, max_new_tokens)
+            except ConfigError:
                 raise
-            record.update({"error": f"out of memory: {str(err).splitlines()[0]}", "score": 0.0})
-        record["seconds"] = round(time.perf_counter() - start, 2)
+            except (PcompError, jax.errors.JaxRuntimeError) as err:
+                if isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(err):
+                    raise
+                records.update((i, self.run(items[i], pipeline)) for i, _ in members)
+                continue
+            seconds = (time.perf_counter() - start) / len(members)
+            for (i, question), result in zip(members, answers):
+                record = self._record(items[i])
+                with _recorded_failure(record):
+                    record.update(question.record(result))
+                records[i] = {**self._timed(record, seconds), "batch": len(members)}
+        return [records[i] for i in range(len(items))]
+
+    @staticmethod
+    def _record(item: Item) -> dict:
+        return {"id": item.id, "kind": item.kind, **{k: v for k, v in item.fields.items() if k != "example"}}
+
+    @staticmethod
+    def _timed(record: dict, seconds: float) -> dict:
+        record["seconds"] = round(seconds, 2)
         record["device"] = jax.devices()[0].device_kind  # where the seconds (and the numerics) come from
         return record
+
+
+@contextlib.contextmanager
+def _recorded_failure(record: dict):
+    """An input that does not suit the method (too long, out of memory) is recorded in
+    ``record`` and scored 0, and the sweep goes on; a setting (``ConfigError``) stops it."""
+    try:
+        yield
+    except ConfigError:  # a setting, not this input: stop (checked up front, so rare)
+        raise
+    except PcompError as err:  # this input does not suit this method (e.g. too long): recorded, scored 0
+        record.update({"error": f"{type(err).__name__}: {err}", "score": 0.0})
+    except jax.errors.JaxRuntimeError as err:  # out of memory at this length: recorded, the sweep goes on
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        record.update({"error": f"out of memory: {str(err).splitlines()[0]}", "score": 0.0})
+
+def batches_of(pending: list[tuple[MethodSpec, Item]], size: int):
+    """``(spec, items)`` batches of at most ``size`` items of one method, in the order of
+    ``pending``: a method's batch is run when it is full (or at the end), so that methods
+    still take turns on the shortest inputs first. ``size`` 1: ``pending`` one pair at a time."""
+    waiting: dict[str, tuple[MethodSpec, list[Item]]] = {}
+    for spec, item in pending:
+        _, items = waiting.setdefault(spec.name, (spec, []))
+        items.append(item)
+        if len(items) == size:
+            yield waiting.pop(spec.name)
+    yield from waiting.values()
+
 
 def is_current(record: dict) -> bool:
     """Whether a finished record was made from the inputs an item has now: a synthetic task's
@@ -403,16 +473,19 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
     skipped = len(wanted) - len(pending)
     if skipped and is_main():
         print(f"resuming: {skipped} finished predictions kept, {len(pending)} to run", file=sys.stderr)
-    bar = tqdm(pending, desc="eval", unit="item", disable=not (progress and is_main()))
+    bar = tqdm(total=len(pending), desc="eval", unit="item", disable=not (progress and is_main()))
     try:
-        for spec, item in bar:
-            bar.set_postfix_str(f"{spec.name} {item.id}")
-            record = runner.run(item, spec.pipeline(config.pipeline))
-            record["method"] = spec.name
-            if is_main():
-                append_record(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), record)
-            done[spec.name][item.id] = record
+        for spec, batch in batches_of(pending, config.batch_size):
+            raise_if_interrupted()  # a Ctrl-C that Python dropped stops the sweep between batches
+            bar.set_postfix_str(f"{spec.name} {batch[0].id}" + (f" +{len(batch) - 1}" if len(batch) > 1 else ""))
+            for item, record in zip(batch, runner.run_batch(batch, spec.pipeline(config.pipeline))):
+                record["method"] = spec.name
+                if is_main():
+                    append_record(os.path.join(config.output_dir, spec.name, "predictions.jsonl"), record)
+                done[spec.name][item.id] = record
+            bar.update(len(batch))
     finally:  # metrics, summary and plots of what is finished, also when a run stops early
+        bar.close()
         window = getattr(model.config, "window", None)
         metrics = write_results(config, items, done, window) if is_main() else {}
     return metrics
