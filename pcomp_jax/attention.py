@@ -164,7 +164,9 @@ def _blockwise_row(q, k, v, key_bias, block: int) -> jnp.ndarray:
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
-        pv = jnp.einsum("kqs,ksd->kqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+        # p stays float32 (a bfloat16 copy of the [G*blk, blk] block costs more than the
+        # dot gains on the CPU; the small value block is widened instead)
+        pv = jnp.einsum("kqs,ksd->kqd", p, vj.astype(jnp.float32), preferred_element_type=jnp.float32)
         return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
 
     def query_block(i):

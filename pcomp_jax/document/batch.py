@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from tqdm.auto import tqdm
+
 from ..checkpoints import Model
 from ..chunking import PromptParts, encode_parts
 from ..config import ParallelCompConfig
@@ -71,10 +73,12 @@ def answer_parts_batch(
     inputs = list(inputs)
     if batch_size is not None and len(inputs) > batch_size:
         answers: list[Answer | None] = [None] * len(inputs)
-        for batch in request_batches(inputs, batch_size):
-            for i, answer_ in zip(batch, answer_parts_batch(model, [inputs[i] for i in batch], config,
-                                                            max_new_tokens, progress)):
-                answers[i] = answer_
+        with tqdm(total=len(inputs), desc="requests answered", unit="request", disable=not progress) as bar:
+            for batch in request_batches(inputs, batch_size):
+                for i, answer_ in zip(batch, answer_parts_batch(model, [inputs[i] for i in batch], config,
+                                                                max_new_tokens, progress)):
+                    answers[i] = answer_
+                bar.update(len(batch))  # its tokens are on the host: finished
         return answers
     plan_ = document_plan(model, config)
     if not reuses_chunk_caches(plan_.method):  # one-row methods: their row depends on the question
