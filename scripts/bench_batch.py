@@ -81,10 +81,14 @@ def main() -> None:
     for length, n, one_s, batch_s, stage1, single2, stage2, right, compiled in rows:
         lines.append(f"| {length} | {n} | {one_s:.1f} | {batch_s:.1f} | {one_s / batch_s:.2f}x | {stage1:.1f} | "
                      f"{single2:.1f} / {stage2:.1f} | {right}/{n} | {compiled} |")
-    text = "\n".join(lines)
+    report("\n".join(lines), args.output)
+
+
+def report(text: str, output: str | None) -> None:
+    """Prints the markdown ``text``; also writes it to ``output`` when given."""
     print(text)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
 

@@ -27,6 +27,7 @@ import time
 import jax
 
 import pcomp_jax
+from bench_batch import report  # scripts/: the table printed and written
 from pcomp_jax.eval import evaluate
 from pcomp_jax.eval.config import load_eval_config
 
@@ -81,11 +82,7 @@ def main() -> None:
     ]
     for size, n, compiling, steady in rows:
         lines.append(f"| {size} | {n} | {compiling:.1f} | {steady:.1f} | {rows[0][3] / steady:.2f}x | yes |")
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    report("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

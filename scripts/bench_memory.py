@@ -7,7 +7,9 @@ Each length runs in a fresh process (so each peak is its own): random context to
 (``[length]``, clear of special tokens), an 8-token P, a 16-token question, the pipeline of
 ``--config``'s settings (default configs/demo.yaml) through ``answer_parts``, 8 new tokens.
 The process first asks the preflight (``pcomp_jax.memory.estimate_memory``) and runs the
-pipeline once (compiling every stage), then runs it again and measures that run:
+pipeline once (compiling every stage), then runs it again and measures that run. With
+``--requests N`` (N > 1), N such inputs with distinct contexts run as one batch
+(``document.answer_parts_batch``) against ``memory.estimate_batch_memory``:
 
 - on an accelerator, the measured peak is the device allocator's ``peak_bytes_in_use``
   (since the process started: it holds the load, the compilations, where XLA autotunes
@@ -116,37 +118,44 @@ def peak_rss_since_reset() -> int:
     raise OSError("no VmHWM in /proc/self/status")
 
 
-def one(length: int, model_name: str, config_path: str, overrides: list[str]) -> dict:
+def one(length: int, model_name: str, config_path: str, overrides: list[str], requests: int = 1) -> dict:
     import jax
     import numpy as np
 
     from pcomp_jax import load_model
     from pcomp_jax.chunking import PromptParts
     from pcomp_jax.config import load_config
-    from pcomp_jax.memory import estimate_memory
+    from pcomp_jax.document import answer_parts_batch
+    from pcomp_jax.memory import estimate_batch_memory, estimate_memory
     from pcomp_jax.pipeline import answer_parts
 
     config = load_config(config_path, overrides).pipeline
     model = random_small_model() if model_name == "random-small" else load_model(model_name)
     rng = np.random.default_rng(0)
     low = 100  # clear of special tokens
-    parts = PromptParts(prefix=rng.integers(low, model.config.vocab_size, 8).astype(np.int32),
-                        context=rng.integers(low, model.config.vocab_size, length).astype(np.int32),
-                        question=rng.integers(low, model.config.vocab_size, 16).astype(np.int32))
+    prefix = rng.integers(low, model.config.vocab_size, 8).astype(np.int32)
+    asked = [PromptParts(prefix=prefix, context=rng.integers(low, model.config.vocab_size, length).astype(np.int32),
+                         question=rng.integers(low, model.config.vocab_size, 16).astype(np.int32))
+             for _ in range(requests)]
     jax.block_until_ready(model.params)
-    estimate = estimate_memory(model, parts, config, 8)
-    answer_parts(model, parts, config, max_new_tokens=8)  # compiles every stage
+    if requests == 1:
+        estimate = estimate_memory(model, asked[0], config, 8)
+        run = lambda: answer_parts(model, asked[0], config, max_new_tokens=8)
+    else:  # distinct contexts as one batch
+        estimate = estimate_batch_memory(model, asked, config, 8)
+        run = lambda: answer_parts_batch(model, asked, config, max_new_tokens=8)[0]
+    run()  # compiles every stage
     before = settle()
     reset_peak_rss()
     start = time.perf_counter()
-    result = answer_parts(model, parts, config, max_new_tokens=8)
+    result = run()
     seconds = time.perf_counter() - start
     hwm = peak_rss_since_reset()
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     device_peak = (stats or {}).get("peak_bytes_in_use")
     measured = device_peak if device_peak else hwm - before + estimate.weights
-    return {"length": length, "seconds": round(seconds, 1), "chunks": result.num_chunks, "device": str(device),
+    return {"length": length, "requests": requests, "seconds": round(seconds, 1), "chunks": result.num_chunks, "device": str(device),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": before,
             "hwm": hwm, "device_peak": device_peak, "measured": measured,
             "measured_as": "allocator peak_bytes_in_use" if device_peak else "VmHWM - RSS before + weights",
@@ -161,11 +170,14 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--requests", type=int, default=1,
+                   help="N > 1: N distinct contexts of each length answered as one batch (answer_parts_batch) against "
+                        "estimate_batch_memory")
     p.add_argument("--output-json", help="also write the rows as JSON")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one length in this process
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one, args.model, args.config, args.overrides)))
+        print(json.dumps(one(args.one, args.model, args.config, args.overrides, args.requests)))
         return 0
     rows = []
     print("| context tokens | chunks | seconds | peak RSS MiB | measured peak MiB | preflight estimate MiB | "
@@ -173,7 +185,7 @@ def main(argv=None) -> int:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for length in args.lengths:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", str(length), "--model", args.model,
-               "--config", args.config] + [x for o in args.overrides for x in ("--set", o)]
+               "--config", args.config, "--requests", str(args.requests)] + [x for o in args.overrides for x in ("--set", o)]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"

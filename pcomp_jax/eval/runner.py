@@ -90,6 +90,12 @@ class Runner:
         return (*(getattr(pipeline, f) for f in READ_FIELDS), plan_.method.chunked, pipeline.num_devices,
                 pipeline.model_parallel)
 
+    def shares_reading(self, item: Item, pipeline: ParallelCompConfig) -> bool:
+        """Whether ``item``'s reading under ``pipeline`` is shared with other methods or items
+        of the run (``share_readings``): such an item is answered on its own, from the one
+        reading (cheaper than a batch that runs stage 1 again for each method)."""
+        return (item.context_key(), self.reading_key(pipeline)) in self.shared
+
     def ask(self, item: Item, parts, pipeline: ParallelCompConfig, max_new_tokens: int):
         """The answer to ``parts``: from the document of the item's context when its reading
         is shared (``share_readings``) and the document can answer this prompt
@@ -98,7 +104,7 @@ class Runner:
         from ..pipeline import answer_parts
 
         key = (item.context_key(), self.reading_key(pipeline))
-        if key in self.shared:
+        if self.shares_reading(item, pipeline):
             if self._documents[0] != key[0]:
                 self._documents = (key[0], {})  # one context at a time: its documents only
             docs = self._documents[1]
@@ -198,12 +204,16 @@ def _recorded_failure(record: dict):
             raise
         record.update({"error": f"out of memory: {str(err).splitlines()[0]}", "score": 0.0})
 
-def batches_of(pending: list[tuple[MethodSpec, Item]], size: int):
+def batches_of(pending: list[tuple[MethodSpec, Item]], size: int, alone=lambda spec, item: False):
     """``(spec, items)`` batches of at most ``size`` items of one method, in the order of
     ``pending``: a method's batch is run when it is full (or at the end), so that methods
-    still take turns on the shortest inputs first. ``size`` 1: ``pending`` one pair at a time."""
+    still take turns on the shortest inputs first. ``size`` 1: ``pending`` one pair at a
+    time. A pair for which ``alone(spec, item)`` holds is a batch of its own, in its place."""
     waiting: dict[str, tuple[MethodSpec, list[Item]]] = {}
     for spec, item in pending:
+        if alone(spec, item):
+            yield spec, [item]
+            continue
         _, items = waiting.setdefault(spec.name, (spec, []))
         items.append(item)
         if len(items) == size:
@@ -475,7 +485,8 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
         print(f"resuming: {skipped} finished predictions kept, {len(pending)} to run", file=sys.stderr)
     bar = tqdm(total=len(pending), desc="eval", unit="item", disable=not (progress and is_main()))
     try:
-        for spec, batch in batches_of(pending, config.batch_size):
+        shares = lambda spec, item: runner.shares_reading(item, spec.pipeline(config.pipeline))
+        for spec, batch in batches_of(pending, config.batch_size, alone=shares):
             raise_if_interrupted()  # a Ctrl-C that Python dropped stops the sweep between batches
             bar.set_postfix_str(f"{spec.name} {batch[0].id}" + (f" +{len(batch) - 1}" if len(batch) > 1 else ""))
             for item, record in zip(batch, runner.run_batch(batch, spec.pipeline(config.pipeline))):
