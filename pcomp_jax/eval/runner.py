@@ -204,6 +204,7 @@ def _recorded_failure(record: dict):
             raise
         record.update({"error": f"out of memory: {str(err).splitlines()[0]}", "score": 0.0})
 
+
 def batches_of(pending: list[tuple[MethodSpec, Item]], size: int, alone=lambda spec, item: False):
     """``(spec, items)`` batches of at most ``size`` items of one method, in the order of
     ``pending``: a method's batch is run when it is full (or at the end), so that methods
