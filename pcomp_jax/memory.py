@@ -222,6 +222,24 @@ def _row_phases(params, cfg, length: int, steps: int, name: str) -> dict:
     }
 
 
+def _abstract_context(model, plan_, parts: PromptParts, rules) -> ContextCache:
+    """The abstract ``ContextCache`` stage 1 leaves for ``parts`` (fitted) under ``plan_``:
+    P's keys and values and the kept chunks' selection, placed as the run places them."""
+    from .sharding import shardings
+
+    cfg, rows = model.config, plan_.rows(parts)
+    selection = jax.eval_shape(lambda: empty_selection(cfg, plan_.top_k(rows.num_chunks),
+                                                       plan_.prefill.kept_tokens(rows), model.dtype))
+    selection = _abstract(selection, shardings(selection, plan_.mesh(), rules))
+    prefix = jax.ShapeDtypeStruct((cfg.num_layers, len(parts.prefix), cfg.num_kv_heads, cfg.head_dim), model.dtype)
+    return ContextCache(prefix, prefix, selection)
+
+
+def _held_bytes(context: ContextCache) -> int:
+    """Bytes per device held from the chunk prefill to the end: the selection and P's cache."""
+    return per_device_bytes(context.selection) + 2 * per_device_bytes(context.prefix_keys)
+
+
 def estimate_memory(model, parts: PromptParts, config, max_new_tokens: int) -> MemoryEstimate:
     """The peak device memory of ``answer_parts(model, parts, config, max_new_tokens)``, per device."""
     from .sharding import rules_for, shardings
@@ -248,10 +266,9 @@ def estimate_memory(model, parts: PromptParts, config, max_new_tokens: int) -> M
     chunk = prefill_group.lower(weights, cfg, group, spec).compile()
     candidates = _as_placed(chunk.out_info)
     top_k = plan_.top_k(rows.num_chunks)
-    selection = jax.eval_shape(lambda: empty_selection(cfg, top_k, spec.kept_tokens(rows), model.dtype))
-    selection = _abstract(selection, shardings(selection, mesh, rules))
+    context = _abstract_context(model, plan_, parts, rules)
+    selection = context.selection
     update = keep_best_chunks.lower(selection, candidates, top_k).compile()
-    prefix = jax.ShapeDtypeStruct((cfg.num_layers, len(parts.prefix), cfg.num_kv_heads, cfg.head_dim), model.dtype)
     rows_bytes, selection_bytes = per_device_bytes(group), per_device_bytes(selection)
     candidates_bytes, update_bytes = per_device_bytes(candidates), _stage_bytes(update)
     second = len(groups) > 1  # a second group in flight
@@ -278,7 +295,6 @@ def estimate_memory(model, parts: PromptParts, config, max_new_tokens: int) -> M
         question = jax.ShapeDtypeStruct(pad_ids(parts.question, minimum=16).shape, jnp.int32)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         one = jax.ShapeDtypeStruct((1,), jnp.int32)
-        context = ContextCache(prefix, prefix, selection)
         merged = question_prefill.lower(weights, cfg, context, question, scalar, plan_.merge, num_steps=steps).compile()
         state = _as_placed(merged.out_info)
         decoding = decode_jit.lower(weights, cfg, state, one, scalar, plan_.merge.decode_eviction).compile()
@@ -287,7 +303,7 @@ def estimate_memory(model, parts: PromptParts, config, max_new_tokens: int) -> M
         phases["decoding"] = {
             "the merged cache (the loop's input)": per_device_bytes(state),
             "decoding loop: temporaries + tokens and cache out": _stage_bytes(decoding)}
-    held = selection_bytes + 2 * per_device_bytes(prefix)
+    held = _held_bytes(context)
     placed = per_device_bytes(weights)
     resident = placed if mesh.size == 1 else 0  # on one device the run uses the loaded weights as they are
     return MemoryEstimate(placed, held, phases, device_memory_limit(device, resident), str(device))
@@ -306,37 +322,29 @@ def estimate_batch_memory(model, inputs: list[PromptParts], config, max_new_toke
     (the loop beside its input cache). A one-row method, or a plan whose stage 2 does not
     batch (``merge.batches``), answers one by one: the largest single estimate."""
     from .decode import stop_token_ids
-    from .merge import _merged_into, _question_batch, batch_shapes, batches
+    from .merge import _merged_into, _question_batch, batch_shapes, batches, stack_batch
     from .sharding import rules_for, shardings
 
     inputs = list(inputs)
     if not inputs:
         raise PcompError("estimate_batch_memory needs at least one request")
     plan_ = plan(model, config)
+    if len(inputs) == 1:
+        return estimate_memory(model, inputs[0], config, max_new_tokens)
+    if plan_.plain_row or not batches(plan_.merge):  # answered one by one
+        return max((estimate_memory(model, parts, config, max_new_tokens) for parts in inputs), key=lambda e: e.peak)
     fitted = [plan_.fit(parts, max_new_tokens) for parts in inputs]
     widest = max(range(len(inputs)), key=lambda i: (len(fitted[i].prefix) + len(fitted[i].question), i))
     single = estimate_memory(model, inputs[widest], config, max_new_tokens)
-    if plan_.plain_row or not batches(plan_.merge) or len(inputs) == 1:
-        if len(inputs) == 1 or plan_.plain_row:
-            return single
-        return max((estimate_memory(model, parts, config, max_new_tokens) for parts in inputs), key=lambda e: e.peak)
     cfg, mesh = model.config, plan_.mesh()
     rules = rules_for(cfg, mesh)
     weights = _abstract(model.params, shardings(model.params, mesh, rules))
-    contexts, held = [], 0
-    for parts in fitted:
-        rows = plan_.rows(parts)
-        selection = jax.eval_shape(lambda: empty_selection(cfg, plan_.top_k(rows.num_chunks),
-                                                           plan_.prefill.kept_tokens(rows), model.dtype))
-        selection = _abstract(selection, shardings(selection, mesh, rules))
-        prefix = jax.ShapeDtypeStruct((cfg.num_layers, len(parts.prefix), cfg.num_kv_heads, cfg.head_dim), model.dtype)
-        contexts.append(ContextCache(prefix, prefix, selection))
-        held += per_device_bytes(selection) + 2 * per_device_bytes(prefix)
+    contexts = [_abstract_context(model, plan_, parts, rules) for parts in fitted]
+    held = sum(_held_bytes(context) for context in contexts)
     size, qb, capacity, steps = batch_shapes(contexts, [parts.question for parts in fitted], max_new_tokens)
     merged = [jax.eval_shape(lambda c: _merged_into(c, cfg, plan_.merge.layout, capacity), c) for c in contexts]
     fill = list(range(len(contexts))) + [len(contexts) - 1] * (size - len(contexts))
-    cache = jax.eval_shape(lambda *caches: jax.tree.map(
-        lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim > 1 else 0), *caches), *[merged[i][0] for i in fill])
+    cache = jax.eval_shape(lambda *caches: stack_batch(list(caches)), *[merged[i][0] for i in fill])
     rows_of = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
     question = _question_batch.lower(weights, cfg, cache, rows_of((size,)), rows_of((size, qb)), rows_of((size,)),
                                      rows_of((size,), jnp.bool_), num_steps=steps).compile()

@@ -209,9 +209,15 @@ def batch_shapes(contexts: list, questions: list, max_new_tokens: int) -> tuple[
     decoding steps)``: the batch padded to a power of two, the longest question's bucket,
     the slots of the widest merged cache + question + steps (bucketed)."""
     steps = decode_budget(max_new_tokens)
-    qb = max(len(pad_ids(np.zeros(len(q), np.int32), minimum=16)) for q in questions)
+    qb = max(bucket_length(len(q), minimum=16) for q in questions)
     widths = [c.prefix_len + c.selection.keys.shape[1] * c.selection.keys.shape[2] for c in contexts]
     return 1 << (len(contexts) - 1).bit_length(), qb, bucket_length(max(widths) + qb + steps), steps
+
+
+def stack_batch(caches: list):
+    """Batch-1 caches (``_merged_into``'s) as one cache of their batch: arrays with a layer
+    axis are joined on axis 1 (batch), the per-row ones (``end``) on axis 0."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim > 1 else 0), *caches)
 
 
 def generate_batch(model: Model, weights: Weights, contexts: list, questions: list, spec: MergeSpec,
@@ -237,7 +243,7 @@ def generate_batch(model: Model, weights: Weights, contexts: list, questions: li
     fill = list(range(n)) + [n - 1] * (size - n)  # rows that fill the bucket repeat the last request
     merged = [_merged_into(contexts[i], model.config, spec.layout, capacity) for i in range(n)]
     caches = [merged[i][0] for i in fill]
-    cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim > 1 else 0), *caches)
+    cache = stack_batch(caches)
     starts = jnp.stack([merged[i][1] for i in fill]).astype(jnp.int32)
     padded = np.zeros((size, qb), np.int32)
     for row, i in enumerate(fill):

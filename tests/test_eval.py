@@ -391,6 +391,10 @@ def test_eval_config_errors(tmp_path):
         EvalConfig(tasks=("math",))
     with pytest.raises(ConfigError, match="depths must lie in"):
         EvalConfig(depths=(1.5,))
+    with pytest.raises(ConfigError, match="batch_size must be >= 1, got 0"):
+        EvalConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(None, ["batch_size=many"], cls=EvalConfig)
     with pytest.raises(ConfigError, match="distinct names"):
         EvalConfig(methods=(MethodSpec.of("a", method="full"), MethodSpec.of("a", method="pcw")))
     with pytest.raises(ConfigError, match="method 'big': capacity=4096 is larger than chunk_len"):

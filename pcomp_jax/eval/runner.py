@@ -104,7 +104,7 @@ class Runner:
         from ..pipeline import answer_parts
 
         key = (item.context_key(), self.reading_key(pipeline))
-        if self.shares_reading(item, pipeline):
+        if key in self.shared:  # shares_reading
             if self._documents[0] != key[0]:
                 self._documents = (key[0], {})  # one context at a time: its documents only
             docs = self._documents[1]
