@@ -6,6 +6,7 @@ import dataclasses
 
 from ..cli import DEFAULT_COMPILATION_CACHE
 from ..config import MIN_TASK_LENGTH, ConfigError, DistributedConfig, ParallelCompConfig, check_field_types
+from ..ruler import DEFAULT_SEED, GENERATED_TASKS, RULER_TASKS
 from ..tasks import SYNTHETIC_TASKS
 from .columns import DEFAULT_METHODS, MethodSpec
 
@@ -33,6 +34,47 @@ class PerplexityConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RulerConfig:
+    """RULER's tasks (``pcomp_jax.ruler``): ``samples`` samples of each of ``tasks`` (generated;
+    ``ruler.GENERATED_TASKS``) at each of ``lengths`` (tokens: input plus the task's answer
+    length), drawn for the run seed ``seed``; ``text_file``: the essay of the essay-haystack
+    tasks (null: the bundled text, ``io.BUNDLED_TEXT``). ``data``: RULER's own data files
+    (``prepare.py`` output: files, or directories searched for ``<task>/*.jsonl``), every
+    task of them, qa_1 and qa_2 included; ``data_limit``: samples read per file."""
+
+    tasks: tuple[str, ...] = ()
+    lengths: tuple[int, ...] = ()
+    samples: int = 5
+    seed: int = DEFAULT_SEED
+    text_file: str | None = None
+    data: tuple[str, ...] = ()
+    data_limit: int | None = None
+
+    def __post_init__(self):
+        check_field_types(self)
+        for name in ("tasks", "lengths", "data"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"ruler.{name} has repeated values: {list(values)}")
+        for task in self.tasks:
+            if task not in GENERATED_TASKS:
+                qa = " (qa_1 and qa_2 need SQuAD/HotpotQA data: give RULER's files of them in ruler.data)" \
+                    if task in RULER_TASKS else ""
+                raise ConfigError(f"ruler.tasks: unknown task {task!r}; choose from: {', '.join(GENERATED_TASKS)}{qa}")
+        if bool(self.tasks) != bool(self.lengths):
+            raise ConfigError("ruler.tasks and ruler.lengths go together: give both or neither, got "
+                              f"tasks={list(self.tasks)}, lengths={list(self.lengths)}")
+        if any(n < MIN_TASK_LENGTH for n in self.lengths):
+            raise ConfigError(f"ruler.lengths must be at least {MIN_TASK_LENGTH} tokens, got {list(self.lengths)}")
+        if self.samples < 1:
+            raise ConfigError(f"ruler.samples must be >= 1, got {self.samples}")
+        if self.seed < 0:
+            raise ConfigError(f"ruler.seed must be a whole number >= 0, got {self.seed}")
+        if self.data_limit is not None and self.data_limit < 1:
+            raise ConfigError(f"ruler.data_limit must be >= 1, got {self.data_limit}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """What ``python -m pcomp_jax.eval`` runs (YAML keys = these fields).
 
@@ -40,7 +82,8 @@ class EvalConfig:
     (``tasks.SYNTHETIC_TASKS``); text_file: the haystack of ``needle`` (null: the
     bundled text, ``io.BUNDLED_TEXT``). longbench: a
     LongBench-format JSONL file (optional), longbench_limit: examples read from it.
-    max_new_tokens: answer length (null: per task, LongBench's per dataset).
+    max_new_tokens: answer length (null: per task, LongBench's per dataset, RULER's per task).
+    ruler: RULER's tasks, generated or read from RULER's files (``RulerConfig``).
     compilation_cache: JAX's persistent compilation cache directory (null: off; ``pcomp_jax.cli``).
     batch_size: items of one method answered together (``document.answer_parts_batch``:
     stage 1 in shared groups, one question prefill and one decoding loop for the batch; the
@@ -63,6 +106,7 @@ class EvalConfig:
     longbench_limit: int | None = None
     max_new_tokens: int | None = None
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
+    ruler: RulerConfig = dataclasses.field(default_factory=RulerConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     compilation_cache: str | None = DEFAULT_COMPILATION_CACHE
     batch_size: int = 8

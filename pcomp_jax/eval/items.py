@@ -1,8 +1,8 @@
 """What one prediction is about: an item of a sweep, and how it is answered and scored.
 
 Each kind of item is a class: ``SyntheticItem`` (a task made from a seed at a length and
-depth), ``LongBenchItem`` (one LongBench example) and ``PerplexityItem`` (one perplexity
-window). ``item.predict(runner, pipeline)`` answers or scores it with one method's pipeline
+depth), ``LongBenchItem`` (one LongBench example), ``RulerItem`` (one RULER sample, generated
+or read from RULER's files) and ``PerplexityItem`` (one perplexity window). ``item.predict(runner, pipeline)`` answers or scores it with one method's pipeline
 and returns the fields of its prediction record (an item that asks a question says what,
 ``item.question(runner, pipeline)``, so that the runner can answer several in one batch); ``item.context_key()`` says which items
 share a context (their P and context), so that it can be read once.
@@ -15,6 +15,7 @@ from typing import Callable, ClassVar
 
 from ..config import ParallelCompConfig
 from ..errors import PcompError
+from ..ruler import RULER_GENERATOR_VERSION
 from ..tasks import GENERATOR_VERSIONS, make_task
 from .config import ANSWER_TOKENS, EvalConfig
 
@@ -108,6 +109,41 @@ class LongBenchItem(Item):
 
 
 @dataclasses.dataclass
+class RulerItem(Item):
+    """One RULER sample (``ruler.RulerSample``): generated (fields ``task``, ``length``,
+    ``sample``; ``source`` "generated") or read from a RULER data file (``source`` "file",
+    the sample itself in ``fields["example"]``, its file in ``file``). Its prompt is RULER's
+    (``RulerSample.prompt_parts``: the pipeline's instruction and answer_prefix are not
+    used); its score RULER's (``ruler.score_prediction``, in [0, 1])."""
+
+    kind: ClassVar[str] = "ruler"
+
+    def context_key(self):
+        return ("ruler", self.id)  # one sample, one context: shared only by the methods asking it
+
+    def sample(self, runner):
+        """The item's ``RulerSample``: read from its file, or generated (``Runner.ruler_sample``)."""
+        f = self.fields
+        return f["example"] if "example" in f else runner.ruler_sample(f["task"], f["length"], f["sample"])
+
+    def question(self, runner, pipeline):
+        from ..ruler import score_prediction
+
+        sample = self.sample(runner)
+        parts = sample.prompt_parts(runner.model.tokenizer, pipeline.chat)
+
+        def record(result) -> dict:
+            fields = {k: v for k, v in self.fields.items() if k != "example"}
+            generator = {"generator": RULER_GENERATOR_VERSION} if fields["source"] == "generated" else {}
+            return {**fields, "prediction": result.text, "outputs": list(sample.outputs),
+                    "score": score_prediction(sample.task, result.text, sample.outputs),
+                    "input_tokens": sample.input_tokens, "selected_chunks": result.selected_chunks,
+                    "context_tokens": result.context_tokens, **generator}
+
+        return Question(parts, runner.config.max_new_tokens or sample.tokens_to_generate, record)
+
+
+@dataclasses.dataclass
 class PerplexityItem(Item):
     """One perplexity window: a prefix of ``prefix_len`` tokens and its continuation."""
 
@@ -148,6 +184,40 @@ def longbench_items(config: EvalConfig) -> list[Item]:
             for ex in examples]
 
 
+def ruler_items(config: EvalConfig) -> list[Item]:
+    """The generated RULER samples: every task at every length, ``samples`` of each, shortest first."""
+    ruler = config.ruler
+    return [RulerItem(f"ruler/{task}/L{length}/s{sample}",
+                      {"task": task, "length": length, "sample": sample, "source": "generated"})
+            for length in sorted(ruler.lengths) for task in ruler.tasks for sample in range(ruler.samples)]
+
+
+def ruler_file_items(config: EvalConfig) -> list[Item]:
+    """The samples of RULER's data files (``ruler.data``), by file; an item's id names its
+    task, length and the file's content (SHA-256), so a file read again under another path
+    resumes, and the same file given twice is read once."""
+    from ..io import check_readable
+    from ..ruler import file_digest, find_ruler_files, load_ruler_file
+
+    items: dict[str, Item] = {}
+    for entry in config.ruler.data:
+        for path in find_ruler_files(entry):
+            check_readable(path, "RULER data file")
+            try:
+                samples = load_ruler_file(path, limit=config.ruler.data_limit)
+            except UnicodeDecodeError as err:
+                raise PcompError(f"cannot read RULER data file {path!r}: not UTF-8 text (byte "
+                                 f"{err.object[err.start]:#04x} at offset {err.start}); give a prepare.py JSONL "
+                                 "file") from None
+            digest = file_digest(path)[:12]
+            for number, sample in enumerate(samples, start=1):
+                item_id = f"ruler_file/{sample.task}/L{sample.target_length}/{digest}/{number}"
+                items.setdefault(item_id, RulerItem(item_id, {
+                    "task": sample.task, "length": sample.target_length, "sample": number, "source": "file",
+                    "file": path, "example": sample}))
+    return list(items.values())
+
+
 def perplexity_items(config: EvalConfig) -> list[Item]:
     ppl = config.perplexity
     return [PerplexityItem(f"ppl/T{t}/s{s}", {"prefix_len": t, "sample": s})
@@ -156,5 +226,6 @@ def perplexity_items(config: EvalConfig) -> list[Item]:
 
 def sweep_items(config: EvalConfig) -> list[Item]:
     """Every item of ``config``'s sweep: the synthetic tasks, the LongBench examples, the
-    perplexity windows."""
-    return synthetic_items(config) + longbench_items(config) + perplexity_items(config)
+    RULER samples (generated, then read from files), the perplexity windows."""
+    return (synthetic_items(config) + longbench_items(config) + ruler_items(config) + ruler_file_items(config)
+            + perplexity_items(config))

@@ -6,6 +6,7 @@ see the package docstring for the files.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -23,16 +24,19 @@ from ..distributed import is_main, main_decides
 from ..sharding import make_mesh
 from ..errors import PcompError
 from ..io import read_text
+from ..ruler import RULER_GENERATOR_VERSION
 from ..tasks import GENERATOR_VERSIONS
 from .columns import MethodSpec
 from .config import EvalConfig
 from .items import Item, sweep_items
 from .outputs import check_outputs, record_outputs, summary_names
-from .plots import plot_heatmaps, plot_perplexity
+from .plots import plot_heatmaps, plot_perplexity, plot_ruler_heatmaps
 from .summary import method_metrics, summary_markdown
 
 
 # ---- running one item --------------------------------------------------------------------
+
+RULER_SAMPLES_KEPT = 64  # generated RULER samples a runner keeps (Runner.ruler_sample)
 
 
 class Runner:
@@ -41,6 +45,8 @@ class Runner:
     def __init__(self, model, config: EvalConfig):
         self.model, self.config = model, config
         self._needle_text = None
+        self._ruler_text = None
+        self._ruler_samples: collections.OrderedDict = collections.OrderedDict()  # the latest generated samples
         self._ppl_windows = None
         self._prefills: tuple[str, dict] = ("", {})  # (item id, stage-1 results its methods share)
         self.shared: set = set()  # (context key, reading key) asked more than once in this run (share_readings)
@@ -120,6 +126,28 @@ class Runner:
         if self._needle_text is None:
             self._needle_text = read_text(self.config.text_file, "the needle task's")
         return self._needle_text
+
+    def ruler_text(self) -> str:
+        """The essay of RULER's essay-haystack tasks (``config.ruler.text_file``), read once."""
+        if self._ruler_text is None:
+            self._ruler_text = read_text(self.config.ruler.text_file, "the RULER essay haystack's")
+        return self._ruler_text
+
+    def ruler_sample(self, task: str, length: int, sample: int):
+        """Sample ``sample`` of RULER task ``task`` at ``length`` tokens (``ruler.generate_sample``
+        with the run's seed and the model's tokenizer); the latest ``RULER_SAMPLES_KEPT`` are
+        kept, so that the methods asking one sample in turn make it once."""
+        from ..ruler import generate_sample, uses_essay
+
+        key = (task, length, sample)
+        if key not in self._ruler_samples:
+            text = self.ruler_text() if uses_essay(task) else None
+            self._ruler_samples[key] = generate_sample(task, self.model.tokenizer, length, sample,
+                                                       self.config.ruler.seed, text)
+            while len(self._ruler_samples) > RULER_SAMPLES_KEPT:
+                self._ruler_samples.popitem(last=False)
+        self._ruler_samples.move_to_end(key)
+        return self._ruler_samples[key]
 
     def ppl_window(self, prefix_len: int, sample: int):
         """(prefix, continuation) token ids; every prefix length shares the continuations."""
@@ -224,7 +252,10 @@ def batches_of(pending: list[tuple[MethodSpec, Item]], size: int, alone=lambda s
 
 def is_current(record: dict) -> bool:
     """Whether a finished record was made from the inputs an item has now: a synthetic task's
-    record names its generator's version (``tasks.GENERATOR_VERSIONS``; none: version 1)."""
+    record names its generator's version (``tasks.GENERATOR_VERSIONS``; none: version 1), a
+    generated RULER sample's ``ruler.RULER_GENERATOR_VERSION``."""
+    if record.get("kind") == "ruler" and record.get("source") == "generated":
+        return record.get("generator", 1) == RULER_GENERATOR_VERSION
     if record.get("kind") != "synthetic" or record.get("task") not in GENERATOR_VERSIONS:
         return True
     return record.get("generator", 1) == GENERATOR_VERSIONS[record["task"]]
@@ -279,9 +310,11 @@ def append_record(path: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def method_settings(config: EvalConfig, spec: MethodSpec, text_sha256: str | None = None) -> dict:
-    """What makes a method's predictions comparable across resumed runs. text_sha256: the
-    needle text's ``text_digest`` (read once per run by the caller)."""
+def method_settings(config: EvalConfig, spec: MethodSpec, text_sha256: str | None = None,
+                    ruler_text_sha256: str | None = None) -> dict:
+    """What makes a method's predictions comparable across resumed runs. text_sha256,
+    ruler_text_sha256: the needle text's and RULER's essay's ``text_digest`` (read once per
+    run by the caller)."""
     from ..checkpoints import auto_dtype
 
     dtype = auto_dtype() if config.dtype == "auto" else config.dtype  # what runs decides, not the word "auto"
@@ -294,12 +327,31 @@ def method_settings(config: EvalConfig, spec: MethodSpec, text_sha256: str | Non
         settings["perplexity"] = {k: v for k, v in to_dict(config.perplexity).items() if k != "prefix_lengths"}
     if config.longbench is not None:
         settings["longbench"] = os.path.abspath(config.longbench)
+    if config.ruler.tasks:  # the generated samples' seed and essay (RULER files: their content is in the ids)
+        settings["ruler_seed"] = config.ruler.seed
+        if uses_essay_text(config):
+            settings["ruler_text_sha256"] = ruler_text_sha256 or text_digest(config.ruler.text_file,
+                                                                             "the RULER essay haystack's")
     return settings
 
 
-def text_digest(path: str | None) -> str:
-    """SHA-256 of the needle task's text (None: the bundled text), as read for the needles."""
-    return hashlib.sha256(read_text(path, "the needle task's").encode("utf-8")).hexdigest()
+def uses_essay_text(config: EvalConfig) -> bool:
+    """Whether a generated RULER task of ``config`` hides its needles in the essay text."""
+    from ..ruler import uses_essay
+
+    return any(uses_essay(task) for task in config.ruler.tasks)
+
+
+def text_digest(path: str | None, purpose: str = "the needle task's") -> str:
+    """SHA-256 of a text (None: the bundled text), as read for the needles; ``purpose`` names it in errors."""
+    return hashlib.sha256(read_text(path, purpose).encode("utf-8")).hexdigest()
+
+
+def figure_tasks(config: EvalConfig) -> tuple[str, ...]:
+    """The names the sweep's heatmaps are made for (``heatmap_<name>.png``): the synthetic
+    tasks, ``ruler`` and ``ruler_file`` when it has RULER's tasks."""
+    ruler = ("ruler",) if config.ruler.tasks else ()
+    return (*config.tasks, *ruler, *(("ruler_file",) if config.ruler.data else ()))
 
 
 # Pipeline fields added after results may exist whose value here reproduces what runs made
@@ -373,13 +425,14 @@ def write_results(config: EvalConfig, items: list[Item], done: dict[str, dict], 
             json.dump(metrics[spec.name], f, indent=1)
     methods = [spec.name for spec in config.methods]
     names = summary_names(config.output_dir, methods)
-    check_outputs(config.output_dir, names, config.tasks)
+    check_outputs(config.output_dir, names, figure_tasks(config))
     with open(os.path.join(config.output_dir, f"{names.stem}.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=1)
     with open(os.path.join(config.output_dir, f"{names.stem}.md"), "w", encoding="utf-8") as f:
         f.write(summary_markdown(metrics))
     written = [f"{names.stem}.json", f"{names.stem}.md"]
     written += [os.path.basename(p) for p in plot_heatmaps(metrics, config.output_dir, names.suffix)]
+    written += [os.path.basename(p) for p in plot_ruler_heatmaps(metrics, config.output_dir, names.suffix)]
     plot = plot_perplexity(metrics, config.output_dir, window, names.suffix)
     written += [os.path.basename(plot)] if plot else []
     record_outputs(config.output_dir, names, methods, written)
@@ -401,11 +454,29 @@ def check_needle_text_fits(model, config: EvalConfig) -> None:
                           f"{available}, or a longer text_file")
 
 
+def check_ruler_lengths(runner: Runner, config: EvalConfig) -> None:
+    """Refuses (``ConfigError``) before any item runs when a RULER task cannot be made at the
+    shortest of ``ruler.lengths`` (its template alone is longer) or at the longest (cwe past
+    its word list): a setup error, never a score. The samples made are kept for the run."""
+    from ..ruler import RULER_TASKS
+
+    if not config.ruler.tasks or runner.model.tokenizer is None:
+        return
+    for task in config.ruler.tasks:
+        shortest, longest = min(config.ruler.lengths), max(config.ruler.lengths)
+        bounded = RULER_TASKS[task].family == "common_words_extraction"  # the task with a longest length
+        for length in [shortest] + ([longest] if bounded and longest != shortest else []):
+            try:
+                runner.ruler_sample(task, length, 0)
+            except PcompError as err:
+                raise ConfigError(f"ruler: {err}") from None
+
+
 def check_own_outputs(config: EvalConfig) -> None:
     """Refuses (``ConfigError``) before anything runs when the sweep's summary would replace a
     file in ``output_dir`` that the runner did not write."""
     names = summary_names(config.output_dir, [spec.name for spec in config.methods])
-    check_outputs(config.output_dir, names, config.tasks)
+    check_outputs(config.output_dir, names, figure_tasks(config))
 
 
 def summarize(config: EvalConfig) -> dict[str, dict]:
@@ -426,8 +497,8 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
     """Runs (or resumes) the whole sweep; returns the metrics per method and writes the files."""
     items = sweep_items(config)
     if not items:
-        raise ConfigError("nothing to evaluate: give tasks (with lengths and depths), longbench or "
-                          "perplexity.prefix_lengths")
+        raise ConfigError("nothing to evaluate: give tasks (with lengths and depths), longbench, ruler.tasks "
+                          "(with ruler.lengths), ruler.data or perplexity.prefix_lengths")
     from ..plans import check_settings
 
     for spec in config.methods:  # what needs no model, before any work
@@ -436,6 +507,8 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
         except ConfigError as err:
             raise ConfigError(f"method {spec.name!r}: {err}") from None
     digest = text_digest(config.text_file) if "needle" in config.tasks else None  # fails before any work
+    ruler_digest = (text_digest(config.ruler.text_file, "the RULER essay haystack's") if uses_essay_text(config)
+                    else None)
     if config.perplexity.prefix_lengths:
         read_text(config.perplexity.text_file, "the perplexity")
     refusal = None
@@ -444,7 +517,8 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
             os.makedirs(config.output_dir, exist_ok=True)
             check_own_outputs(config)  # a file of the user's is never replaced
             for spec in config.methods:  # settings of every method are checked before anything runs
-                check_or_write_settings(os.path.join(config.output_dir, spec.name), method_settings(config, spec, digest))
+                check_or_write_settings(os.path.join(config.output_dir, spec.name),
+                                        method_settings(config, spec, digest, ruler_digest))
         except ConfigError as err:
             refusal = err
         except (OSError, ValueError) as err:  # an unwritable output_dir, a corrupt settings.json
@@ -480,6 +554,7 @@ def evaluate(config: EvalConfig, model=None, progress: bool = True) -> dict[str,
             runner.ppl_window(min(config.perplexity.prefix_lengths), 0)
         except PcompError as err:
             raise ConfigError(f"perplexity: {err}; use shorter prefix_lengths or a longer text_file") from None
+    check_ruler_lengths(runner, config)
     pending = runner.share_readings(pending, config)  # a context read once for the methods and items sharing it
     skipped = len(wanted) - len(pending)
     if skipped and is_main():
