@@ -67,3 +67,13 @@ def default_model_bfloat16():
     import pcomp_jax
 
     return pcomp_jax.load_model(None, dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    """The default model's tokenizer alone (from the GGUF file's metadata, no weights), for
+    tests that only tokenize: about half the time of loading the model."""
+    from pcomp_jax.checkpoints import default_model_path
+    from pcomp_jax.checkpoints.gguf_file import GGUFCheckpoint
+
+    return GGUFCheckpoint(default_model_path()).tokenizer()

@@ -65,8 +65,8 @@ def test_bad_overlap_is_refused():
 
 
 @pytest.mark.default_model
-def test_breaks_on_the_default_tokenizer(default_model):
-    tok = default_model.tokenizer
+def test_breaks_on_the_default_tokenizer(default_tokenizer):
+    tok = default_tokenizer
     text = 'He said "Stop!" and left. Then\nshe waited... It was 3.5 km away? Yes. {"a": 1, "b": 2}'
     ids = tok(text, add_special_tokens=False)["input_ids"]
     breaks = text_breaks(tok, ids)

@@ -29,12 +29,9 @@ NEEDLE_LINE = re.compile(r"One of the special magic (numbers|words|uuids) for (.
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(default_tokenizer):
     """The default model's tokenizer (SmolLM2-135M-Instruct), without loading its weights."""
-    from pcomp_jax.checkpoints import default_model_path
-    from pcomp_jax.checkpoints.gguf_file import GGUFCheckpoint
-
-    return GGUFCheckpoint(default_model_path()).tokenizer()
+    return default_tokenizer
 
 
 @pytest.fixture(scope="module")

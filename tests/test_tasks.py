@@ -18,7 +18,7 @@ TEXT = " ".join(
 def tokenizer(request):
     if request.param == "tiny":
         return tiny.tiny_hf_tokenizer()
-    return request.getfixturevalue("default_model").tokenizer  # the real default model's tokenizer
+    return request.getfixturevalue("default_tokenizer")  # the real default model's tokenizer
 
 
 def answer_depth(tok, task) -> tuple[int, float]:
