@@ -438,6 +438,7 @@ def long_window_model(tmp_path_factory):
     return pcomp_jax.load_model(path)
 
 
+@pytest.mark.slow  # a whole sweep through the runner: the full suite, not the fast tier
 def test_a_ruler_sweep_runs_through_the_runner(long_window_model, tmp_path, monkeypatch):
     from pcomp_jax import ParallelCompConfig
     from pcomp_jax.eval import EvalConfig, MethodSpec, Runner, evaluate
