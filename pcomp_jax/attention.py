@@ -6,7 +6,10 @@ Queries have ``H`` heads and keys/values ``KVH`` heads; each KV head serves
 
 Prefill needs only causal attention inside each row (padding sits after the real tokens,
 where causality hides it), so its backends share the signature
-``(q, k, v, key_keep=None) -> out`` (``key_keep``: calibration's per-KV-head key mask):
+``(q, k, v, key_keep=None) -> out`` (``key_keep``: calibration's per-KV-head key mask);
+a model with sliding-window layers (Gemma 3's local layers) also passes
+``window=`` (the layer's window, traced) and ``positions=`` (the row's RoPE positions),
+which dense and blockwise take and the kernels refuse by name:
 ``dense_causal_attention``, the flash-style ``blockwise_causal_attention`` (memory linear
 in the row length), our Pallas kernel, cuDNN, and the kernels JAX ships (splash attention
 for TPU, Mosaic GPU flash attention for Hopper). ``causal_attention(name, ...)`` picks one.
@@ -90,16 +93,32 @@ def dense_attention_parts(q: jnp.ndarray, parts) -> jnp.ndarray:
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def dense_causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_keep=None) -> jnp.ndarray:
+def window_mask(query_positions: jnp.ndarray, key_positions: jnp.ndarray, window) -> jnp.ndarray:
+    """Sliding-window visibility: True where ``query position - key position < window``
+    (causality is applied apart). query_positions: ``[B, T]``; key_positions: ``[B, S]``;
+    window: an int (traced or not). Returns ``[B, T, S]`` bool."""
+    return (query_positions[:, :, None] - key_positions[:, None, :]) < window
+
+
+def dense_causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_keep=None, window=None,
+                           positions=None) -> jnp.ndarray:
     """Causal attention inside each row with the dense reference. Shapes as ``dense_attention``.
 
     key_keep: optional ``[B, KVH, T]`` bool; False removes a key from every query of that
     KV head (calibration), except from its own position, which every query always sees.
+    window: optional sliding window (an int, traced or not): a query then sees only the
+    keys whose position is less than ``window`` before its own; positions: ``[B, T]``
+    RoPE positions of the row (default ``0..T-1``).
     """
     mask = causal_mask(q.shape[1], k.shape[1])
+    if window is not None:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+        mask = mask[None] & window_mask(positions, positions, window)  # [B, T, S]
     if key_keep is not None:
         diagonal = jnp.eye(q.shape[1], k.shape[1], dtype=bool)
-        mask = (mask[None, None] & key_keep[:, :, None, :]) | diagonal
+        per_head = mask[None, None] if mask.ndim == 2 else mask[:, None]
+        mask = (per_head & key_keep[:, :, None, :]) | diagonal
     return dense_attention(q, k, v, mask)
 
 
@@ -112,7 +131,7 @@ def even_blocks(length: int, max_block: int, multiple: int = 64) -> tuple[int, i
 
 
 def blockwise_causal_attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_keep=None, block: int = 512
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_keep=None, block: int = 512, window=None, positions=None
 ) -> jnp.ndarray:
     """Flash-style causal attention: online softmax over key blocks, one query block at a time.
 
@@ -127,6 +146,8 @@ def blockwise_causal_attention(
     along the query axis, so each block product is one ``[G*block, D] x [D, block]`` matmul
     per KV head; keys are stored transposed; only the diagonal block carries the causal
     mask (blocks below it see every key, up to calibration's additive key bias).
+    window, positions: a sliding window as in ``dense_causal_attention``; each query block
+    then starts at the first key block it can see, and every block carries the window mask.
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -139,15 +160,22 @@ def blockwise_causal_attention(
         key_bias = jnp.zeros((b, kvh, n * block), jnp.float32)
     else:
         key_bias = jnp.where(jnp.pad(key_keep, ((0, 0), (0, 0), (0, pad))), 0.0, NEG_INF).astype(jnp.float32)
-    row = lambda args: _blockwise_row(*args, block=block)
-    out = jax.lax.map(row, (q * d**-0.5, k, v, key_bias))
+    if window is None:
+        row = lambda args: _blockwise_row(*args, block=block)
+        out = jax.lax.map(row, (q * d**-0.5, k, v, key_bias))
+    else:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        positions = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, pad)))
+        row = lambda args: _blockwise_row(*args[:4], block=block, positions=args[4], window=window)
+        out = jax.lax.map(row, (q * d**-0.5, k, v, key_bias, positions))
     return out[:, :t].astype(q.dtype)
 
 
-def _blockwise_row(q, k, v, key_bias, block: int) -> jnp.ndarray:
+def _blockwise_row(q, k, v, key_bias, block: int, positions=None, window=None) -> jnp.ndarray:
     """One row of ``blockwise_causal_attention``. q: ``[T, H, D]`` (already scaled); k, v:
-    ``[T, KVH, D]``; key_bias: ``[KVH, T]`` (0 or NEG_INF); T a multiple of ``block``.
-    Returns ``[T, H, D]`` float32."""
+    ``[T, KVH, D]``; key_bias: ``[KVH, T]`` (0 or NEG_INF); T a multiple of ``block``;
+    positions ``[T]`` and window: an optional sliding window. Returns ``[T, H, D]`` float32."""
     t, h, d = q.shape
     kvh = k.shape[1]
     g, n = h // kvh, t // block
@@ -169,6 +197,16 @@ def _blockwise_row(q, k, v, key_bias, block: int) -> jnp.ndarray:
         pv = jnp.einsum("kqs,ksd->kqd", p, vj.astype(jnp.float32), preferred_element_type=jnp.float32)
         return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
 
+    if window is not None:
+        pos = positions.reshape(n, block)
+        # key block j can matter to query block i only if some pair is inside the window
+        seen = (pos.min(axis=1)[:, None] - pos.max(axis=1)[None, :]) < window  # [n, n]
+        first = jnp.argmax(seen, axis=1)  # the first key block each query block sees
+
+        def window_bias(i, j):  # [G*blk, blk], query index = group * block + offset
+            inside = (pos[i][:, None] - pos[j][None, :]) < window
+            return jnp.tile(jnp.where(inside, 0.0, NEG_INF), (g, 1))
+
     def query_block(i):
         qi = q_blocks[i]
         init = (
@@ -176,10 +214,18 @@ def _blockwise_row(q, k, v, key_bias, block: int) -> jnp.ndarray:
             jnp.zeros((kvh, g * block), jnp.float32),
             jnp.zeros((kvh, g * block, d), jnp.float32),
         )
-        below = jax.lax.fori_loop(
-            0, i, lambda j, carry: accumulate(carry, qi, k_blocks[j], v_blocks[j], key_bias[j]), init
-        )
-        diagonal_bias = jnp.where(own_key, 0.0, key_bias[i] + causal)
+        if window is None:
+            below = jax.lax.fori_loop(
+                0, i, lambda j, carry: accumulate(carry, qi, k_blocks[j], v_blocks[j], key_bias[j]), init
+            )
+            diagonal_bias = jnp.where(own_key, 0.0, key_bias[i] + causal)
+        else:
+            below = jax.lax.fori_loop(
+                jnp.minimum(first[i], i), i,
+                lambda j, carry: accumulate(carry, qi, k_blocks[j], v_blocks[j], key_bias[j] + window_bias(i, j)),
+                init,
+            )
+            diagonal_bias = jnp.where(own_key, 0.0, key_bias[i] + causal + window_bias(i, i))
         _, l, acc = accumulate(below, qi, k_blocks[i], v_blocks[i], diagonal_bias)
         return acc / l[..., None]  # [KVH, G*blk, D]
 
@@ -197,36 +243,51 @@ def compiled_on(platforms: tuple[str, ...], kernel, *args):
                                       **{platform: compiled for platform in platforms})
 
 
-def pallas_causal(q, k, v, key_keep=None):
+def no_window_message(name: str) -> str:
+    """The refusal of sliding-window layers by kernel ``name``, naming the backends that take them."""
+    return (f"the {name} attention backend takes no sliding window, and this model has sliding-window "
+            "(local) layers; use attention auto, blockwise or dense")
+
+
+def _refuse_window(name: str, window) -> None:
+    if window is not None:
+        raise ConfigError(no_window_message(name))
+
+
+def pallas_causal(q, k, v, key_keep=None, window=None, positions=None):
     """The Pallas kernel (``kernels.pallas_attention``): compiled with Triton for CUDA and ROCm, interpreted on the CPU."""
     from .kernels.pallas_attention import pallas_causal_attention
 
+    _refuse_window("pallas", window)
     if key_keep is None:
         key_keep = jnp.ones((q.shape[0], k.shape[2], q.shape[1]), bool)
     return compiled_on(("cuda", "rocm"), pallas_causal_attention, q, k, v, key_keep)
 
 
-def cudnn_causal_attention(q, k, v, key_keep=None):
+def cudnn_causal_attention(q, k, v, key_keep=None, window=None, positions=None):
     """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU only, no key masks)."""
+    _refuse_window("cudnn", window)
     if key_keep is not None:
         raise ConfigError("the cudnn attention backend takes no calibration keep-mask; use blockwise or pallas")
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
-def splash_causal(q, k, v, key_keep=None):
+def splash_causal(q, k, v, key_keep=None, window=None, positions=None):
     """JAX's splash attention (``kernels.library_kernels``): compiled for TPU, interpreted on the CPU."""
     from .kernels.library_kernels import splash_causal_attention
 
+    _refuse_window("splash", window)
     if key_keep is not None:
         raise ConfigError(no_key_mask_message("splash"))
     return compiled_on(("tpu",), lambda q, k, v, interpret: splash_causal_attention(q, k, v, interpret=interpret),
                        q, k, v)
 
 
-def mosaic_gpu_causal(q, k, v, key_keep=None):
+def mosaic_gpu_causal(q, k, v, key_keep=None, window=None, positions=None):
     """JAX's Mosaic GPU flash attention for Hopper (``kernels.library_kernels``)."""
     from .kernels.library_kernels import mosaic_gpu_causal_attention
 
+    _refuse_window("mosaic_gpu", window)
     if q.shape[-1] % 64:
         raise ConfigError(f"the mosaic_gpu attention backend needs a head size that is a multiple of 64, this model's is "
                           f"{q.shape[-1]}; use attention cudnn or pallas")
@@ -244,6 +305,7 @@ CAUSAL_BACKENDS = {
 NO_KEY_MASK = ("cudnn", "splash", "mosaic_gpu")  # kernels whose masks cannot vary per row and KV head
 SIXTEEN_BIT = ("cudnn", "mosaic_gpu")  # kernels that take bfloat16 or float16 inputs only
 KERNEL_PLATFORMS = {"pallas": ("gpu", "cpu"), "splash": ("tpu", "cpu"), "cudnn": ("gpu",), "mosaic_gpu": ("gpu",)}
+TAKES_WINDOW = ("dense", "blockwise")  # backends that take a sliding window (a traced per-layer value)
 
 
 def no_key_mask_message(name: str) -> str:
@@ -252,9 +314,11 @@ def no_key_mask_message(name: str) -> str:
     return f"the {name} attention backend takes no calibration keep-mask; use {usable}"
 
 
-def causal_attention(name: str, needs_key_mask: bool = False, dtype=None):
+def causal_attention(name: str, needs_key_mask: bool = False, dtype=None, sliding: bool = False):
     """The causal prefill backend called ``name``.
 
+    sliding: the model has sliding-window layers (``ModelConfig.has_sliding_layers``):
+    ``auto`` then picks blockwise, and a kernel that takes no window is refused.
     ``auto`` picks per platform: on GPU cuDNN for 16-bit inputs without a calibration
     key-mask, otherwise Pallas; on TPU splash attention without a key mask, otherwise
     blockwise; on the CPU blockwise at every length (measured: 4.4x faster than dense already
@@ -265,7 +329,9 @@ def causal_attention(name: str, needs_key_mask: bool = False, dtype=None):
     platform = jax.default_backend()
     half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if name == "auto":
-        if platform == "gpu":
+        if sliding:
+            name = "blockwise"
+        elif platform == "gpu":
             name = "cudnn" if half and not needs_key_mask else "pallas"
         elif platform == "tpu":
             name = "blockwise" if needs_key_mask else "splash"
@@ -275,6 +341,8 @@ def causal_attention(name: str, needs_key_mask: bool = False, dtype=None):
         raise ConfigError(f"attention backend {name!r} is not available; choose one of: auto, {', '.join(CAUSAL_BACKENDS)}")
     if name in NO_KEY_MASK and needs_key_mask:
         raise ConfigError(no_key_mask_message(name))
+    if sliding and name not in TAKES_WINDOW:
+        raise ConfigError(no_window_message(name))
     if name == "cudnn" and platform != "gpu":
         raise ConfigError(f"the cudnn attention backend needs an NVIDIA GPU (this run is on {platform})")
     if name in KERNEL_PLATFORMS and platform not in KERNEL_PLATFORMS[name]:  # never an interpreted kernel on hardware

@@ -1,8 +1,13 @@
-"""GGUF checkpoints (llama and qwen2 architectures), dequantized with the ``gguf`` package.
+"""GGUF checkpoints (llama, qwen2, qwen3 and gemma3 architectures), dequantized with the
+``gguf`` package (every quantization type it reads).
 
 llama.cpp stores the Q and K projections of ``llama`` models row-permuted for its
 interleaved RoPE; ``unpermute_rows`` restores Hugging Face's half-split layout so
-that the same model code serves both formats.
+that the same model code serves both formats (the other architectures are stored
+unpermuted). Its ``gemma3`` files hold the RMSNorm weights as ``1 + w`` already, which is
+how this package keeps them (``convert``). What the file does not say, as llama.cpp
+reads it: Gemma 3's layers are local but every sixth, the local RoPE base is 10000 (or
+``gemma3.rope.freq_base_swa``), and the score scale is ``head_dim ** -0.5``.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from ..model.config import ModelConfig, RopeConfig
 from ..model.llama import Weights
 from .convert import build_weights
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
-_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "gemma3": "Gemma3ForCausalLM"}
+GEMMA3_PATTERN = 6  # llama.cpp: every sixth Gemma 3 layer is global, the others local
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -31,7 +39,14 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
+# Gemma's norm before the MLP is ffn_norm in GGUF and pre_feedforward_layernorm in transformers
+# (whose post_attention_layernorm is the norm on the attention output).
+_GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm.weight": "pre_feedforward_layernorm.weight"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -39,13 +54,15 @@ _GLOBAL_NAMES = {
 }
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """Hugging Face name of a GGUF tensor, or None for tensors with no counterpart."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """Hugging Face name of a GGUF tensor of architecture ``arch``, or None for tensors
+    with no counterpart."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _GEMMA_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
     parts = gguf_name.split(".", 2)
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}"
     return None
 
 
@@ -92,7 +109,7 @@ class GGUFCheckpoint:
                 f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
             )
         self.config = self._config()
-        self._by_hf_name = {hf_name(n): n for n in self.tensors if hf_name(n)}
+        self._by_hf_name = {hf_name(n, self.arch): n for n in self.tensors if hf_name(n, self.arch)}
 
     def _field(self, key: str, default=None):
         value = self.meta.get(f"{self.arch}.{key}", default)
@@ -103,7 +120,8 @@ class GGUFCheckpoint:
     def _config(self) -> ModelConfig:
         num_heads = int(self._field("attention.head_count"))
         hidden = int(self._field("embedding_length"))
-        head_dim = int(self._field("rope.dimension_count", hidden // num_heads))
+        head_dim = int(self.meta.get(f"{self.arch}.attention.key_length")
+                       or self._field("rope.dimension_count", hidden // num_heads))
         vocab = len(self.meta.get("tokenizer.ggml.tokens", [])) or int(self._field("vocab_size"))
         scaling = self.meta.get(f"{self.arch}.rope.scaling.type", "none")
         if scaling not in ("none", "linear"):
@@ -134,6 +152,27 @@ class GGUFCheckpoint:
             tie_embeddings="output.weight" not in self.tensors,
             bos_token_id=self.meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
+            **self._family_fields(hidden, num_heads, head_dim),
+        )
+
+    def _family_fields(self, hidden: int, num_heads: int, head_dim: int) -> dict:
+        """The Qwen3 and Gemma 3 fields of ``ModelConfig`` (none for llama and qwen2)."""
+        if self.arch == "qwen3":
+            return dict(qk_norm=True)
+        if self.arch != "gemma3":
+            return {}
+        num_layers = int(self._field("block_count"))
+        window = int(self._field("attention.sliding_window"))
+        # llama.cpp scales Gemma 3 27B's (62 layers') scores by (hidden / heads) ** -0.5, the others' by head_dim ** -0.5
+        scalar = hidden / num_heads if num_layers == 62 else head_dim
+        return dict(
+            qk_norm=True,
+            post_norms=True,
+            embed_scale=float(hidden) ** 0.5,
+            mlp_activation="gelu_tanh",
+            query_scale=float(scalar) ** -0.5,
+            sliding_windows=tuple(window if (i + 1) % GEMMA3_PATTERN else 0 for i in range(num_layers)),
+            local_rope=RopeConfig(theta=float(self.meta.get(f"{self.arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))),
         )
 
     def _dequantize(self, gguf_name: str) -> np.ndarray:
@@ -152,7 +191,8 @@ class GGUFCheckpoint:
 
     def weights(self, dtype) -> Weights:
         """All weights as a ``Weights`` pytree of ``dtype``."""
-        return build_weights(self.hf_tensor, self._by_hf_name.__contains__, self.config, dtype)
+        return build_weights(self.hf_tensor, self._by_hf_name.__contains__, self.config, dtype,
+                             norms_offset=self.arch == "gemma3")
 
     def tokenizer(self):
         """The tokenizer from the file's metadata (see ``checkpoints.tokenizer``)."""

@@ -34,9 +34,12 @@ def weight_shapes(cfg: ModelConfig, dtype) -> Weights:
                              cfg.intermediate_size, cfg.vocab_size)
     s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
     bias = lambda heads: s(l, heads, d) if cfg.qkv_bias else None
+    if_set = lambda flag, *shape: s(*shape) if flag else None
     layers = LayerWeights(
         attn_norm=s(l, e), wq=s(l, e, h, d), wk=s(l, e, kvh, d), wv=s(l, e, kvh, d), wo=s(l, h, d, e),
         mlp_norm=s(l, e), w_gate=s(l, e, f), w_up=s(l, e, f), w_down=s(l, f, e), bq=bias(h), bk=bias(kvh), bv=bias(kvh),
+        q_norm=if_set(cfg.qk_norm, l, d), k_norm=if_set(cfg.qk_norm, l, d),
+        post_attn_norm=if_set(cfg.post_norms, l, e), post_mlp_norm=if_set(cfg.post_norms, l, e),
     )
     return Weights(embed=s(v, e), layers=layers, final_norm=s(e), lm_head=None if cfg.tie_embeddings else s(e, v))
 
@@ -66,11 +69,20 @@ def read_config(path: str) -> tuple[ModelConfig, str]:
         raw = record["config"]
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"{os.path.join(path, MARKER)} is not a readable pcomp_jax model record: {err}") from err
-    rope = raw.pop("rope")
-    if rope.get("freq_factors") is not None:
-        rope["freq_factors"] = tuple(rope["freq_factors"])
+    def rope_config(rope):
+        if rope.get("freq_factors") is not None:
+            rope["freq_factors"] = tuple(rope["freq_factors"])
+        return RopeConfig(**rope)
+
+    rope = rope_config(raw.pop("rope"))
+    local_rope = raw.pop("local_rope", None)
     raw["eos_token_ids"] = tuple(raw["eos_token_ids"])
-    return ModelConfig(**raw, rope=RopeConfig(**rope)), record["dtype"]
+    raw["sliding_windows"] = tuple(raw.get("sliding_windows", ()))
+    try:
+        cfg = ModelConfig(**raw, rope=rope, local_rope=None if local_rope is None else rope_config(local_rope))
+    except TypeError as err:
+        raise CheckpointError(f"{os.path.join(path, MARKER)} has a config this version does not read: {err}") from err
+    return cfg, record["dtype"]
 
 
 def load_orbax_dir(path: str, dtype, place=None):

@@ -1,4 +1,4 @@
-"""A functional Llama-family decoder in JAX (Llama, Mistral, Qwen2, SmolLM2).
+"""A functional Llama-family decoder in JAX (Llama, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM2).
 
 Weights are ``flax.struct`` dataclass pytrees; each array declares its logical axes
 next to its shape (``logical_axes``), and ``pcomp_jax.sharding`` maps them to mesh
@@ -11,6 +11,12 @@ Two entry points share one layer body:
   ``cached_forward``: new tokens appended to a ``KVCache`` and attending to its valid slots.
 A third, ``appended_forward``, runs new tokens on top of a cache it only reads (a read
 document's question pass), so that no cache is copied or written.
+
+The families' differences are static config fields (``ModelConfig``): QK-norm, post norms,
+the embedding scale, the MLP activation, the query scale. Gemma 3's two layer kinds are
+data the scan carries, not Python branches: each layer's sliding window (an int32, 0 for
+a global layer) and which of two precomputed RoPE table sets it reads (``layer_kinds``).
+A model without local layers carries neither, and its program has no window masks.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ import jax.numpy as jnp
 
 from ..attention import causal_mask, dense_attention, dense_attention_parts, dense_causal_attention, query_probs
 from ..axes import axes_field, logical_axes  # noqa: F401  (logical_axes: re-exported)
-from ..cache import KVCache, write_layer
+from ..cache import KVCache, slot_positions, write_layer
 from .config import ModelConfig
-from .rope import apply_rope, rope_tables
+from .rope import apply_rope, layer_rope_tables
 
 
 @flax.struct.dataclass
@@ -44,6 +50,10 @@ class LayerWeights:
     bq: jax.Array | None = axes_field("layers", "q_heads", "head_dim")  # [L, H, D] (Qwen2) or None
     bk: jax.Array | None = axes_field("layers", "kv_heads", "head_dim")  # [L, KVH, D] or None
     bv: jax.Array | None = axes_field("layers", "kv_heads", "head_dim")  # [L, KVH, D] or None
+    q_norm: jax.Array | None = axes_field("layers", "head_dim", optional=True)  # [L, D] (QK-norm) or None
+    k_norm: jax.Array | None = axes_field("layers", "head_dim", optional=True)  # [L, D] or None
+    post_attn_norm: jax.Array | None = axes_field("layers", "embed", optional=True)  # [L, E] (Gemma 3) or None
+    post_mlp_norm: jax.Array | None = axes_field("layers", "embed", optional=True)  # [L, E] or None
 
 
 @flax.struct.dataclass
@@ -57,7 +67,8 @@ class Weights:
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in float32, returned in x's dtype."""
+    """RMSNorm over the last axis, computed in float32, returned in x's dtype. (Gemma's
+    norms scale by ``1 + w``; its loaders store ``1 + w``, so one norm serves every family.)"""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (xf.astype(x.dtype) * scale).astype(x.dtype)
@@ -71,24 +82,69 @@ def dot(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
+def embed(weights: Weights, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Token embeddings ``[B, T, E]``, times ``cfg.embed_scale`` (in the weights' dtype) when set."""
+    x = weights.embed[tokens]
+    if cfg.embed_scale is not None:
+        x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+    return x
+
+
+def layer_kinds(cfg: ModelConfig):
+    """Per-layer data the layer scan carries: ``(windows, rope_sets)``, ``windows`` an int32
+    ``[L]`` of sliding windows (``GLOBAL_WINDOW`` for a global layer) or None when no layer
+    is local, ``rope_sets`` an int32 ``[L]`` (0: the global RoPE tables, 1: the local ones)
+    or None when both kinds rotate alike."""
+    if not cfg.has_sliding_layers:
+        return None, None
+    windows = jnp.asarray([w if w > 0 else GLOBAL_WINDOW for w in cfg.sliding_windows], jnp.int32)
+    rope_sets = jnp.asarray([int(w > 0) for w in cfg.sliding_windows], jnp.int32) if cfg.has_local_rope else None
+    return windows, rope_sets
+
+
+GLOBAL_WINDOW = 2**30  # a global layer's window: larger than any position difference
+
+
+def _layer_tables(cos, sin, rope_set):
+    """The RoPE tables of one layer: the only set, or the set ``rope_set`` of ``layer_rope_tables``."""
+    if rope_set is None:
+        return cos, sin
+    return cos[rope_set], sin[rope_set]
+
+
 def _qkv(x, lw: LayerWeights, cos, sin, cfg: ModelConfig):
     """Projects ``x [B, T, E]`` to rotated q ``[B,T,H,D]`` and rotated k, plain v ``[B,T,KVH,D]``,
-    in x's dtype (projections accumulated, biases added and RoPE applied in float32)."""
+    in x's dtype (projections accumulated, biases added, QK-norm and RoPE applied in float32).
+    With ``cfg.query_scale`` q comes out multiplied by ``query_scale * sqrt(D)``, so that the
+    attention backends' ``D ** -0.5`` gives the model's score scale."""
     h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
     q, k, v = (dot("bte,ehd->bthd", h, w) for w in (lw.wq, lw.wk, lw.wv))
     if lw.bq is not None:
         q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
-    return apply_rope(q, cos, sin).astype(x.dtype), apply_rope(k, cos, sin).astype(x.dtype), v.astype(x.dtype)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, lw.q_norm, cfg.rms_norm_eps), rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+    q = apply_rope(q, cos, sin)
+    if cfg.query_scale is not None:
+        q = q * (cfg.query_scale * cfg.head_dim**0.5)
+    return q.astype(x.dtype), apply_rope(k, cos, sin).astype(x.dtype), v.astype(x.dtype)
 
 
 def _finish_layer(x, attn_out, lw: LayerWeights, cfg: ModelConfig):
-    """Output projection, residual, SwiGLU MLP and residual. x: ``[B, T, E]``; the residual
+    """Output projection, residual, gated MLP (SwiGLU, or GELU for Gemma) and residual, with
+    Gemma's norms on both outputs when ``cfg.post_norms``. x: ``[B, T, E]``; the residual
     stream stays in x's dtype, the MLP's activations in float32 until the down projection."""
-    x = (x + dot("bthd,hde->bte", attn_out, lw.wo)).astype(x.dtype)
+    attn = dot("bthd,hde->bte", attn_out, lw.wo)
+    if cfg.post_norms:
+        attn = rms_norm(attn.astype(x.dtype), lw.post_attn_norm, cfg.rms_norm_eps)
+    x = (x + attn).astype(x.dtype)
     h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-    gate = jax.nn.silu(dot("bte,ef->btf", h, lw.w_gate))
+    gate = dot("bte,ef->btf", h, lw.w_gate)
+    gate = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
     up = dot("bte,ef->btf", h, lw.w_up)
-    return (x + dot("btf,fe->bte", gate * up, lw.w_down)).astype(x.dtype)
+    out = dot("btf,fe->bte", gate * up, lw.w_down)
+    if cfg.post_norms:
+        out = rms_norm(out.astype(x.dtype), lw.post_mlp_norm, cfg.rms_norm_eps)
+    return (x + out).astype(x.dtype)
 
 
 def _logits(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -131,17 +187,25 @@ def prefill_forward(
       ``(k, v)``. KV eviction plugs in here, so that a full row cache is never stacked.
     Returns ``(logits [B, P or T, V] float32, emitted)``, where ``emitted`` stacks each
     layer's output on a leading axis L (by default ``(keys, values)``, each ``[L, B, T, KVH, D]``).
+    A model with sliding-window layers calls ``attention(q, k, v, keep, window=w,
+    positions=positions)`` with each layer's window (traced; global layers get one larger
+    than any row), which dense and blockwise take.
     """
-    x = weights.embed[tokens]
-    cos, sin = rope_tables(cfg, positions)
+    x = embed(weights, tokens, cfg)
+    cos, sin = layer_rope_tables(cfg, positions)
+    windows, rope_sets = layer_kinds(cfg)
 
     def layer(x, layer_in):
-        lw, index = layer_in
-        q, k, v = _qkv(x, lw, cos, sin, cfg)
+        lw, index, window, rope_set = layer_in
+        q, k, v = _qkv(x, lw, *_layer_tables(cos, sin, rope_set), cfg)
         keep = None if key_keep is None else key_keep(q, k, index)
-        return _finish_layer(x, attention(q, k, v, keep), lw, cfg), emit(q, k, v, index)
+        if window is None:
+            out = attention(q, k, v, keep)
+        else:
+            out = attention(q, k, v, keep, window=window, positions=positions)
+        return _finish_layer(x, out, lw, cfg), emit(q, k, v, index)
 
-    x, emitted = jax.lax.scan(layer, x, (weights.layers, jnp.arange(cfg.num_layers)))
+    x, emitted = jax.lax.scan(layer, x, (weights.layers, jnp.arange(cfg.num_layers), windows, rope_sets))
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     return _logits(weights, x, cfg), emitted
@@ -166,6 +230,8 @@ def cached_forward(
     When the cache keeps an ``attention_window``, the attention probabilities of the new
     tokens at ``observe_at`` (``[R]`` indices into T, -1 = an all-zero row; default all T)
     join it as its newest rows.
+    Sliding-window layers compare ``positions`` with the slots' positions
+    (``cache.slot_positions``); a cache carrying ``positions`` gets the new ones written.
     Returns ``(logits [B, T, V] float32, updated cache)``.
     """
     t = tokens.shape[1]
@@ -173,20 +239,29 @@ def cached_forward(
     new_slots = cache.end[:, None] + jnp.arange(t)[None, :]  # [B, T]
     written = (slots[None, None, :] == new_slots[:, :, None]).any(axis=1)  # [B, S]
     causal = slots[None, None, :] <= new_slots[:, :, None]  # [B, T, S]
-    x = weights.embed[tokens]
-    cos, sin = rope_tables(cfg, positions)
+    x = embed(weights, tokens, cfg)
+    cos, sin = layer_rope_tables(cfg, positions)
+    windows, rope_sets = layer_kinds(cfg)
+    cache_positions = cache.positions
+    if cache_positions is not None:
+        write = lambda c, p, e: jax.lax.dynamic_update_slice(c, p.astype(c.dtype), (e,))
+        cache_positions = jax.vmap(write)(cache_positions, positions, cache.end)
+    if windows is not None:
+        key_positions = cache_positions if cache_positions is not None else slot_positions(cache)
+        distance = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
 
     observe_at = jnp.arange(t) if observe_at is None else observe_at
 
     def layer(x, layer_in):
-        lw, k_cache, v_cache, valid, window, index = layer_in
-        q, k, v = _qkv(x, lw, cos, sin, cfg)
+        lw, k_cache, v_cache, valid, window, index, sliding, rope_set = layer_in
+        q, k, v = _qkv(x, lw, *_layer_tables(cos, sin, rope_set), cfg)
         k_cache = write_layer(k_cache, k, cache.end)
         v_cache = write_layer(v_cache, v, cache.end)
         if drop_from_cache is not None:
             valid = drop_from_cache(q, k_cache, valid, index, new_slots)
         valid = valid | written[:, :, None]  # [B, S, KVH]
-        mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & causal[:, None]  # [B, KVH, T, S]
+        visible = causal if sliding is None else causal & (distance < sliding)
+        mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & visible[:, None]  # [B, KVH, T, S]
         if window is not None:
             rows = jnp.clip(observe_at, 0, t - 1)
             probs = query_probs(q[:, rows], k_cache, mask[:, :, rows]).sum(axis=2)  # [B, KVH, R, S]
@@ -196,10 +271,11 @@ def cached_forward(
         return out, (k_cache, v_cache, valid, window)
 
     layers_in = (weights.layers, cache.keys, cache.values, cache.valid, cache.attention_window,
-                 jnp.arange(cfg.num_layers))
+                 jnp.arange(cfg.num_layers), windows, rope_sets)
     x, outputs = jax.lax.scan(layer, x, layers_in)
     keys, values, valid, window = outputs
-    new_cache = KVCache(keys=keys, values=values, valid=valid, end=cache.end + t, attention_window=window)
+    new_cache = KVCache(keys=keys, values=values, valid=valid, end=cache.end + t, attention_window=window,
+                        positions=cache_positions)
     return _logits(weights, x, cfg), new_cache
 
 
@@ -212,6 +288,7 @@ def appended_forward(
     cache_values: jax.Array,
     cache_valid: jax.Array,
     emit: Callable,
+    cache_positions: jax.Array | None = None,
 ):
     """New tokens on top of a cache that is only read, never written or copied.
 
@@ -223,17 +300,30 @@ def appended_forward(
     tokens' rotated queries ``[B, T, H, D]``, keys and values ``[B, T, KVH, D]`` and the
     layer's cache ``[B, S, KVH, D]``. Returns ``(logits [B, T, V] float32, emitted)``,
     ``emitted`` stacked on a leading axis L.
+    cache_positions: optional ``[B, S]`` RoPE positions of the cache's slots, which
+    sliding-window layers compare with ``positions`` (default: each slot's index).
     """
-    x = weights.embed[tokens]
-    cos, sin = rope_tables(cfg, positions)
+    x = embed(weights, tokens, cfg)
+    cos, sin = layer_rope_tables(cfg, positions)
+    windows, rope_sets = layer_kinds(cfg)
     seen = cache_valid[:, None, :]  # [B, 1, S]: every new token sees the same slots
     among_new = causal_mask(tokens.shape[1])
+    if windows is not None:
+        if cache_positions is None:
+            cache_positions = jnp.broadcast_to(jnp.arange(cache_keys.shape[2], dtype=jnp.int32), cache_valid.shape)
+        to_cache = positions[:, :, None] - cache_positions[:, None, :]  # [B, T, S]
+        to_new = positions[:, :, None] - positions[:, None, :]  # [B, T, T]
 
     def layer(x, layer_in):
-        lw, k_cache, v_cache, index = layer_in
-        q, k, v = _qkv(x, lw, cos, sin, cfg)
-        out = dense_attention_parts(q, ((k_cache, v_cache, seen), (k, v, among_new)))
+        lw, k_cache, v_cache, index, window, rope_set = layer_in
+        q, k, v = _qkv(x, lw, *_layer_tables(cos, sin, rope_set), cfg)
+        if window is None:
+            parts = ((k_cache, v_cache, seen), (k, v, among_new))
+        else:
+            parts = ((k_cache, v_cache, seen & (to_cache < window)), (k, v, among_new & (to_new < window)))
+        out = dense_attention_parts(q, parts)
         return _finish_layer(x, out, lw, cfg), emit(q, k, v, k_cache, v_cache, index)
 
-    x, emitted = jax.lax.scan(layer, x, (weights.layers, cache_keys, cache_values, jnp.arange(cfg.num_layers)))
+    x, emitted = jax.lax.scan(layer, x, (weights.layers, cache_keys, cache_values, jnp.arange(cfg.num_layers),
+                                         windows, rope_sets))
     return _logits(weights, x, cfg), emitted

@@ -11,7 +11,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
+from .config import ModelConfig, RopeConfig
 
 
 def base_inv_freq(theta: float, dim: int) -> np.ndarray:
@@ -19,9 +19,8 @@ def base_inv_freq(theta: float, dim: int) -> np.ndarray:
     return 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
 
 
-def _llama3_inv_freq(inv_freq: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+def _llama3_inv_freq(inv_freq: np.ndarray, cfg: ModelConfig, r: RopeConfig) -> np.ndarray:
     """Llama 3.1 frequency scaling: long wavelengths divided by ``factor``, smooth in between."""
-    r = cfg.rope
     old_window = r.original_window or cfg.window
     low_wavelen = old_window / r.low_freq_factor
     high_wavelen = old_window / r.high_freq_factor
@@ -33,19 +32,21 @@ def _llama3_inv_freq(inv_freq: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def inv_freq(cfg: ModelConfig, positions: jnp.ndarray) -> jnp.ndarray:
+def inv_freq(cfg: ModelConfig, positions: jnp.ndarray, rope: RopeConfig | None = None) -> jnp.ndarray:
     """Inverse frequencies for one call, shape ``[head_dim // 2]`` (float32).
 
     ``positions`` matters only for ``dynamic`` NTK scaling, which (like transformers)
     rescales the base from the largest position id of the call when it exceeds the window.
+    rope: the rotary parameters (default ``cfg.rope``, the global layers'; Gemma 3's local
+    layers use ``cfg.local_rope``).
     """
-    r = cfg.rope
+    r = cfg.rope if rope is None else rope
     dim = cfg.head_dim
     freqs = base_inv_freq(r.theta, dim)
     if r.type == "linear":
         freqs = freqs / r.factor
     elif r.type == "llama3":
-        freqs = _llama3_inv_freq(freqs, cfg)
+        freqs = _llama3_inv_freq(freqs, cfg, r)
     if r.freq_factors is not None:
         freqs = freqs / np.asarray(r.freq_factors, np.float32)
     if r.type != "dynamic":
@@ -56,11 +57,24 @@ def inv_freq(cfg: ModelConfig, positions: jnp.ndarray) -> jnp.ndarray:
     return 1.0 / (base**exponents)
 
 
-def rope_tables(cfg: ModelConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos and sin tables for ``positions [B, T]``, each ``[B, T, 1, head_dim]`` (float32)."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq(cfg, positions)
+def rope_tables(cfg: ModelConfig, positions: jnp.ndarray, rope: RopeConfig | None = None
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos and sin tables for ``positions [B, T]``, each ``[B, T, 1, head_dim]`` (float32);
+    rope: as in ``inv_freq``."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq(cfg, positions, rope)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def layer_rope_tables(cfg: ModelConfig, positions: jnp.ndarray):
+    """The tables a scanned layer stack reads: ``rope_tables(cfg, positions)``, or, when the
+    local layers rotate with their own frequencies (``cfg.has_local_rope``), both sets
+    stacked on a leading axis (0: global, 1: local) for the layers to index by their kind."""
+    cos, sin = rope_tables(cfg, positions)
+    if not cfg.has_local_rope:
+        return cos, sin
+    local_cos, local_sin = rope_tables(cfg, positions, cfg.local_rope)
+    return jnp.stack([cos, local_cos]), jnp.stack([sin, local_sin])
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
