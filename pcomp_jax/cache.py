@@ -24,12 +24,13 @@ class KVCache:
     of the last w queries over the slots, summed over each KV head's query heads, as they
     were when those queries ran (zero for slots written later); decode-time eviction
     (``decode.DecodeEviction``) scores the cache by it, and ``cached_forward`` keeps it.
-    positions: None, or ``[B, S]`` int32: the RoPE position of each slot's token, which
-    sliding-window layers compare with a query's; ``cached_forward`` writes the new
-    tokens' positions into it. None means a slot's position is its index (a cache filled
-    from position 0 on, as ``cache_from_prefill`` makes for one prompt); a cache whose
-    slots sit at other positions (chunks laid out in parallel) must carry them for a
-    model with sliding-window layers. Models without them never read it.
+    positions: None, or ``[L, B, S, KVH]`` int32 (as ``valid``: a compressed cache keeps
+    other tokens per layer and KV head in one slot): the RoPE position of each entry's
+    token, which sliding-window layers compare with a query's; ``cached_forward`` writes
+    the new tokens' positions into it. None means a slot's position is its index (a cache
+    filled from position 0 on, as ``cache_from_prefill`` makes for one prompt); a cache
+    whose slots sit at other positions (chunks laid out in parallel, kept tokens) must
+    carry them for a model with sliding-window layers. Models without them never read it.
     """
 
     keys: jax.Array = axes_field("layers", "batch", "cache_slots", "kv_heads", "head_dim")
@@ -38,7 +39,7 @@ class KVCache:
     end: jax.Array = axes_field("batch")
     attention_window: jax.Array | None = axes_field("layers", "batch", "kv_heads", "observed", "cache_slots",
                                                     optional=True)
-    positions: jax.Array | None = axes_field("batch", "cache_slots", optional=True)
+    positions: jax.Array | None = axes_field("layers", "batch", "cache_slots", "kv_heads", optional=True)
 
     @property
     def capacity(self) -> int:
@@ -53,8 +54,8 @@ def cache_from_prefill(keys: jax.Array, values: jax.Array, lengths: jax.Array, c
     keys, values: ``[L, B, T, KVH, D]`` from ``model.prefill_forward``; lengths: ``[B]``,
     the number of real (non-padding) tokens of each row, which sit at slots ``0..len-1``.
     positions: optional ``[B, T]`` RoPE positions of the prefill's tokens, kept in the
-    cache (``KVCache.positions``; free slots get -1 until written); None: each slot's
-    position is its index. Returns a cache of ``capacity >= T`` slots whose next write
+    cache for every layer and KV head (``KVCache.positions``; free slots get -1 until
+    written); None: each slot's position is its index. Returns a cache of ``capacity >= T`` slots whose next write
     goes to slot ``len``.
     """
     num_layers, batch, t, kvh, d = keys.shape
@@ -66,14 +67,8 @@ def cache_from_prefill(keys: jax.Array, values: jax.Array, lengths: jax.Array, c
     valid = jnp.broadcast_to(valid[None, :, :, None], (num_layers, batch, capacity, kvh))
     if positions is not None:
         positions = jnp.pad(jnp.asarray(positions, jnp.int32), ((0, 0), (0, capacity - t)), constant_values=-1)
+        positions = jnp.broadcast_to(positions[None, :, :, None], valid.shape)
     return KVCache(jnp.pad(keys, pad), jnp.pad(values, pad), valid, lengths, positions=positions)
-
-
-def slot_positions(cache: KVCache) -> jax.Array:
-    """``[B, S]`` RoPE positions of the cache's slots: ``cache.positions``, or each slot's index."""
-    if cache.positions is not None:
-        return cache.positions
-    return jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (cache.end.shape[0], cache.capacity))
 
 
 def write_layer(cache_layer: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:

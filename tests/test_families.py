@@ -131,8 +131,9 @@ def test_gemma3_cached_and_appended_passes_match_prefill(families):
     _, (keys, values) = prefill(ids[:, :16], pos[:, :16])
     cache = cache_from_prefill(keys, values, jnp.array([16, 16]), capacity=32, positions=pos[:, :16])
     block, cache = jax.jit(lambda c: cached_forward(w, cfg, ids[:, 16:], pos[:, 16:], c))(cache)
-    np.testing.assert_array_equal(cache.positions[:, :24], pos)
-    assert (cache.positions[:, 24:] == -1).all()
+    assert cache.positions.shape == cache.valid.shape  # [L, B, S, KVH]: per layer and KV head, as valid
+    np.testing.assert_array_equal(cache.positions[:, :, :24], np.broadcast_to(pos[None, :, :, None], (3, 2, 24, 2)))
+    assert (cache.positions[:, :, 24:] == -1).all()
     assert_within(block, full[:, 16:], bound, "cached block")
     emit = lambda q, k, v, k_cache, v_cache, index: k
     logits, _ = jax.jit(lambda k, v: appended_forward(w, cfg, ids[:, 16:], pos[:, 16:], k, v, jnp.ones((2, 16), bool),

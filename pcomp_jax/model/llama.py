@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from ..attention import causal_mask, dense_attention, dense_attention_parts, dense_causal_attention, query_probs
 from ..axes import axes_field, logical_axes  # noqa: F401  (logical_axes: re-exported)
-from ..cache import KVCache, slot_positions, write_layer
+from ..cache import KVCache, write_layer
 from .config import ModelConfig
 from .rope import apply_rope, layer_rope_tables
 
@@ -230,8 +230,9 @@ def cached_forward(
     When the cache keeps an ``attention_window``, the attention probabilities of the new
     tokens at ``observe_at`` (``[R]`` indices into T, -1 = an all-zero row; default all T)
     join it as its newest rows.
-    Sliding-window layers compare ``positions`` with the slots' positions
-    (``cache.slot_positions``); a cache carrying ``positions`` gets the new ones written.
+    Sliding-window layers compare ``positions`` with the cache entries' positions
+    (``KVCache.positions``, or each slot's index when the cache carries none); a cache
+    carrying ``positions`` gets the new ones written, in every layer and KV head.
     Returns ``(logits [B, T, V] float32, updated cache)``.
     """
     t = tokens.shape[1]
@@ -244,24 +245,28 @@ def cached_forward(
     windows, rope_sets = layer_kinds(cfg)
     cache_positions = cache.positions
     if cache_positions is not None:
-        write = lambda c, p, e: jax.lax.dynamic_update_slice(c, p.astype(c.dtype), (e,))
-        cache_positions = jax.vmap(write)(cache_positions, positions, cache.end)
-    if windows is not None:
-        key_positions = cache_positions if cache_positions is not None else slot_positions(cache)
-        distance = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
+        new_positions = jnp.broadcast_to(positions[:, :, None], (*positions.shape, cache.keys.shape[3]))
+        cache_positions = jax.vmap(lambda c: write_layer(c[..., None], new_positions[..., None], cache.end)[..., 0]
+                                   )(cache_positions)  # [L, B, S, KVH]
+    if windows is not None and cache_positions is None:
+        distance = positions[:, :, None] - slots[None, None, :]  # [B, T, S]: slots are positions
 
     observe_at = jnp.arange(t) if observe_at is None else observe_at
 
     def layer(x, layer_in):
-        lw, k_cache, v_cache, valid, window, index, sliding, rope_set = layer_in
+        lw, k_cache, v_cache, valid, window, index, sliding, rope_set, key_positions = layer_in
         q, k, v = _qkv(x, lw, *_layer_tables(cos, sin, rope_set), cfg)
         k_cache = write_layer(k_cache, k, cache.end)
         v_cache = write_layer(v_cache, v, cache.end)
         if drop_from_cache is not None:
             valid = drop_from_cache(q, k_cache, valid, index, new_slots)
         valid = valid | written[:, :, None]  # [B, S, KVH]
-        visible = causal if sliding is None else causal & (distance < sliding)
-        mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & visible[:, None]  # [B, KVH, T, S]
+        mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & causal[:, None]  # [B, KVH, T, S]
+        if sliding is not None and key_positions is None:
+            mask = mask & (distance < sliding)[:, None]
+        elif sliding is not None:
+            per_head = positions[:, None, :, None] - jnp.moveaxis(key_positions, 2, 1)[:, :, None, :]
+            mask = mask & (per_head < sliding)  # [B, KVH, T, S]
         if window is not None:
             rows = jnp.clip(observe_at, 0, t - 1)
             probs = query_probs(q[:, rows], k_cache, mask[:, :, rows]).sum(axis=2)  # [B, KVH, R, S]
@@ -271,7 +276,7 @@ def cached_forward(
         return out, (k_cache, v_cache, valid, window)
 
     layers_in = (weights.layers, cache.keys, cache.values, cache.valid, cache.attention_window,
-                 jnp.arange(cfg.num_layers), windows, rope_sets)
+                 jnp.arange(cfg.num_layers), windows, rope_sets, None if windows is None else cache_positions)
     x, outputs = jax.lax.scan(layer, x, layers_in)
     keys, values, valid, window = outputs
     new_cache = KVCache(keys=keys, values=values, valid=valid, end=cache.end + t, attention_window=window,
