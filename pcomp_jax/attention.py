@@ -9,7 +9,7 @@ where causality hides it), so its backends share the signature
 ``(q, k, v, key_keep=None) -> out`` (``key_keep``: calibration's per-KV-head key mask);
 a model with sliding-window layers (Gemma 3's local layers) also passes
 ``window=`` (the layer's window, traced) and ``positions=`` (the row's RoPE positions),
-which dense and blockwise take and the kernels refuse by name:
+which dense, blockwise and our Pallas kernel take and the other kernels refuse by name:
 ``dense_causal_attention``, the flash-style ``blockwise_causal_attention`` (memory linear
 in the row length), our Pallas kernel, cuDNN, and the kernels JAX ships (splash attention
 for TPU, Mosaic GPU flash attention for Hopper). ``causal_attention(name, ...)`` picks one.
@@ -246,7 +246,7 @@ def compiled_on(platforms: tuple[str, ...], kernel, *args):
 def no_window_message(name: str) -> str:
     """The refusal of sliding-window layers by kernel ``name``, naming the backends that take them."""
     return (f"the {name} attention backend takes no sliding window, and this model has sliding-window "
-            "(local) layers; use attention auto, blockwise or dense")
+            f"(local) layers; use attention {', '.join(('auto',) + TAKES_WINDOW)}")
 
 
 def _refuse_window(name: str, window) -> None:
@@ -255,13 +255,19 @@ def _refuse_window(name: str, window) -> None:
 
 
 def pallas_causal(q, k, v, key_keep=None, window=None, positions=None):
-    """The Pallas kernel (``kernels.pallas_attention``): compiled with Triton for CUDA and ROCm, interpreted on the CPU."""
+    """The Pallas kernel (``kernels.pallas_attention``): compiled with Triton for CUDA and ROCm,
+    interpreted on the CPU; a sliding window (traced) as in ``dense_causal_attention``."""
     from .kernels.pallas_attention import pallas_causal_attention
 
-    _refuse_window("pallas", window)
     if key_keep is None:
         key_keep = jnp.ones((q.shape[0], k.shape[2], q.shape[1]), bool)
-    return compiled_on(("cuda", "rocm"), pallas_causal_attention, q, k, v, key_keep)
+    if window is None:
+        return compiled_on(("cuda", "rocm"), pallas_causal_attention, q, k, v, key_keep)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+    positions = positions.astype(jnp.int32)
+    return compiled_on(("cuda", "rocm"), pallas_causal_attention, q, k, v, key_keep, positions,
+                       positions - window + 1)
 
 
 def cudnn_causal_attention(q, k, v, key_keep=None, window=None, positions=None):
@@ -305,7 +311,7 @@ CAUSAL_BACKENDS = {
 NO_KEY_MASK = ("cudnn", "splash", "mosaic_gpu")  # kernels whose masks cannot vary per row and KV head
 SIXTEEN_BIT = ("cudnn", "mosaic_gpu")  # kernels that take bfloat16 or float16 inputs only
 KERNEL_PLATFORMS = {"pallas": ("gpu", "cpu"), "splash": ("tpu", "cpu"), "cudnn": ("gpu",), "mosaic_gpu": ("gpu",)}
-TAKES_WINDOW = ("dense", "blockwise")  # backends that take a sliding window (a traced per-layer value)
+TAKES_WINDOW = ("dense", "blockwise", "pallas")  # backends that take a sliding window (a traced per-layer value)
 
 
 def no_key_mask_message(name: str) -> str:
@@ -318,7 +324,8 @@ def causal_attention(name: str, needs_key_mask: bool = False, dtype=None, slidin
     """The causal prefill backend called ``name``.
 
     sliding: the model has sliding-window layers (``ModelConfig.has_sliding_layers``):
-    ``auto`` then picks blockwise, and a kernel that takes no window is refused.
+    ``auto`` then picks Pallas on GPU and blockwise elsewhere, and a kernel that takes no
+    window (cudnn, splash, mosaic_gpu) is refused.
     ``auto`` picks per platform: on GPU cuDNN for 16-bit inputs without a calibration
     key-mask, otherwise Pallas; on TPU splash attention without a key mask, otherwise
     blockwise; on the CPU blockwise at every length (measured: 4.4x faster than dense already
@@ -330,7 +337,7 @@ def causal_attention(name: str, needs_key_mask: bool = False, dtype=None, slidin
     half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if name == "auto":
         if sliding:
-            name = "blockwise"
+            name = "pallas" if platform == "gpu" else "blockwise"
         elif platform == "gpu":
             name = "cudnn" if half and not needs_key_mask else "pallas"
         elif platform == "tpu":

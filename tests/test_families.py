@@ -110,9 +110,12 @@ def test_windowed_blockwise_matches_dense_with_key_masks_and_restarting_position
     dense = jax.jit(lambda window: dense_causal_attention(q, k, v, keep, window=window, positions=positions))
     blockwise = jax.jit(lambda window: blockwise_causal_attention(q, k, v, keep, block=32, window=window,
                                                                   positions=positions))
+    pallas = jax.jit(lambda window: CAUSAL_BACKENDS["pallas"](q, k, v, keep, window=window, positions=positions))
     for window in (1, 5, 40, 2**30):
-        want, got = dense(jnp.int32(window)), blockwise(jnp.int32(window))
-        assert_within(got, want, attention_bound(q, k, v), f"window {window}")
+        want = dense(jnp.int32(window))
+        assert_within(blockwise(jnp.int32(window)), want, attention_bound(q, k, v), f"blockwise, window {window}")
+        if window in (5, 2**30):  # the Pallas kernel, interpreted
+            assert_within(pallas(jnp.int32(window)), want, attention_bound(q, k, v), f"pallas, window {window}")
     # window 1: every query sees itself only
     alone = dense_causal_attention(q, k, v, window=1)
     assert_within(alone, jnp.repeat(v, 3, axis=2), attention_bound(q, k, v), "window 1")
@@ -244,18 +247,33 @@ def test_gguf_files_match_transformers(families, tmp_path):
 
 
 def test_kernels_refuse_sliding_windows_by_name(monkeypatch):
-    for name in ("pallas", "splash"):
+    for name in ("cudnn", "splash", "mosaic_gpu"):
         with pytest.raises(pcomp_jax.ConfigError, match=f"the {name} attention backend takes no sliding window.*"
-                                                        "use attention auto, blockwise or dense"):
+                                                        "use attention auto, dense, blockwise, pallas"):
             causal_attention(name, sliding=True)
         q = jnp.zeros((1, 8, 2, 16))
         with pytest.raises(pcomp_jax.ConfigError, match=f"the {name} attention backend takes no sliding window"):
             CAUSAL_BACKENDS[name](q, q, q, window=jnp.int32(4))
-    assert causal_attention("blockwise", sliding=True) is CAUSAL_BACKENDS["blockwise"]
-    assert causal_attention("dense", sliding=True) is CAUSAL_BACKENDS["dense"]
-    for platform in ("gpu", "tpu", "cpu"):
+    for name in ("dense", "blockwise", "pallas"):
+        assert causal_attention(name, sliding=True) is CAUSAL_BACKENDS[name]
+    for platform, picked in (("gpu", "pallas"), ("tpu", "blockwise"), ("cpu", "blockwise")):
         monkeypatch.setattr(jax, "default_backend", lambda: platform)
-        assert causal_attention("auto", sliding=True, dtype=jnp.bfloat16) is CAUSAL_BACKENDS["blockwise"]
+        assert causal_attention("auto", sliding=True, dtype=jnp.bfloat16) is CAUSAL_BACKENDS[picked]
+
+
+def test_windowed_pallas_kernel_lowers_to_triton_for_cuda():
+    from jax import export
+
+    from pcomp_jax.kernels.pallas_attention import pallas_causal_attention
+
+    t = 1088
+    q = jax.ShapeDtypeStruct((1, t, 4, 256), jnp.bfloat16)  # Gemma 3 270M's heads
+    kv = jax.ShapeDtypeStruct((1, t, 1, 256), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((1, t), jnp.int32)
+    kernel = jax.jit(lambda q, k, v, pos, lowest: pallas_causal_attention(q, k, v, None, pos, lowest, interpret=False))
+    exported = export.export(kernel, platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, kv, kv, rows, rows)
+    assert exported.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
 
 
 def test_embedded_gemma_errors(monkeypatch, tmp_path):
