@@ -144,8 +144,9 @@ def test_gemma3_cached_and_appended_passes_match_prefill(families):
     assert_within(logits, full[:, 16:], bound, "appended")
 
 
-def test_gemma3_greedy_decoding_matches_transformers(families):
-    _, reference, model = families["gemma3"]
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3"])
+def test_greedy_decoding_matches_transformers(families, kind):
+    _, reference, model = families[kind]
     prompt = _ids(6, 20) % (tiny.VOCAB_SIZE - 3) + 3
     ours = pcomp_jax.generate_full(model, prompt, max_new_tokens=12)
     with torch.no_grad():
@@ -153,7 +154,7 @@ def test_gemma3_greedy_decoding_matches_transformers(families):
                                  pad_token_id=0)[0, 20:].tolist()
     if 2 in ref:
         ref = ref[: ref.index(2)]
-    assert ours.token_ids == ref and len(ref) > WINDOW  # decoding runs past the window
+    assert ours.token_ids == ref and len(ref) > WINDOW  # Gemma: decoding runs past the window
 
 
 def test_orbax_round_trip(families, tmp_path):
