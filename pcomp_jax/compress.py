@@ -53,6 +53,20 @@ def document_order(chunk_ids: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.argsort(jnp.where(valid, chunk_ids, big + chunk_ids))
 
 
+def relevance_order(scores: jax.Array, chunk_ids: jax.Array, valid: jax.Array) -> jax.Array:
+    """Permutation that sorts kept chunks from the highest (least relevant) score to the
+    lowest, so the best chunk comes last; ties in document order, invalid chunks last.
+    ``[k] -> [k]``."""
+    return jnp.lexsort((chunk_ids, -scores, ~valid))
+
+
+def within_margin(scores: jax.Array, valid: jax.Array, margin: float) -> jax.Array:
+    """``valid [k]`` narrowed to the chunks whose score is at most the best valid score plus
+    ``margin`` (scores: ``[k]``, lower is better)."""
+    best = jnp.min(jnp.where(valid, scores, jnp.inf))
+    return valid & (scores <= best + margin)
+
+
 def snapkv_token_scores(
     q: jax.Array, k: jax.Array, obs_end: jax.Array, obs_window: int, pool_kernel: int, content: jax.Array
 ) -> jax.Array:

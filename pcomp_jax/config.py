@@ -15,12 +15,13 @@ from .registry import method_names
 from .typed import apply_override, check_field_types, from_dict, read_yaml_mapping, to_dict  # noqa: F401  (re-exported)
 
 # The names the settings take. The modules that implement them key their tables by these
-# (``attention.CAUSAL_BACKENDS``, ``prefill.MERGE_LAYOUTS``, ``checkpoints.DTYPES``), and a
+# (``attention.CAUSAL_BACKENDS``, ``prefill.MERGE_LAYOUTS``, ``prefill.CHUNK_ORDERS``, ``checkpoints.DTYPES``), and a
 # test checks that the two agree.
 CAUSAL_BACKEND_NAMES = ("dense", "blockwise", "pallas", "cudnn", "splash", "mosaic_gpu")
 ATTENTION_BACKENDS = ("auto", *CAUSAL_BACKEND_NAMES)
 SINGLE_DEVICE_KERNELS = ("pallas", "cudnn", "splash", "mosaic_gpu")  # one kernel per device: not split over model_parallel
 MERGE_LAYOUT_NAMES = ("parallel", "sequential", "reprefill")
+CHUNK_ORDER_NAMES = ("document", "relevance")  # prefill.CHUNK_ORDERS
 REPREFILL = "reprefill"  # the layout that reads the kept chunks again instead of merging caches
 DTYPE_NAMES = ("float32", "bfloat16")
 DTYPE_CHOICES = (*DTYPE_NAMES, "auto")
@@ -150,6 +151,12 @@ class ParallelCompConfig:
       on; not with ``dynamic`` rope; P + the kept chunks + Q + the answer must fit in the
       window; the retrieval sweep's choice for the default model, in its configs) or
       ``reprefill`` (the kept chunks run again as one row with full attention).
+    chunk_order: how the kept chunks are laid for the question (``prefill.CHUNK_ORDERS``):
+      ``document`` (the paper's) or ``relevance`` (the best-scoring chunk last, nearest the
+      question); only the sequential and reprefill layouts see it.
+    chunk_score_margin: read a kept chunk only when its score is within this margin of the
+      best kept chunk's (query NLL, nats per question token); None (the paper's) reads all
+      ``top_k_chunks``.
     stage_eviction: evict after the merge instead of inside each chunk: the chunks keep
       every token through stage 1, and the merged cache's chunk entries are cut to
       ``capacity x top_k_chunks`` per layer and KV head, ranked by the method's token
@@ -187,6 +194,8 @@ class ParallelCompConfig:
     sentence_chunks: bool = True
     chunk_overlap: int = 0
     merge_layout: str = "parallel"
+    chunk_order: str = "document"
+    chunk_score_margin: float | None = None
     stage_eviction: bool = False
     decode_eviction: bool = False
     top_k_chunks: int = 2
@@ -216,6 +225,9 @@ class ParallelCompConfig:
         _check_choice("method", self.method, method_names())
         _check_choice("attention", self.attention, ATTENTION_BACKENDS)
         _check_choice("merge_layout", self.merge_layout, MERGE_LAYOUT_NAMES)
+        _check_choice("chunk_order", self.chunk_order, CHUNK_ORDER_NAMES)
+        if self.chunk_score_margin is not None and not self.chunk_score_margin >= 0:
+            raise ConfigError(f"chunk_score_margin={self.chunk_score_margin} must be >= 0 (or null: no margin)")
         if self.stage_eviction and self.capacity is None:
             raise ConfigError("stage_eviction keeps capacity x top_k_chunks tokens of the merged cache; set capacity")
         merged_rules = any(r.stage == "merged" for r in self.calibration) or (

@@ -342,7 +342,7 @@ def estimate_batch_memory(model, inputs: list[PromptParts], config, max_new_toke
     contexts = [_abstract_context(model, plan_, parts, rules) for parts in fitted]
     held = sum(_held_bytes(context) for context in contexts)
     size, qb, capacity, steps = batch_shapes(contexts, [parts.question for parts in fitted], max_new_tokens)
-    merged = [jax.eval_shape(lambda c: _merged_into(c, cfg, plan_.merge.layout, capacity), c) for c in contexts]
+    merged = [jax.eval_shape(lambda c: _merged_into(c, cfg, plan_.merge, capacity), c) for c in contexts]
     fill = list(range(len(contexts))) + [len(contexts) - 1] * (size - len(contexts))
     cache = jax.eval_shape(lambda *caches: stack_batch(list(caches)), *[merged[i][0] for i in fill])
     rows_of = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)

@@ -40,7 +40,7 @@ from .decode import (
 )
 from .model.config import ModelConfig
 from .model.llama import Weights, cached_forward
-from .prefill import ChunkSelection, MergeLayout, ParallelLayout, merge_selection
+from .prefill import ChunkArrangement, ChunkSelection, MergeLayout, ParallelLayout, merge_selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +51,15 @@ class MergeSpec:
     read again as one row and stage 2 does not run). rules: the stage-``merged``
     calibration rules (removed entries leave that layer's cache). eviction: the optional
     ``decode.StageEviction`` over the merged cache. decode_eviction: the optional
-    ``decode.DecodeEviction`` while decoding.
+    ``decode.DecodeEviction`` while decoding. arrangement: which kept chunks are read and
+    in what order they are laid (``prefill.ChunkArrangement``; default: all, in document order).
     """
 
     layout: MergeLayout = ParallelLayout()
     rules: tuple[CalibrationRule, ...] = ()
     eviction: StageEviction | None = None
     decode_eviction: DecodeEviction | None = None
+    arrangement: ChunkArrangement = ChunkArrangement()
 
 
 @flax.struct.dataclass
@@ -110,7 +112,7 @@ def merged_forward(weights: Weights, cfg: ModelConfig, context: ContextCache, to
         raise PcompError("merge_layout=reprefill reads the kept chunks again as one row and builds no merged cache; "
                          "run stage 2 with pipeline.run_stage2")
     cache, start = merge_selection(context.prefix_keys, context.prefix_values, context.selection, room, spec.layout,
-                                   cfg)
+                                   cfg, spec.arrangement)
     steps = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     positions = (start + jnp.where(steps < length, steps, 0))[None]
     rule_queries = length if rule_queries is None else rule_queries
@@ -174,13 +176,14 @@ def batches(spec: MergeSpec) -> bool:
                 or spec.decode_eviction is not None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "capacity"))
-def _merged_into(context: ContextCache, cfg: ModelConfig, layout, capacity: int):
-    """``context`` merged in ``layout`` into a batch-1 cache of exactly ``capacity`` slots
-    (the free room after the kept chunks fills the rest). Returns ``(cache, start)``."""
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "capacity"))
+def _merged_into(context: ContextCache, cfg: ModelConfig, spec: MergeSpec, capacity: int):
+    """``context`` merged as ``spec`` lays it into a batch-1 cache of exactly ``capacity``
+    slots (the free room after the kept chunks fills the rest). Returns ``(cache, start)``."""
     _, k, cap, _, _ = context.selection.keys.shape
     room = capacity - context.prefix_len - k * cap
-    return merge_selection(context.prefix_keys, context.prefix_values, context.selection, room, layout, cfg)
+    return merge_selection(context.prefix_keys, context.prefix_values, context.selection, room, spec.layout, cfg,
+                           spec.arrangement)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps"))
@@ -241,7 +244,7 @@ def generate_batch(model: Model, weights: Weights, contexts: list, questions: li
     n = len(contexts)
     size, qb, capacity, steps = batch_shapes(contexts, questions, max_new_tokens)
     fill = list(range(n)) + [n - 1] * (size - n)  # rows that fill the bucket repeat the last request
-    merged = [_merged_into(contexts[i], model.config, spec.layout, capacity) for i in range(n)]
+    merged = [_merged_into(contexts[i], model.config, spec, capacity) for i in range(n)]
     caches = [merged[i][0] for i in fill]
     cache = stack_batch(caches)
     starts = jnp.stack([merged[i][1] for i in fill]).astype(jnp.int32)

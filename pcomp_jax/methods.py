@@ -22,7 +22,7 @@ from .chunking import PromptParts, context_budget, truncate_middle
 from .compress import ChunkScorer, ConfigSnapKV, QueryNLL, RecentTokens, TokenScorer
 from .errors import ConfigError
 from .decode import DecodeEviction, StageEviction
-from .prefill import MERGE_LAYOUTS, MergeLayout, ParallelLayout, PrefillSpec
+from .prefill import MERGE_LAYOUTS, ChunkArrangement, MergeLayout, ParallelLayout, PrefillSpec
 from .registry import REGISTRY, method_names  # noqa: F401  (method_names: re-exported)
 
 
@@ -128,6 +128,14 @@ class Method:
         at their own positions whatever the config says (laid end to end, every chunk would
         be the whole input)."""
         return MERGE_LAYOUTS[config.merge_layout] if self.top_k else ParallelLayout()
+
+    def arrangement(self, config) -> ChunkArrangement:
+        """Which kept chunks stage 2 reads and in what order (``prefill.ChunkArrangement``):
+        the config's ``chunk_order`` and ``chunk_score_margin`` for a method that keeps its
+        top-k chunks; a method that keeps every chunk (pcw) reads them all, in document order."""
+        if not self.top_k:
+            return ChunkArrangement()
+        return ChunkArrangement(config.chunk_order, config.chunk_score_margin)
 
     def decode_eviction(self, config):
         """The decode-time eviction (``decode.DecodeEviction``) under ``config``, or None."""

@@ -151,7 +151,7 @@ def continuation_nll(
                           "on the merged cache, so it cannot apply: turn it off for perplexity")
     parts = PromptParts(prefix=prefix_ids[:1], context=prefix_ids[1:-query_len], question=prefix_ids[-query_len:])
     token_nll, pre = run_plan(model, plan_, parts, ScoreContinuation(continuation_ids))
-    return ContinuationScore(token_nll, [] if pre is None else pre.selected_chunks)
+    return ContinuationScore(token_nll, [] if pre is None else pre.read_chunks(plan_.merge.arrangement))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

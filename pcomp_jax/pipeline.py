@@ -30,8 +30,16 @@ from .errors import PcompError
 from .merge import ContextCache, batches, generate_batch, generate_from_context
 from .plans import Plan, check_config, one_row_ids, plan
 from .chunking import concat_rows
-from .prefill import empty_selection, keep_best_chunks, prefill_group, prefill_prefix, rows_per_group, select_chunks, \
-    to_host
+from .prefill import (
+    ChunkArrangement,
+    empty_selection,
+    keep_best_chunks,
+    prefill_group,
+    prefill_prefix,
+    rows_per_group,
+    select_chunks,
+    to_host,
+)
 from .sharding import rules_for, shard, shard_weights
 
 
@@ -40,8 +48,9 @@ class Answer:
     """What ``answer`` returns.
 
     chunk_scores: score of every chunk in document order (empty for one-row methods without
-    compression); selected_chunks: indices of the kept chunks in document order; timings:
-    seconds per stage; context_tokens: size of the context; num_chunks: chunks it was cut into.
+    compression); selected_chunks: indices of the kept chunks stage 2 read, in document order
+    (``chunk_score_margin`` may leave some of the top k unread); timings: seconds per stage;
+    context_tokens: size of the context; num_chunks: chunks it was cut into.
     """
 
     text: str
@@ -162,7 +171,8 @@ def answer_prefilled(model: Model, plan_: Plan, pre: "ContextPrefill", max_new_t
 def answer_of(plan_: Plan, pre: "ContextPrefill", gen: Generation, timings: dict, context_tokens: int) -> Answer:
     """The ``Answer`` of a chunked method: the generation and what stage 1 kept."""
     return Answer(
-        text=gen.text, token_ids=gen.token_ids, chunk_scores=pre.chunk_scores, selected_chunks=pre.selected_chunks,
+        text=gen.text, token_ids=gen.token_ids, chunk_scores=pre.chunk_scores,
+        selected_chunks=pre.read_chunks(plan_.merge.arrangement),
         timings=timings, method=plan_.config.method, context_tokens=context_tokens, num_chunks=len(pre.chunk_scores),
     )
 
@@ -184,19 +194,23 @@ class ContextPrefill:
 
     @property
     def selected_chunks(self) -> list[int]:
+        """Indices of the top-k chunks stage 1 kept, in document order."""
         selection = self.context.selection
         ids = to_host(selection.chunk_ids)[to_host(selection.chunk_valid)]
         return sorted(int(c) for c in ids)
 
-    @property
-    def kept_bounds(self) -> list[tuple[int, int]]:
-        """``(start, end)`` of the kept chunks, in document order."""
-        return [self.bounds[c] for c in self.selected_chunks]
+    def read_chunks(self, arrangement: ChunkArrangement = ChunkArrangement()) -> list[int]:
+        """Indices of the kept chunks stage 2 reads under ``arrangement``, in document order."""
+        return sorted(arrangement.read_chunks(self.context.selection))
 
-    @property
-    def kept_lengths(self) -> list[int]:
-        """Token counts of the kept chunks, in document order."""
-        return [e - s for s, e in self.kept_bounds]
+    def kept_bounds(self, arrangement: ChunkArrangement = ChunkArrangement()) -> list[tuple[int, int]]:
+        """``(start, end)`` of the kept chunks stage 2 reads under ``arrangement`` (default:
+        all top-k), in its laying order."""
+        return [self.bounds[c] for c in arrangement.read_chunks(self.context.selection)]
+
+    def kept_lengths(self, arrangement: ChunkArrangement = ChunkArrangement()) -> list[int]:
+        """Token counts of the kept chunks stage 2 reads under ``arrangement``, in laying order."""
+        return [e - s for s, e in self.kept_bounds(arrangement)]
 
 
 def run_stage1(model: Model, plan_: Plan, parts: PromptParts, progress: bool = False) -> ContextPrefill:
@@ -224,8 +238,8 @@ def run_stage2(model: Model, plan_: Plan, pre: ContextPrefill, task, timings: di
     as one row (``task.on_row``), else the question runs on the merged cache
     (``task.on_merged``). ``timings`` gets the seconds of each step."""
     timings = {} if timings is None else timings
-    plan_.check_fits(pre.parts, pre.kept_lengths, task.room)
-    row = one_row_ids(plan_, pre.parts, pre.kept_bounds)
+    plan_.check_fits(pre.parts, pre.kept_lengths(plan_.merge.arrangement), task.room)
+    row = one_row_ids(plan_, pre.parts, pre.kept_bounds(plan_.merge.arrangement))
     if row is not None:
         t = time.perf_counter()
         result = task.on_row(model, row)
@@ -245,7 +259,7 @@ def run_stage2_batch(model: Model, plan_: Plan, prefilled: list[ContextPrefill],
     if not batches(plan_.merge):
         return [run_stage2(model, plan_, pre, Decode(max_new_tokens), timings) for pre in prefilled]
     for pre in prefilled:
-        plan_.check_fits(pre.parts, pre.kept_lengths, max_new_tokens)
+        plan_.check_fits(pre.parts, pre.kept_lengths(plan_.merge.arrangement), max_new_tokens)
     return generate_batch(model, prefilled[0].weights, [pre.context for pre in prefilled],
                           [pre.parts.question for pre in prefilled], plan_.merge, max_new_tokens, timings)
 

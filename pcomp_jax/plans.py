@@ -173,14 +173,14 @@ def plan(model: Model, config: ParallelCompConfig | None = None) -> Plan:
     prefill = method.prefill_spec(config, stage_rules(rules, "chunk"))
     prefill.attention_fn(model.dtype)  # the backend exists on this platform for this dtype
     merge = MergeSpec(layout, stage_rules(rules, "merged"), method.stage_eviction(config),
-                      method.decode_eviction(config))
+                      method.decode_eviction(config), method.arrangement(config))
     return Plan(config, method, cfg.window, prefill, merge)
 
 
 def one_row_ids(plan_: Plan, parts: PromptParts, kept_bounds=None) -> np.ndarray | None:
     """The ids of the one full-attention row the plan reads instead of a merged cache, or
     None: a plain-row method reads P + the (fitted) context + Q; ``merge_layout=reprefill``
-    reads P + the kept chunks (``kept_bounds``, in document order) + Q."""
+    reads P + the kept chunks (``kept_bounds``, in laying order) + Q."""
     if plan_.plain_row:
         return np.concatenate([parts.prefix, parts.context, parts.question])
     if plan_.merge.layout.reprefills and kept_bounds is not None:

@@ -49,7 +49,9 @@ from .compress import (
     document_order,
     gather_tokens,
     keep_top_tokens,
+    relevance_order,
     top_k_lowest,
+    within_margin,
 )
 from .errors import ConfigError
 from .model.config import ModelConfig
@@ -358,11 +360,54 @@ def shift_keys(cfg: ModelConfig, keys: jax.Array, shifts: jax.Array) -> jax.Arra
     return apply_rope(keys.reshape(num_layers, k, cap * kvh, d), cos, sin).reshape(keys.shape)
 
 
+CHUNK_ORDERS = ("document", "relevance")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkArrangement:
+    """Which of the kept chunks stage 2 reads, and in what order it lays them.
+
+    order: ``document`` (the paper's: document order) or ``relevance`` (from the highest
+      score to the lowest: the most relevant chunk last, nearest the question). Only the
+      layouts that lay chunks end to end (sequential, reprefill) see the order; in the
+      parallel layout every chunk keeps its own positions and the order changes nothing.
+    score_margin: read a kept chunk only when its score is at most the best kept chunk's
+      plus this margin (query NLL: nats per scored question token); None reads all top-k.
+    """
+
+    order: str = "document"
+    score_margin: float | None = None
+
+    def __post_init__(self):
+        if self.order not in CHUNK_ORDERS:
+            raise ConfigError(f"chunk_order={self.order!r} is not allowed; choose one of: {', '.join(CHUNK_ORDERS)}")
+        if self.score_margin is not None and not self.score_margin >= 0:
+            raise ConfigError(f"chunk_score_margin={self.score_margin} must be >= 0 (or null: no margin)")
+
+    def apply(self, selection: ChunkSelection) -> ChunkSelection:
+        """The chunks of ``selection`` [K] that stage 2 reads (the others invalid), in laying
+        order, invalid ones last (traceable)."""
+        valid = selection.chunk_valid
+        if self.score_margin is not None:
+            valid = within_margin(selection.scores, valid, self.score_margin)
+        if self.order == "relevance":
+            order = relevance_order(selection.scores, selection.chunk_ids, valid)
+        else:
+            order = document_order(selection.chunk_ids, valid)
+        return selection.replace(chunk_valid=valid).take(order)
+
+    def read_chunks(self, selection: ChunkSelection) -> list[int]:
+        """The document indices of the chunks stage 2 reads, in laying order (on the host)."""
+        laid = self.apply(selection)
+        return [int(c) for c in to_host(laid.chunk_ids)[to_host(laid.chunk_valid)]]
+
+
 def merge_selection(
     prefix_keys, prefix_values, selection: ChunkSelection, room: int, layout: MergeLayout = ParallelLayout(),
-    cfg: ModelConfig | None = None,
+    cfg: ModelConfig | None = None, arrangement: ChunkArrangement = ChunkArrangement(),
 ) -> tuple[KVCache, jax.Array]:
-    """Stage 2 merge: P once, then the kept chunks in document order, then ``room`` free slots.
+    """Stage 2 merge: P once, then the kept chunks as ``arrangement`` lays them (default: all
+    top-k in document order), then ``room`` free slots.
 
     prefix_keys/values: ``[L, P, KVH, D]``. layout: where the chunks sit (``ParallelLayout``,
     the paper's, or ``SequentialLayout``, which needs ``cfg`` to rotate keys). Returns a
@@ -370,7 +415,7 @@ def merge_selection(
     first position: the end of the furthest kept chunk, ``max(len(P) + shift + len(chunk))``
     (in the parallel layout the longest kept row length).
     """
-    sel = selection.take(document_order(selection.chunk_ids, selection.chunk_valid))
+    sel = arrangement.apply(selection)
     num_layers, k, cap, kvh, d = sel.keys.shape
     p = prefix_keys.shape[1]
     shifts = layout.shifts(sel.row_lengths - p, sel.chunk_valid)

@@ -85,7 +85,7 @@ def test_batch_estimate_holds_every_requests_selection_and_the_batched_stage_2(m
     assert batch.weights == singles[0].weights and batch.peak > max(e.peak for e in singles)
     pres = [run_stage1(model, plan(model, config), plan(model, config).fit(parts, 8)) for parts in asked]
     size, qb, capacity, steps = batch_shapes([p.context for p in pres], [p.question for p in asked], 8)
-    caches = [_merged_into(p.context, model.config, plan(model, config).merge.layout, capacity)[0] for p in pres]
+    caches = [_merged_into(p.context, model.config, plan(model, config).merge, capacity)[0] for p in pres]
     cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim > 1 else 0), *caches, caches[-1])
     state = _question_batch(pres[0].weights, model.config, cache, jnp.zeros(size, jnp.int32),
                             jnp.zeros((size, qb), jnp.int32), jnp.ones(size, jnp.int32), jnp.ones(size, bool),
@@ -126,7 +126,7 @@ def test_reprefill_estimates_its_re_read_row_not_the_merged_prefill(model):
     row = len(parts.prefix) + sum(longest) + len(parts.question)  # the longest row any selection can re-read
     assert estimate.phases[REREAD]["the row's token ids"] == 4 * bucket_length(row, minimum=64)
     pre = run_stage1(model, plan_, parts)
-    ids = one_row_ids(plan_, pre.parts, pre.kept_bounds)
+    ids = one_row_ids(plan_, pre.parts, pre.kept_bounds(plan_.merge.arrangement))
     cache = _prefill_prompt(model.params, model.config, jnp.asarray(pad_ids(ids))[None], jnp.int32(len(ids)),
                             decode_budget(8))[0]
     assert per_device_bytes(cache) <= estimate.phases["decoding"]["the row's cache (the loop's input)"]

@@ -10,6 +10,7 @@ from bounds import assert_within, attention_bound, scale_of
 
 from pcomp_jax.calibrate import CalibrationRule, removed_by_rules
 from pcomp_jax.compress import document_order, keep_top_tokens, snapkv_token_scores, top_k_lowest
+from pcomp_jax.prefill import ChunkArrangement, ChunkSelection
 
 SETTINGS = settings(max_examples=25, deadline=None)
 B, T, KVH, GROUP, D = 2, 64, 2, 3, 8  # fixed shapes (JAX compiles once per shape): lengths vary as data
@@ -72,6 +73,36 @@ def test_selection_returns_k_distinct_real_chunks_in_document_order(n, k, data):
     order = np.asarray(document_order(jnp.asarray(idx), jnp.asarray(picked)))
     in_order = idx[order][picked[order]]
     assert (np.diff(in_order) > 0).all() and picked[order][: len(real)].all()  # real ones first, by position
+
+
+@SETTINGS
+@given(st.integers(1, 7), st.data())
+def test_an_arrangement_reads_the_chunks_within_its_margin_in_its_order(k, data):
+    scores = np.asarray(data.draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=k, max_size=k)), np.float32)
+    scores[data.draw(st.integers(0, k - 1))] = scores[0]  # ties happen (equal NLLs)
+    valid = np.asarray(data.draw(st.lists(st.booleans(), min_size=k, max_size=k)))
+    ids = np.asarray(data.draw(st.permutations(range(0, 3 * k, 3))), np.int32)
+    order = data.draw(st.sampled_from(["document", "relevance"]))
+    margin = data.draw(st.sampled_from([None, 0.0, 0.5, 3.0]))
+    one = lambda x: jnp.asarray(x)[None, :, None, None, None]  # a field with the chunk axis at 1
+    selection = ChunkSelection(
+        keys=one(ids.astype(np.float32)), values=one(scores), kept_positions=jnp.zeros((1, k, 1, 1), jnp.int32),
+        token_valid=jnp.ones((k, 1), bool), scores=jnp.asarray(scores), chunk_ids=jnp.asarray(ids),
+        chunk_valid=jnp.asarray(valid), row_lengths=jnp.asarray(ids + 5))
+    laid = ChunkArrangement(order, margin).apply(selection)
+    best = scores[valid].min() if valid.any() else np.inf
+    read = valid & (scores <= best + (np.inf if margin is None else margin))
+    expected = sorted(np.flatnonzero(read), key=lambda i: (ids[i],) if order == "document" else (-scores[i], ids[i]))
+    n = len(expected)
+    assert np.asarray(laid.chunk_valid).tolist() == [True] * n + [False] * (k - n)  # read ones first
+    assert np.asarray(laid.chunk_ids)[:n].tolist() == ids[expected].tolist()
+    # every field moved with its chunk
+    assert np.asarray(laid.keys)[0, :, 0, 0, 0].tolist() == np.asarray(laid.chunk_ids, np.float32).tolist()
+    assert np.array_equal(np.asarray(laid.values)[0, :, 0, 0, 0], np.asarray(laid.scores))
+    assert np.array_equal(np.asarray(laid.row_lengths), np.asarray(laid.chunk_ids) + 5)
+    if margin is None and order == "document":
+        assert np.array_equal(np.asarray(laid.chunk_ids), ids[np.asarray(document_order(jnp.asarray(ids),
+                                                                                       jnp.asarray(valid)))])
 
 
 @SETTINGS
