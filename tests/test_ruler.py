@@ -384,7 +384,17 @@ def test_eval_config_checks_the_ruler_section(tmp_path):
 
     config = load_config(None, ["ruler.tasks=[vt, cwe]", "ruler.lengths=[4096]", "ruler.samples=3"], cls=EvalConfig)
     assert config.ruler == RulerConfig(tasks=("vt", "cwe"), lengths=(4096,), samples=3)
+    per_length = load_config(None, ["ruler.tasks=[vt]", "ruler.lengths=[4096, 8192]", "ruler.samples=[10, 5]"],
+                             cls=EvalConfig)
+    assert (per_length.ruler.samples_at(4096), per_length.ruler.samples_at(8192)) == (10, 5)
+    from pcomp_jax.eval.items import ruler_items
+
+    assert [item.id for item in ruler_items(per_length)][9:11] == ["ruler/vt/L4096/s9", "ruler/vt/L8192/s0"]
+    assert len(ruler_items(per_length)) == 15
     for overrides, message in [
+        (["ruler.tasks=[vt]", "ruler.lengths=[4096, 8192]", "ruler.samples=[10]"],
+         "ruler.samples gives 1 counts for 2 lengths: give one count for every length, or one per length"),
+        (["ruler.tasks=[vt]", "ruler.lengths=[4096]", "ruler.samples=[0]"], "ruler.samples must be >= 1, got 0"),
         (["ruler.tasks=[nope]", "ruler.lengths=[4096]"], "ruler.tasks: unknown task 'nope'; choose from: niah_"),
         (["ruler.tasks=[qa_1]", "ruler.lengths=[4096]"], "qa_1 and qa_2 need SQuAD/HotpotQA data"),
         (["ruler.tasks=[vt]"], "ruler.tasks and ruler.lengths go together"),

@@ -37,14 +37,15 @@ class PerplexityConfig:
 class RulerConfig:
     """RULER's tasks (``pcomp_jax.ruler``): ``samples`` samples of each of ``tasks`` (generated;
     ``ruler.GENERATED_TASKS``) at each of ``lengths`` (tokens: input plus the task's answer
-    length), drawn for the run seed ``seed``; ``text_file``: the essay of the essay-haystack
+    length), drawn for the run seed ``seed``; ``samples`` is one count for every length or a
+    list of counts, one per length in the order of ``lengths``; ``text_file``: the essay of the essay-haystack
     tasks (null: the bundled text, ``io.BUNDLED_TEXT``). ``data``: RULER's own data files
     (``prepare.py`` output: files, or directories searched for ``<task>/*.jsonl``), every
     task of them, qa_1 and qa_2 included; ``data_limit``: samples read per file."""
 
     tasks: tuple[str, ...] = ()
     lengths: tuple[int, ...] = ()
-    samples: int = 5
+    samples: int | tuple[int, ...] = 5
     seed: int = DEFAULT_SEED
     text_file: str | None = None
     data: tuple[str, ...] = ()
@@ -66,12 +67,22 @@ class RulerConfig:
                               f"tasks={list(self.tasks)}, lengths={list(self.lengths)}")
         if any(n < MIN_TASK_LENGTH for n in self.lengths):
             raise ConfigError(f"ruler.lengths must be at least {MIN_TASK_LENGTH} tokens, got {list(self.lengths)}")
-        if self.samples < 1:
-            raise ConfigError(f"ruler.samples must be >= 1, got {self.samples}")
+        counts = (self.samples,) if isinstance(self.samples, int) else self.samples
+        if isinstance(self.samples, tuple) and len(self.samples) != len(self.lengths):
+            raise ConfigError(f"ruler.samples gives {len(self.samples)} counts for {len(self.lengths)} lengths: give "
+                              f"one count for every length, or one per length, got {list(self.samples)}")
+        if any(n < 1 for n in counts):
+            raise ConfigError(f"ruler.samples must be >= 1, got {list(counts) if len(counts) > 1 else counts[0]}")
         if self.seed < 0:
             raise ConfigError(f"ruler.seed must be a whole number >= 0, got {self.seed}")
         if self.data_limit is not None and self.data_limit < 1:
             raise ConfigError(f"ruler.data_limit must be >= 1, got {self.data_limit}")
+
+    def samples_at(self, length: int) -> int:
+        """Samples of each task at ``length`` (one of ``lengths``)."""
+        if isinstance(self.samples, int):
+            return self.samples
+        return self.samples[self.lengths.index(length)]
 
 
 @dataclasses.dataclass(frozen=True)

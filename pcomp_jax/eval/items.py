@@ -185,11 +185,12 @@ def longbench_items(config: EvalConfig) -> list[Item]:
 
 
 def ruler_items(config: EvalConfig) -> list[Item]:
-    """The generated RULER samples: every task at every length, ``samples`` of each, shortest first."""
+    """The generated RULER samples: every task at every length, ``samples`` of each
+    (``RulerConfig.samples_at``), shortest first."""
     ruler = config.ruler
     return [RulerItem(f"ruler/{task}/L{length}/s{sample}",
                       {"task": task, "length": length, "sample": sample, "source": "generated"})
-            for length in sorted(ruler.lengths) for task in ruler.tasks for sample in range(ruler.samples)]
+            for length in sorted(ruler.lengths) for task in ruler.tasks for sample in range(ruler.samples_at(length))]
 
 
 def ruler_file_items(config: EvalConfig) -> list[Item]:
