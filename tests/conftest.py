@@ -62,11 +62,16 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
-def default_model_bfloat16():
-    """The default model in bfloat16, loaded once per test process."""
-    import pcomp_jax
+def default_model_bfloat16(default_model):
+    """The default model in bfloat16, once per test process: the float32 model's weights
+    rounded to bfloat16, which is what ``load_model(dtype="bfloat16")`` reads from a GGUF
+    (``test_gguf.py::test_orbax_save_and_restore``), without parsing and dequantizing it again."""
+    import dataclasses
 
-    return pcomp_jax.load_model(None, dtype="bfloat16")
+    import jax
+    import jax.numpy as jnp
+
+    return dataclasses.replace(default_model, params=jax.tree.map(lambda w: w.astype(jnp.bfloat16), default_model.params))
 
 
 @pytest.fixture(scope="session")

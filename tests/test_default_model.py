@@ -41,14 +41,23 @@ def model(default_model):
 
 @pytest.fixture(scope="module")
 def reference():
+    import functools
+
+    import gguf
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pcomp_jax.checkpoints import DEFAULT_GGUF
 
     folder = tiny.default_model_dir()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32).eval()
+    with pytest.MonkeyPatch.context() as patch:
+        # transformers' GGUF loader parses the file once per call (tokenizer, config, weights)
+        # and builds gguf's tensor-name table once per tensor; both are pure in their
+        # arguments, so one of each serves every call (about 20 of its 30 s on 2 cores)
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=None)(gguf.GGUFReader))
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32).eval()
     return model, tok
 
 

@@ -2,6 +2,8 @@
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
@@ -88,6 +90,11 @@ def test_orbax_save_and_restore(gguf_models, tmp_path):
     np.testing.assert_array_equal(pcomp_jax.forward(again, ids), pcomp_jax.forward(model, ids))
     assert again.tokenizer("the cat 42")["input_ids"] == model.tokenizer("the cat 42")["input_ids"]
     assert pcomp_jax.load_model(str(saved), dtype="bfloat16").params.layers.wq.dtype == np.dtype("bfloat16")
+    # a GGUF read in bfloat16 holds its float32 weights rounded to bfloat16 (conftest's
+    # default_model_bfloat16 relies on it)
+    rounded = jax.tree.map(lambda w: np.asarray(w.astype(jnp.bfloat16)), model.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, pcomp_jax.load_model(path, dtype="bfloat16").params),
+                 rounded)
     with pytest.raises(pcomp_jax.CheckpointError, match="already exists"):
         pcomp_jax.save_model(model, str(saved))
 
