@@ -88,11 +88,13 @@ def removed_by_rules(rules, layer_index, mean_for, rank, count) -> jax.Array:
     return removed
 
 
-def chunk_keep_fn(rules, row_lengths: jax.Array):
+def chunk_keep_fn(rules, row_lengths: jax.Array, windows: jax.Array | None = None):
     """``key_keep`` hook for ``prefill_forward``: stage ``chunk`` rules inside each row.
 
     row_lengths: ``[B]``. The sequence is the row (rank = position, count = row length);
-    the queries are the last r real tokens of the row.
+    the queries are the last r real tokens of the row. windows: None, or the per-layer
+    sliding windows ``[L]`` of a model with local layers (``model.llama.layer_kinds``): a
+    query's mean then covers only the keys its window shows.
     """
 
     def key_keep(q, k, layer_index):
@@ -103,6 +105,8 @@ def chunk_keep_fn(rules, row_lengths: jax.Array):
             q_pos = jnp.clip(row_lengths[:, None] - r + jnp.arange(r)[None, :], 0, t - 1)  # [B, r]
             q_last = jnp.take_along_axis(q, q_pos[:, :, None, None], axis=1)
             visible = positions[None, None, :] <= q_pos[:, :, None]
+            if windows is not None:
+                visible = visible & (q_pos[:, :, None] - positions[None, None, :] < windows[layer_index])
             return mean_last_query_attention(q_last, k, visible)
 
         rank = jnp.where(positions[None, :] < row_lengths[:, None], positions[None, :], -1)[:, None, :]
@@ -116,10 +120,12 @@ def merged_drop_fn(rules, question_len: jax.Array):
 
     The sequence of KV head g is its valid cache entries before the question, in slot
     order; the queries are the last r real question tokens, which see those entries and
-    the question up to themselves. Question tokens are never removed.
+    the question up to themselves (in a local layer: what their windows show,
+    ``window_visible [B, KVH, Qb, S]``, passed by ``cached_forward`` for a model with
+    sliding-window layers). Question tokens are never removed.
     """
 
-    def drop(q, k_cache, valid, layer_index, query_slots):
+    def drop(q, k_cache, valid, layer_index, query_slots, window_visible=None):
         s = k_cache.shape[1]
         slots = jnp.arange(s)
         question = (slots[None, None, :] == query_slots[:, :, None]).any(axis=1)  # [B, S]
@@ -130,6 +136,8 @@ def merged_drop_fn(rules, question_len: jax.Array):
             q_slot = query_slots[:, idx]  # [B, r]
             causal = slots[None, None, :] <= q_slot[:, :, None]  # [B, r, S]
             seen = (content_h | question[:, None, :])[:, :, None, :] & causal[:, None]  # [B, KVH, r, S]
+            if window_visible is not None:
+                seen = seen & window_visible[:, :, idx]
             return mean_last_query_attention(q[:, idx], k_cache, seen)
 
         rank = jnp.where(content_h, jnp.cumsum(content_h, axis=-1) - 1, -1)

@@ -68,7 +68,8 @@ def within_margin(scores: jax.Array, valid: jax.Array, margin: float) -> jax.Arr
 
 
 def snapkv_token_scores(
-    q: jax.Array, k: jax.Array, obs_end: jax.Array, obs_window: int, pool_kernel: int, content: jax.Array
+    q: jax.Array, k: jax.Array, obs_end: jax.Array, obs_window: int, pool_kernel: int, content: jax.Array,
+    window=None,
 ) -> jax.Array:
     """SnapKV importance of every key, one score per KV head.
 
@@ -78,12 +79,17 @@ def snapkv_token_scores(
     A = softmax attention of each observation query over the keys it may see; s_t sums A
     over the window queries and over the query heads sharing a KV head; s is then
     max-pooled (kernel ``pool_kernel``, stride 1, same padding) within the content span.
+    window: None, or a local layer's sliding window (traced; the row's slots are its
+    positions): an observation query then sees only the keys less than ``window`` positions
+    before it, so the keys none of them sees score 0 (before pooling).
     Returns ``[B, KVH, T]`` float32, -inf outside ``content``.
     """
     t = k.shape[1]
     obs_pos = jnp.clip(obs_end[:, None] - obs_window + jnp.arange(obs_window)[None, :], 0, t - 1)  # [B, w]
     q_obs = jnp.take_along_axis(q, obs_pos[:, :, None, None], axis=1)  # [B, w, H, D]
     visible = jnp.arange(t)[None, None, :] <= obs_pos[:, :, None]  # [B, w, T]
+    if window is not None:
+        visible = visible & (obs_pos[:, :, None] - jnp.arange(t)[None, None, :] < window)
     summed = query_probs(q_obs, k, visible).sum(axis=(2, 3))  # [B, KVH, T]
     summed = jnp.where(content[:, None, :], summed, -jnp.inf)
     pooled = jax.lax.reduce_window(
@@ -189,16 +195,26 @@ class TokenScorer:
         (``KVCache.attention_window``) for ``held_scores``; 0: none (the default)."""
         return 0
 
-    def merged_scores(self, q, keys, valid, query_slots, query_len, candidates) -> jax.Array:
+    def local_scores(self, q, k, row_lengths, content, window) -> jax.Array:
+        """``__call__`` for a layer of a model with sliding-window layers: ``window`` (traced)
+        is the layer's window (``model.llama.GLOBAL_WINDOW`` for a global layer); a query
+        sees only the keys less than ``window`` positions before it (the row's slots are its
+        positions). The default ignores it (right for a scorer that reads no attention)."""
+        return self(q, k, row_lengths, content)
+
+    def merged_scores(self, q, keys, valid, query_slots, query_len, candidates, window_visible=None) -> jax.Array:
         """Scores of a merged cache's entries for stage eviction.
 
         q: ``[B, Qb, H, D]`` the rotated queries of the tokens run on the cache (the
         question, real up to ``query_len``); keys: ``[B, S, KVH, D]`` the cache's keys (the
         question's own included); valid: ``[B, S, KVH]`` the entries each KV head holds;
         query_slots: ``[B, Qb]`` the slot of each query; candidates: ``[B, KVH, S]`` the
-        entries that may be dropped (the kept chunks' tokens). Returns ``[B, KVH, S]``.
+        entries that may be dropped (the kept chunks' tokens). window_visible: None, or for a
+        model with sliding-window layers ``[B, KVH, Qb, S]``, which entries each query's
+        window shows (all in a global layer). Returns ``[B, KVH, S]``.
         The default reads the cache as one row ending with the question: the queries at
-        their slots (zero elsewhere) and ``content`` = the candidates of any KV head.
+        their slots (zero elsewhere) and ``content`` = the candidates of any KV head; it
+        ignores ``window_visible``.
         """
         batch, slots = keys.shape[:2]
         real = jnp.arange(q.shape[1]) < query_len
@@ -239,10 +255,11 @@ class SnapKV(TokenScorer):
     def decode_window(self) -> int:
         return self.obs_window
 
-    def merged_scores(self, q, keys, valid, query_slots, query_len, candidates):
+    def merged_scores(self, q, keys, valid, query_slots, query_len, candidates, window_visible=None):
         """The attention of the question's last ``obs_window`` queries over the entries each
-        KV head holds, summed over them and the KV head's query heads, max-pooled over
-        neighbouring candidates in slot order (``pool_in_order``)."""
+        KV head holds (in a local layer: those their windows show), summed over them and the
+        KV head's query heads, max-pooled over neighbouring candidates in slot order
+        (``pool_in_order``)."""
         slots = jnp.arange(keys.shape[1])
         question = (slots[None, None, :] == query_slots[:, :, None]).any(axis=1)  # [B, S]
         w = self.obs_window
@@ -251,12 +268,17 @@ class SnapKV(TokenScorer):
         q_slot = query_slots[:, idx]  # [B, w]
         held = jnp.moveaxis(valid, 2, 1) | question[:, None, :]  # [B, KVH, S]
         seen = held[:, :, None, :] & (slots[None, None, :] <= q_slot[:, :, None])[:, None]
+        if window_visible is not None:
+            seen = seen & window_visible[:, :, idx]
         probs = query_probs(q[:, idx], keys, seen) * (offsets >= 0)[None, None, None, :, None]
         return pool_in_order(probs.sum(axis=(2, 3)), candidates, self.pool_kernel)
 
     def held_scores(self, keys, attention_window, ends, candidates):
         """The kept attention rows summed, max-pooled over neighbouring candidates in order."""
         return pool_in_order(attention_window.sum(axis=3), candidates, self.pool_kernel)
+
+    def local_scores(self, q, k, row_lengths, content, window):
+        return snapkv_token_scores(q, k, row_lengths, self.obs_window, self.pool_kernel, content, window)
 
     def __call__(self, q, k, row_lengths, content):
         return snapkv_token_scores(q, k, row_lengths, self.obs_window, self.pool_kernel, content)

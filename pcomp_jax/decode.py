@@ -68,7 +68,7 @@ def row_forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, length: j
     """
     steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.where(steps < length, steps, 0), tokens.shape)
-    attention = causal_attention("auto", dtype=weights.embed.dtype)
+    attention = causal_attention("auto", dtype=weights.embed.dtype, sliding=cfg.has_sliding_layers)
     return prefill_forward(weights, cfg, tokens, positions, logits_at=logits_at, attention=attention, emit=emit)
 
 
@@ -200,13 +200,16 @@ class StageEviction:
         """``drop_from_cache`` hook for ``cached_forward`` (see ``calibrate.merged_drop_fn``):
         ``drop(q [B, Qb, H, D], k_cache [B, S, KVH, D], valid [B, S, KVH], layer_index,
         query_slots [B, Qb]) -> valid [B, S, KVH]``, the entries this layer keeps.
-        prefix_len: P's slots (never dropped); question_len: the real question tokens."""
+        prefix_len: P's slots (never dropped); question_len: the real question tokens.
+        In a local layer the scorer gets ``window_visible`` (what each query's window
+        shows): entries no question token sees score lowest."""
 
-        def drop(q, k_cache, valid, layer_index, query_slots):
+        def drop(q, k_cache, valid, layer_index, query_slots, window_visible=None):
             slots = jnp.arange(k_cache.shape[1])
             question = (slots[None, None, :] == query_slots[:, :, None]).any(axis=1)  # [B, S]
             chunks = jnp.moveaxis(valid, 2, 1) & ~question[:, None, :] & (slots >= prefix_len)[None, None, :]
-            scores = self.scorer.merged_scores(q, k_cache, valid, query_slots, question_len, chunks)
+            window = {} if window_visible is None else {"window_visible": window_visible}
+            scores = self.scorer.merged_scores(q, k_cache, valid, query_slots, question_len, chunks, **window)
             keep = keep_best_entries(scores, chunks, self.budget)
             return valid & jnp.moveaxis(keep | ~chunks, 1, 2)
 

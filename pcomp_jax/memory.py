@@ -28,7 +28,9 @@ up what is alive at once. Three terms:
     input, its temporaries, the new selection), beside the empty starting selection and
     the next group's rows;
   * ``question on the merged cache``: ``merge.question_prefill`` (temporaries and the
-    merged cache it returns, ``[L, 1, S, KVH, D]``), or with ``merge_layout=reprefill``
+    merged cache it returns, ``[L, 1, S, KVH, D]``, with its entries' positions ``[L, 1, S,
+    KVH]`` int32 for a model with sliding-window layers: part of the compiled outputs, so
+    counted here and in ``decoding``), or with ``merge_layout=reprefill``
     ``re-read row``: the kept chunks read again as one row P + chunks + Q
     (``decode._prefill_prompt`` on the longest such row, P + the top_k longest chunks + Q,
     bucketed), which returns the row's cache;

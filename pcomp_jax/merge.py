@@ -82,14 +82,15 @@ class ContextCache:
 def chain_drops(*drops):
     """One ``drop_from_cache`` hook applying the given ones (None skipped) in order; None if
     none. A hook: ``(q [B, T, H, D], k_cache [B, S, KVH, D], valid [B, S, KVH], layer_index,
-    query_slots [B, T]) -> valid [B, S, KVH]``."""
+    query_slots [B, T]) -> valid [B, S, KVH]``, and for a model with sliding-window layers
+    the keyword ``window_visible [B, KVH, T, S]`` (``model.llama.cached_forward``)."""
     drops = [d for d in drops if d is not None]
     if not drops:
         return None
 
-    def drop(q, k_cache, valid, layer_index, query_slots):
+    def drop(q, k_cache, valid, layer_index, query_slots, **window):
         for d in drops:
-            valid = d(q, k_cache, valid, layer_index, query_slots)
+            valid = d(q, k_cache, valid, layer_index, query_slots, **window)
         return valid
 
     return drop

@@ -155,12 +155,22 @@ def check_settings(config: ParallelCompConfig) -> Method:
     return method
 
 
+def check_chat(model: Model, config: ParallelCompConfig) -> None:
+    """``chat: true`` needs a chat template: a base model's tokenizer has none (Gemma 3
+    270M), and its prompts are plain text (``chat: false``). Raises ``ConfigError``."""
+    tok = model.tokenizer
+    if config.chat and tok is not None and not getattr(tok, "chat_template", None):
+        raise ConfigError(f"{model.source!r} has no chat template (a base model); set chat: false "
+                          "(ParallelCompConfig(chat=False), --no-chat) to read plain-text prompts")
+
+
 def plan(model: Model, config: ParallelCompConfig | None = None) -> Plan:
     """``config`` (default: ParallelComp's defaults) resolved for ``model``: its method, the
     calibration rules per stage (checked against the method and the model's depth), the
     merge layout (refused where moving keys is not exact for the model's rope), the device
-    mesh (its ``model`` axis must divide the heads, MLP width and vocabulary) and the
-    attention backend on this platform. Raises ``ConfigError``."""
+    mesh (its ``model`` axis must divide the heads, MLP width and vocabulary), the
+    attention backend on this platform (one that takes sliding windows for a model with
+    local layers) and, with ``chat``, the tokenizer's chat template. Raises ``ConfigError``."""
     config = check_config(ParallelCompConfig() if config is None else config)
     cfg = model.config
     method = check_settings(config)
@@ -171,7 +181,8 @@ def plan(model: Model, config: ParallelCompConfig | None = None) -> Plan:
                           f"not exact with {cfg.rope.type!r} rope; use parallel or reprefill")
     check_model_fits_mesh(cfg, make_mesh(config.num_devices, config.model_parallel))
     prefill = method.prefill_spec(config, stage_rules(rules, "chunk"))
-    prefill.attention_fn(model.dtype)  # the backend exists on this platform for this dtype
+    prefill.attention_fn(model.dtype, cfg.has_sliding_layers)  # the backend exists here for this dtype and model
+    check_chat(model, config)
     merge = MergeSpec(layout, stage_rules(rules, "merged"), method.stage_eviction(config),
                       method.decode_eviction(config), method.arrangement(config))
     return Plan(config, method, cfg.window, prefill, merge)

@@ -55,7 +55,7 @@ from .compress import (
 )
 from .errors import ConfigError
 from .model.config import ModelConfig
-from .model.llama import Weights, prefill_forward
+from .model.llama import Weights, layer_kinds, prefill_forward, window_of_layer
 from .model.rope import apply_rope, rope_tables
 from .sharding import shard
 
@@ -136,9 +136,10 @@ class PrefillSpec:
         wanted = chunk_len if self.capacity is None else self.capacity
         return min(wanted, row_len)
 
-    def attention_fn(self, dtype):
-        """The causal attention backend this spec names, for weights of ``dtype``."""
-        return causal_attention(self.attention, needs_key_mask=bool(self.chunk_rules), dtype=dtype)
+    def attention_fn(self, dtype, sliding: bool = False):
+        """The causal attention backend this spec names, for weights of ``dtype`` (sliding:
+        the model has sliding-window layers, ``ModelConfig.has_sliding_layers``)."""
+        return causal_attention(self.attention, needs_key_mask=bool(self.chunk_rules), dtype=dtype, sliding=sliding)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -165,12 +166,12 @@ def prefill_group(weights: Weights, cfg: ModelConfig, rows: Rows, spec: PrefillS
     content = content_slots(rows.prefix_len, rows.chunk_lengths, rows.row_len)
 
     def emit(q, k, v, layer_index):
-        return compress_row(spec, capacity, q, k, v, rows.row_lengths, content)
+        return compress_row(spec, capacity, q, k, v, rows.row_lengths, content, window_of_layer(cfg, layer_index))
 
-    key_keep = chunk_keep_fn(spec.chunk_rules, rows.row_lengths) if spec.chunk_rules else None
+    key_keep = chunk_keep_fn(spec.chunk_rules, rows.row_lengths, layer_kinds(cfg)[0]) if spec.chunk_rules else None
     logits, emitted = prefill_forward(
         weights, cfg, rows.tokens, rows.positions, logits_at=rows.score_at,
-        attention=spec.attention_fn(weights.embed.dtype), emit=emit, key_keep=key_keep,
+        attention=spec.attention_fn(weights.embed.dtype, cfg.has_sliding_layers), emit=emit, key_keep=key_keep,
     )
     keys, values, kept = emitted
     scores = chunk_scores(spec, logits, rows.question_targets, rows.question_mask, rows.chunk_lengths)
@@ -183,18 +184,27 @@ def content_slots(prefix_len: int, chunk_lengths: jax.Array, width: int) -> jax.
     return (slot >= prefix_len) & (slot < prefix_len + chunk_lengths[:, None])
 
 
-def compress_row(spec: PrefillSpec, capacity: int, q, k, v, row_lengths, content):
+def compress_row(spec: PrefillSpec, capacity: int, q, k, v, row_lengths, content, window=None):
     """Stage 1b in one layer: the ``capacity`` content tokens per KV head that
     ``spec.token_scorer`` ranks best. q: ``[G, T, H, D]``; k, v: ``[G, T, KVH, D]`` (one layer
-    of G rows P + chunk + Q); row_lengths: ``[G]``; content: ``[G, T]``. Returns ``(keys,
-    values [G, cap, KVH, D], kept row positions [G, KVH, cap])``."""
-    idx = kept_slots(spec, capacity, q, k, row_lengths, content)
+    of G rows P + chunk + Q); row_lengths: ``[G]``; content: ``[G, T]``; window: None, or the
+    layer's sliding window for a model with local layers (``model.llama.window_of_layer``).
+    Returns ``(keys, values [G, cap, KVH, D], kept row positions [G, KVH, cap])``."""
+    idx = kept_slots(spec, capacity, q, k, row_lengths, content, window)
     return gather_tokens(k, idx), gather_tokens(v, idx), idx
 
 
-def kept_slots(spec: PrefillSpec, capacity: int, q, k, row_lengths, content) -> jax.Array:
-    """The row slots ``compress_row`` keeps: ``[G, KVH, cap]`` int32, in position order."""
-    idx, _ = keep_top_tokens(spec.token_scorer(q, k, row_lengths, content), capacity)
+def kept_slots(spec: PrefillSpec, capacity: int, q, k, row_lengths, content, window=None) -> jax.Array:
+    """The row slots ``compress_row`` keeps: ``[G, KVH, cap]`` int32, in position order.
+    With a ``window`` (a model with local layers) the scorer ranks by what the observation
+    queries' windows show (``TokenScorer.local_scores``); a local layer still keeps
+    ``capacity`` tokens: those no observation query sees rank last, fill the remaining
+    slots, and the layer's window hides them in the merged stage as it would have."""
+    if window is None:
+        scores = spec.token_scorer(q, k, row_lengths, content)
+    else:
+        scores = spec.token_scorer.local_scores(q, k, row_lengths, content, window)
+    idx, _ = keep_top_tokens(scores, capacity)
     return idx
 
 
@@ -349,14 +359,21 @@ class SequentialLayout(MergeLayout):
 
 def rope_shift_is_exact(cfg: ModelConfig) -> bool:
     """Whether rotating a cached key by d equals computing it at its position + d (the angle
-    is position x a fixed frequency; ``dynamic`` NTK frequencies depend on the positions)."""
-    return cfg.rope.type != "dynamic"
+    is position x a fixed frequency; ``dynamic`` NTK frequencies depend on the positions),
+    for the global layers' rope and, where local layers rotate with their own, theirs."""
+    ropes = [cfg.rope] + ([cfg.local_rope] if cfg.has_local_rope else [])
+    return all(r.type != "dynamic" for r in ropes)
 
 
 def shift_keys(cfg: ModelConfig, keys: jax.Array, shifts: jax.Array) -> jax.Array:
-    """Rotates kept keys ``[L, K, cap, KVH, D]`` on by ``shifts [K]`` positions (per chunk)."""
+    """Rotates kept keys ``[L, K, cap, KVH, D]`` on by ``shifts [K]`` positions (per chunk),
+    each layer with its own rope (``cfg.local_rope`` in the local layers)."""
     num_layers, k, cap, kvh, d = keys.shape
     cos, sin = rope_tables(cfg, shifts[None, :])  # [1, K, 1, D]
+    if cfg.has_local_rope:
+        local_cos, local_sin = rope_tables(cfg, shifts[None, :], cfg.local_rope)
+        local = jnp.asarray([w > 0 for w in cfg.sliding_windows])[:, None, None, None]  # [L, 1, 1, 1]
+        cos, sin = jnp.where(local, local_cos, cos), jnp.where(local, local_sin, sin)  # [L, K, 1, D]
     return apply_rope(keys.reshape(num_layers, k, cap * kvh, d), cos, sin).reshape(keys.shape)
 
 
@@ -413,7 +430,10 @@ def merge_selection(
     the paper's, or ``SequentialLayout``, which needs ``cfg`` to rotate keys). Returns a
     batch-1 ``KVCache`` whose next write goes after the last chunk, and the question's
     first position: the end of the furthest kept chunk, ``max(len(P) + shift + len(chunk))``
-    (in the parallel layout the longest kept row length).
+    (in the parallel layout the longest kept row length). When ``cfg`` has sliding-window
+    layers the cache carries every entry's position (``KVCache.positions``: P at 0..P-1,
+    a kept token at its row position + its chunk's shift, free slots -1), which the local
+    layers' windows compare with the question's and the answer's positions.
     """
     sel = arrangement.apply(selection)
     num_layers, k, cap, kvh, d = sel.keys.shape
@@ -430,7 +450,14 @@ def merge_selection(
     chunk_valid = (sel.token_valid & sel.chunk_valid[:, None]).reshape(k * cap)
     valid = jnp.concatenate([jnp.ones((p,), bool), chunk_valid, jnp.zeros((room,), bool)])
     valid = jnp.broadcast_to(valid[None, None, :, None], (num_layers, 1, valid.shape[0], kvh))
-    cache = KVCache(lay_out(prefix_keys, sel.keys), lay_out(prefix_values, sel.values), valid, jnp.array([p + k * cap]))
+    positions = None
+    if cfg is not None and cfg.has_sliding_layers:
+        chunk_pos = jnp.swapaxes(sel.kept_positions + shifts[None, :, None, None], 2, 3)  # [L, K, cap, KVH]
+        positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :, None], (num_layers, p, kvh)),
+                                     chunk_pos.reshape(num_layers, k * cap, kvh).astype(jnp.int32),
+                                     jnp.full((num_layers, room, kvh), -1, jnp.int32)], axis=1)[:, None]
+    cache = KVCache(lay_out(prefix_keys, sel.keys), lay_out(prefix_values, sel.values), valid, jnp.array([p + k * cap]),
+                    positions=positions)
     question_start = jnp.max(jnp.where(sel.chunk_valid, sel.row_lengths + shifts, p))
     return cache, question_start
 

@@ -1,7 +1,7 @@
 """Slow, plain-NumPy reference of the ParallelComp inference pipeline (float64).
 
 Independent of the ``pcomp_jax`` package: it reads a Hugging Face Llama-family
-checkpoint directly and follows the method (ParallelComp, arXiv 2502.14317, as the
+checkpoint (Llama, Qwen2, Qwen3, Gemma 3) directly and follows the method (ParallelComp, arXiv 2502.14317, as the
 package's docstrings describe its stages) step by step, with loops where that keeps it
 obvious. Used by tests to check the JAX implementation.
 
@@ -29,7 +29,12 @@ def load_reference_model(hf_dir):
 
     Returns a dict with the hyper-parameters (E, H, KVH, D, L, eps, theta) and
     ``weights``: name -> float64 array, in the Hugging Face names and layouts
-    (linear weights [out, in], applied as ``x @ W.T``).
+    (linear weights [out, in], applied as ``x @ W.T``); and the family's features:
+    ``gemma`` (norms scale by 1 + w, norms after attention and MLP, embeddings times
+    sqrt(E), a GELU-tanh MLP), ``qk_norm`` (an RMSNorm over each query and key head
+    before RoPE), ``scale`` (the attention's score scale), ``windows`` (per layer: 0 for a
+    global layer, w for a local one: a query sees a key iff causal and their positions
+    differ by less than w) and ``ropes`` (per layer: (theta, linear factor)).
     """
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -46,8 +51,28 @@ def load_reference_model(hf_dir):
         theta = rope["rope_theta"]
     else:
         theta = cfg.get("rope_theta", 10000.0)
+    arch = (cfg.get("architectures") or ["?"])[0]
+    gemma = arch == "Gemma3ForCausalLM"
+    n_layers = cfg["num_hidden_layers"]
+    ropes = [(float(theta), 1.0)] * n_layers
+    windows = [0] * n_layers
+    if gemma:
+        params = cfg.get("rope_parameters") or {}
+        full, local = params["full_attention"], params["sliding_attention"]
+        types = cfg["layer_types"]
+        windows = [cfg["sliding_window"] if t == "sliding_attention" else 0 for t in types]
+        as_rope = lambda r: (float(r["rope_theta"]), float(r.get("factor", 1.0)) if r.get("rope_type") == "linear" else 1.0)
+        ropes = [as_rope(local) if t == "sliding_attention" else as_rope(full) for t in types]
+        for name in list(weights):  # Gemma's RMSNorm scales by 1 + w
+            if name.endswith("norm.weight"):
+                weights[name] = weights[name] + 1.0
     return {
         "config": cfg,
+        "gemma": gemma,
+        "qk_norm": arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+        "scale": cfg["query_pre_attn_scalar"] ** -0.5 if gemma else head_dim**-0.5,
+        "windows": windows,
+        "ropes": ropes,
         "E": cfg["hidden_size"],
         "H": num_heads,
         "KVH": cfg.get("num_key_value_heads") or num_heads,
@@ -83,6 +108,11 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
+def gelu_tanh(x):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
 def log_softmax(x):
     """Log-softmax over the last axis."""
     m = np.max(x, axis=-1, keepdims=True)
@@ -101,13 +131,14 @@ def rotate_half(x):
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rope(x, positions, theta):
+def apply_rope(x, positions, theta, factor=1.0):
     """Hugging Face half-split RoPE.
 
     x [T, n_heads, D], positions [T] int -> [T, n_heads, D], rotated per position.
+    factor: linear scaling (every frequency divided by it).
     """
     dim = x.shape[-1]
-    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # [D/2]
+    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim) / factor  # [D/2]
     angle = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = np.concatenate([angle, angle], axis=-1)  # [T, D]
     cos = np.cos(emb)[:, None, :]
@@ -120,7 +151,7 @@ def apply_rope(x, positions, theta):
 # ----------------------------------------------------------------------------
 
 
-def attention(q, k_all, v_all, n_past, group, keep=None):
+def attention(q, k_all, v_all, n_past, group, keep=None, window_ok=None):
     """Causal attention of T new queries over M = n_past + T keys.
 
     q [T, H, D] (rotated); k_all, v_all [KVH, M, D] (keys rotated), the first
@@ -129,6 +160,8 @@ def attention(q, k_all, v_all, n_past, group, keep=None):
     keep: None, or bool [KVH, M] per-KV-head key keep-mask (calibration): with it,
     new token j of a query head in group g sees key m only when m is causally visible
     and (keep[g, m] or m is j's own key n_past + j); a query always sees itself.
+    window_ok: None, or bool [KVH, T, M]: in a local layer, which keys each query's
+    sliding window shows (``window_visibility``); the others are not seen.
     Returns [T, H, D].
     """
     t_new, num_heads, dim = q.shape
@@ -141,12 +174,22 @@ def attention(q, k_all, v_all, n_past, group, keep=None):
     for h in range(num_heads):
         g = h // group
         scores = q[:, h, :] @ k_all[g].T / math.sqrt(dim)  # [T, M]
+        seen = allowed if window_ok is None else allowed & window_ok[g]
         if keep is None:
-            scores = np.where(allowed, scores, -np.inf)
+            scores = np.where(seen, scores, -np.inf)
         else:
-            scores = np.where(allowed & (keep[g][None, :] | is_self), scores, -np.inf)
+            scores = np.where(seen & (keep[g][None, :] | is_self), scores, -np.inf)
         out[:, h, :] = softmax(scores) @ v_all[g]
     return out
+
+
+def window_visibility(query_positions, key_positions, window):
+    """bool [KVH, T, M]: key m is inside query j's sliding window, q_pos[j] - k_pos[g, m] < window
+    (causality apart); key_positions [KVH, M]; None when window is 0 (a global layer)."""
+    if not window:
+        return None
+    q_pos = np.asarray(query_positions)[None, :, None]
+    return (q_pos - np.asarray(key_positions)[:, None, :]) < window
 
 
 # ----------------------------------------------------------------------------
@@ -219,7 +262,7 @@ def calibration_masked(probs_mean, region, size, threshold, n):
     return region_members(n, region, size) & (probs_mean[:n] > threshold)
 
 
-def last_queries_mean(q, k_all, n_past, group, r):
+def last_queries_mean(q, k_all, n_past, group, r, window_ok=None):
     """Mean attention of the last r new queries, per KV head, before any calibration.
 
     q [T, H, D] rotated new queries; k_all [KVH, M, D] rotated keys (M = n_past + T,
@@ -227,7 +270,8 @@ def last_queries_mean(q, k_all, n_past, group, r):
     T - r' .. T - 1 with r' = min(r, T); new token j sees keys 0..n_past + j.
     Returns mean [KVH, M]: for KV head g, sum over those queries and the query heads h
     with h // group == g of softmax(q . k / sqrt(D)) over visible keys (0 for keys it
-    cannot see), divided by r' * group.
+    cannot see, also outside its window: ``window_ok`` as in ``attention``), divided by
+    r' * group.
     """
     t_new, num_heads, dim = q.shape
     kv_heads, total, _ = k_all.shape
@@ -237,11 +281,14 @@ def last_queries_mean(q, k_all, n_past, group, r):
         visible = n_past + j + 1
         for h in range(num_heads):
             g = h // group
-            mean[g, :visible] += softmax(k_all[g, :visible] @ q[j, h] / math.sqrt(dim))
+            scores = k_all[g, :visible] @ q[j, h] / math.sqrt(dim)
+            if window_ok is not None:
+                scores = np.where(window_ok[g, j, :visible], scores, -np.inf)
+            mean[g, :visible] += softmax(scores)
     return mean / (r_eff * group)
 
 
-def layer_calibration_mask(q, k_all, n_past, group, rules, n_seq):
+def layer_calibration_mask(q, k_all, n_past, group, rules, n_seq, window_ok=None):
     """bool [KVH, n_seq]: keys masked in one layer by the union of ``rules``.
 
     q, k_all, n_past, group as in ``last_queries_mean`` (unmasked rotated q/k of the
@@ -253,7 +300,7 @@ def layer_calibration_mask(q, k_all, n_past, group, rules, n_seq):
     kv_heads = k_all.shape[0]
     masked = np.zeros((kv_heads, n_seq), dtype=bool)
     for rule in rules:
-        mean = last_queries_mean(q, k_all, n_past, group, rule["last_queries"])
+        mean = last_queries_mean(q, k_all, n_past, group, rule["last_queries"], window_ok)
         for g in range(kv_heads):
             masked[g] |= calibration_masked(
                 mean[g], rule["region"], int(rule["size"]), float(rule["threshold"]), n_seq
@@ -261,7 +308,7 @@ def layer_calibration_mask(q, k_all, n_past, group, rules, n_seq):
     return masked
 
 
-def stage_eviction_kept(q, k_all, n_past, group, keep, eviction):
+def stage_eviction_kept(q, k_all, n_past, group, keep, eviction, window_ok=None):
     """bool [KVH, n_past]: the merged cache entries stage eviction keeps in one layer.
 
     eviction: {"budget", "obs_window", "pool_kernel", "prefix_len"}. The observation queries
@@ -270,7 +317,8 @@ def stage_eviction_kept(q, k_all, n_past, group, keep, eviction):
     over those queries and g's query heads. Chunk entries are cache entries prefix_len..
     n_past-1 still kept by ``keep``; s is max-pooled over them in order (``max_pool_1d``),
     and the ``budget`` best stay (ties: lower index first). Prefix entries always stay;
-    entries not kept by ``keep`` stay as they are (masked).
+    entries not kept by ``keep`` stay as they are (masked). In a local layer a query sees
+    only what its window shows (``window_ok``), so entries no question token sees score 0.
     """
     t_new, num_heads, dim = q.shape
     kv_heads, total = k_all.shape[0], k_all.shape[1]
@@ -279,7 +327,8 @@ def stage_eviction_kept(q, k_all, n_past, group, keep, eviction):
     obs = range(max(0, t_new - eviction["obs_window"]), t_new)
     kept = np.ones((kv_heads, n_past), dtype=bool)
     for g in range(kv_heads):
-        visible = allowed if keep is None else allowed & (keep[g][None, :] | is_self)
+        seen = allowed if window_ok is None else allowed & window_ok[g]
+        visible = seen if keep is None else seen & (keep[g][None, :] | is_self)
         s = np.zeros(total)
         for h in range(g * group, (g + 1) * group):
             for j in obs:
@@ -293,7 +342,7 @@ def stage_eviction_kept(q, k_all, n_past, group, keep, eviction):
     return kept
 
 
-def attention_probs(q, k_all, n_past, group, keep=None):
+def attention_probs(q, k_all, n_past, group, keep=None, window_ok=None):
     """[KVH, T, M]: the softmax probabilities ``attention`` gives each new query over the M
     keys (zero where not visible), summed over each KV head's query heads."""
     t_new, num_heads, dim = q.shape
@@ -303,7 +352,8 @@ def attention_probs(q, k_all, n_past, group, keep=None):
     out = np.zeros((kv_heads, t_new, total))
     for h in range(num_heads):
         g = h // group
-        visible = allowed if keep is None else allowed & (keep[g][None, :] | is_self)
+        seen = allowed if window_ok is None else allowed & window_ok[g]
+        visible = seen if keep is None else seen & (keep[g][None, :] | is_self)
         scores = np.where(visible, q[:, h, :] @ k_all[g].T / math.sqrt(dim), -np.inf)
         out[g] += softmax(scores)
     return out
@@ -331,11 +381,14 @@ def decode_evict_one(window, keep, obs_window, pool_kernel):
     return evicted
 
 
-def forward(model, ids, positions, cache=None, calibration=None, stage=None, cache_keep=None, eviction=None):
+def forward(model, ids, positions, cache=None, calibration=None, stage=None, cache_keep=None, eviction=None,
+            cache_positions=None):
     """Run the model on new tokens on top of an optional cache.
 
     ids [T] int; positions [T] int; cache: None or a list over layers of
-    (k [KVH, M, D] rotated, v [KVH, M, D]).
+    (k [KVH, M, D] rotated, v [KVH, M, D]). cache_positions: None (entry m sits at
+    position m), or a list over layers of int [KVH, M], each entry's RoPE position, which a
+    local layer's window compares with the new tokens' positions.
     calibration: None, or a list of calibration rule dicts (see ``check_calibration``);
     only the rules whose stage equals ``stage`` are applied:
       stage "chunk" (no cache; the T tokens are one row, rank = row index, n = T):
@@ -347,7 +400,9 @@ def forward(model, ids, positions, cache=None, calibration=None, stage=None, cac
     removed by merged-stage calibration are False); the new tokens are always kept.
     Returns (logits [T, V], per_layer) where per_layer is a list over layers of
     dicts with "q" [T, H, D] (rotated), "k" [KVH, T, D] (rotated), "v" [KVH, T, D]
-    for the new tokens only; when calibration is not None each dict also has
+    for the new tokens only (q multiplied by scale * sqrt(D), so that the q . k / sqrt(D)
+    of every function here is the model's score; "k_raw": the keys after QK-norm, before
+    RoPE); when calibration is not None each dict also has
     "masked" bool [KVH, n] (n = T for "chunk", M for "merged": the keys that layer's
     calibration masked, all False without matching rules) and "keep" (None, or the
     bool [KVH, M + T] keep-mask the layer's attention used).
@@ -368,6 +423,8 @@ def forward(model, ids, positions, cache=None, calibration=None, stage=None, cac
             raise ValueError("merged-stage calibration needs the merged cache")
 
     x = w["model.embed_tokens.weight"][ids]  # [T, E]
+    if model.get("gemma"):
+        x = x * math.sqrt(model["E"])
     per_layer = []
     for layer in range(model["L"]):
         pre = f"model.layers.{layer}."
@@ -375,9 +432,13 @@ def forward(model, ids, positions, cache=None, calibration=None, stage=None, cac
         q = linear(model, h, pre + "self_attn.q_proj").reshape(t_new, num_heads, dim)
         k = linear(model, h, pre + "self_attn.k_proj").reshape(t_new, kv_heads, dim)
         v = linear(model, h, pre + "self_attn.v_proj").reshape(t_new, kv_heads, dim)
+        if model.get("qk_norm"):
+            q = rms_norm(q, w[pre + "self_attn.q_norm.weight"], eps)
+            k = rms_norm(k, w[pre + "self_attn.k_norm.weight"], eps)
         k_raw = k.transpose(1, 0, 2)  # [KVH, T, D] before RoPE
-        q = apply_rope(q, positions, model["theta"])
-        k = apply_rope(k, positions, model["theta"])
+        theta, factor = model["ropes"][layer] if "ropes" in model else (model["theta"], 1.0)
+        q = apply_rope(q, positions, theta, factor) * (model.get("scale", dim**-0.5) * math.sqrt(dim))
+        k = apply_rope(k, positions, theta, factor)
         k_new = k.transpose(1, 0, 2)  # [KVH, T, D]
         v_new = v.transpose(1, 0, 2)
         per_layer.append({"q": q, "k": k_new, "v": v_new, "k_raw": k_raw})
@@ -389,6 +450,13 @@ def forward(model, ids, positions, cache=None, calibration=None, stage=None, cac
             n_past = k_past.shape[1]
             k_all = np.concatenate([k_past, k_new], axis=1)
             v_all = np.concatenate([v_past, v_new], axis=1)
+        window = model.get("windows", [0] * model["L"])[layer]
+        window_ok = None
+        if window:
+            past = np.broadcast_to(np.arange(n_past), (kv_heads, n_past)) if cache_positions is None \
+                else cache_positions[layer]
+            key_positions = np.concatenate([past, np.broadcast_to(positions, (kv_heads, t_new))], axis=1)
+            window_ok = window_visibility(positions, key_positions, window)
 
         keep = None
         if cache_keep is not None and cache_keep[layer] is not None:
@@ -396,7 +464,7 @@ def forward(model, ids, positions, cache=None, calibration=None, stage=None, cac
         if calibration is not None:
             n_seq = t_new if stage == "chunk" else n_past
             rules = calibration_rules_for(calibration, layer, stage)
-            masked = layer_calibration_mask(q, k_all, n_past, group, rules, n_seq)
+            masked = layer_calibration_mask(q, k_all, n_past, group, rules, n_seq, window_ok)
             if rules:
                 full = np.zeros((kv_heads, n_past + t_new), dtype=bool)
                 full[:, :n_seq] = masked  # chunk: ranks = row indices; merged: cache indices
@@ -405,14 +473,20 @@ def forward(model, ids, positions, cache=None, calibration=None, stage=None, cac
             per_layer[-1]["keep"] = keep
 
         if eviction is not None:  # stage eviction over the merged cache, after calibration
-            evict_kept = stage_eviction_kept(q, k_all, n_past, group, keep, eviction)
+            evict_kept = stage_eviction_kept(q, k_all, n_past, group, keep, eviction, window_ok)
             full = np.concatenate([evict_kept, np.ones((kv_heads, t_new), dtype=bool)], axis=1)
             keep = full if keep is None else keep & full
             per_layer[-1]["keep"] = keep
             per_layer[-1]["evicted"] = ~evict_kept
 
-        per_layer[-1]["probs"] = attention_probs(q, k_all, n_past, group, keep)  # for decode-time eviction
-        attn = attention(q, k_all, v_all, n_past, group, keep).reshape(t_new, num_heads * dim)
+        per_layer[-1]["probs"] = attention_probs(q, k_all, n_past, group, keep, window_ok)  # decode eviction
+        attn = attention(q, k_all, v_all, n_past, group, keep, window_ok).reshape(t_new, num_heads * dim)
+        if model.get("gemma"):  # norms after attention and after the MLP; GELU-tanh
+            x = x + rms_norm(linear(model, attn, pre + "self_attn.o_proj"), w[pre + "post_attention_layernorm.weight"], eps)
+            h = rms_norm(x, w[pre + "pre_feedforward_layernorm.weight"], eps)
+            mlp = gelu_tanh(linear(model, h, pre + "mlp.gate_proj")) * linear(model, h, pre + "mlp.up_proj")
+            x = x + rms_norm(linear(model, mlp, pre + "mlp.down_proj"), w[pre + "post_feedforward_layernorm.weight"], eps)
+            continue
         x = x + linear(model, attn, pre + "self_attn.o_proj")
 
         h = rms_norm(x, w[pre + "post_attention_layernorm.weight"], eps)
@@ -469,21 +543,23 @@ def select_chunks(scores, top_k):
     return sorted(order[: min(top_k, len(scores))])
 
 
-def observation_scores(q, k, group, obs_window):
+def observation_scores(q, k, group, obs_window, window=0):
     """SnapKV attention mass per key from the last obs_window queries.
 
-    q [T, H, D] rotated queries; k [KVH, T, D] rotated keys.
+    q [T, H, D] rotated queries; k [KVH, T, D] rotated keys (a row: key t at position t).
     Returns s [KVH, T]: for KV head g, the sum over observation queries p and query
-    heads h with h // group == g of softmax_{t <= p}(q_p,h . k_t / sqrt(D)).
+    heads h with h // group == g of softmax_{t <= p}(q_p,h . k_t / sqrt(D)); in a local
+    layer (window > 0) over the keys p - window < t <= p only (the others get 0).
     """
     t_len, num_heads, dim = q.shape
     kv_heads = k.shape[0]
     s = np.zeros((kv_heads, t_len))
     for p in range(max(0, t_len - obs_window), t_len):
+        first = max(0, p - window + 1) if window else 0
         for h in range(num_heads):
             g = h // group
-            probs = softmax(k[g, : p + 1] @ q[p, h] / math.sqrt(dim))  # [p+1]
-            s[g, : p + 1] += probs
+            probs = softmax(k[g, first: p + 1] @ q[p, h] / math.sqrt(dim))  # [p + 1 - first]
+            s[g, first: p + 1] += probs
     return s
 
 
@@ -569,6 +645,7 @@ def reference_parallelcomp(
       "kept_positions": list over layers of a list over selected chunks of
           [KVH, n_kept_i] int row positions (sorted ascending per head);
       "tokens": greedy generated ids, stop token excluded;
+      "question_logits": [Q, V] the question's logits on the merged cache;
     and, only when calibration is not None:
       "chunk_masked": list over selected chunks (document order) of a list over
           layers of a list over KV heads of the sorted row positions masked in that
@@ -583,6 +660,8 @@ def reference_parallelcomp(
     kv_heads, dim, n_layers = model["KVH"], model["D"], model["L"]
     group = model["H"] // kv_heads
     len_p, len_q = len(prefix), len(question)
+    windows = model.get("windows", [0] * n_layers)
+    ropes = model.get("ropes", [(model["theta"], 1.0)] * n_layers)
     check_calibration(calibration, n_layers)
     chunk_calib = None if calibration is None else [r for r in calibration if r["stage"] == "chunk"]
     merged_calib = None if calibration is None else [r for r in calibration if r["stage"] == "merged"]
@@ -608,7 +687,7 @@ def reference_parallelcomp(
         for i in selected:
             a, b = bounds[i]
             st = rows[i][layer]
-            s = observation_scores(st["q"], st["k"], group, obs_window)
+            s = observation_scores(st["q"], st["k"], group, obs_window, windows[layer])
             heads = [kept_positions_for_head(s[g], len_p, len_p + (b - a), capacity, pool_kernel)
                      for g in range(kv_heads)]
             per_chunk.append(np.stack(heads))
@@ -617,21 +696,27 @@ def reference_parallelcomp(
     # Stage 2: merged cache = prefix KV, then each kept chunk's kept KV (doc order).
     if len_p > 0:
         _, prefix_layers = forward(model, prefix, np.arange(len_p))
-    cache = []
+    # Every entry's position (per layer and KV head): P at 0..P-1, a kept token at its row
+    # position (+ the lengths of the kept chunks before it, sequential); local layers' windows
+    # compare them with the question's and the answer's positions.
+    cache, cache_pos = [], []
     for layer in range(n_layers):
         ks = [prefix_layers[layer]["k"]] if len_p > 0 else [np.zeros((kv_heads, 0, dim))]
         vs = [prefix_layers[layer]["v"]] if len_p > 0 else [np.zeros((kv_heads, 0, dim))]
+        ps = [np.broadcast_to(np.arange(len_p), (kv_heads, len_p))]
         for c, i in enumerate(selected):
             st = rows[i][layer]
             pos = kept[layer][c]  # [KVH, n]
+            shift = sum(bounds[j][1] - bounds[j][0] for j in selected[:c]) if merge_layout == "sequential" else 0
             if merge_layout == "sequential":
-                shift = sum(bounds[j][1] - bounds[j][0] for j in selected[:c])
-                ks.append(np.stack([apply_rope(st["k_raw"][g, pos[g]][:, None, :], pos[g] + shift, model["theta"])[:, 0]
+                ks.append(np.stack([apply_rope(st["k_raw"][g, pos[g]][:, None, :], pos[g] + shift, *ropes[layer])[:, 0]
                                     for g in range(kv_heads)]))
             else:
                 ks.append(np.stack([st["k"][g, pos[g]] for g in range(kv_heads)]))
             vs.append(np.stack([st["v"][g, pos[g]] for g in range(kv_heads)]))
+            ps.append(pos + shift)
         cache.append((np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)))
+        cache_pos.append(np.concatenate(ps, axis=1))
 
     # Question prefill after the longest kept row's content.
     if merge_layout == "sequential":
@@ -645,17 +730,20 @@ def reference_parallelcomp(
         "budget": stage_budget, "obs_window": obs_window, "pool_kernel": pool_kernel, "prefix_len": len_p}
     if merged_calib or eviction is not None:
         logits, new = forward(model, question, start + np.arange(len_q), cache, merged_calib or None,
-                              "merged" if merged_calib else None, eviction=eviction)
+                              "merged" if merged_calib else None, eviction=eviction, cache_positions=cache_pos)
         cache_keep = [st.get("keep") for st in new]  # [KVH, M + Q] per layer, or None
         merged_masks = [st.get("masked") for st in new]  # [KVH, M] per layer
         evicted = [st.get("evicted") for st in new]  # [KVH, M] per layer, or None
     else:
-        logits, new = forward(model, question, start + np.arange(len_q), cache)
+        logits, new = forward(model, question, start + np.arange(len_q), cache, cache_positions=cache_pos)
     if decode_eviction:
         m = cache[0][0].shape[1] + len_q
         cache_keep = [np.ones((kv_heads, m), dtype=bool) if k is None else k.copy() for k in (cache_keep or [None] * n_layers)]
         windows = [st["probs"][:, -obs_window:] for st in new]  # [KVH, <= w, M + Q] per layer
+    question_logits = logits
     cache = extend_cache(cache, new)
+    cache_pos = [np.concatenate([p, np.broadcast_to(start + np.arange(len_q), (kv_heads, len_q))], axis=1)
+                 for p in cache_pos]
     next_pos = start + len_q
 
     # Stage 3: greedy decoding.
@@ -668,9 +756,9 @@ def reference_parallelcomp(
         if len(tokens) == max_new_tokens:
             break
         if cache_keep is None:
-            logits, new = forward(model, [tok], [next_pos], cache)
+            logits, new = forward(model, [tok], [next_pos], cache, cache_positions=cache_pos)
         else:
-            logits, new = forward(model, [tok], [next_pos], cache, cache_keep=cache_keep)
+            logits, new = forward(model, [tok], [next_pos], cache, cache_keep=cache_keep, cache_positions=cache_pos)
             cache_keep = extend_keep(cache_keep, 1)
         if decode_eviction:
             windows = [np.concatenate([np.pad(w_, ((0, 0), (0, 0), (0, 1))), st["probs"]], axis=1)[:, -obs_window:]
@@ -678,6 +766,7 @@ def reference_parallelcomp(
             decode_evicted.append([decode_evict_one(w_, keep, obs_window, pool_kernel)
                                    for w_, keep in zip(windows, cache_keep)])
         cache = extend_cache(cache, new)
+        cache_pos = [np.concatenate([p, np.full((kv_heads, 1), next_pos)], axis=1) for p in cache_pos]
         next_pos += 1
 
     out = {
@@ -685,6 +774,7 @@ def reference_parallelcomp(
         "selected": selected,
         "kept_positions": kept,
         "tokens": tokens,
+        "question_logits": question_logits,
     }
     if decode_eviction:
         out["decode_evicted"] = decode_evicted

@@ -3,20 +3,23 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bounds import assert_within, nll_bound
+from bounds import assert_within, model_bound, nll_bound, scale_of
 import reference_numpy as ref
+import tiny
 
 import pcomp_jax
 from pcomp_jax import ParallelCompConfig, answer
 from pcomp_jax.chunking import build_rows, chunk_bounds, encode_parts
 from pcomp_jax.calibrate import CalibrationRule
 from pcomp_jax.decode import DecodeEviction, StageEviction, decode_jit, stop_token_ids
-from pcomp_jax.merge import ContextCache, MergeSpec, question_prefill
+from pcomp_jax.merge import ContextCache, MergeSpec, merged_forward, question_prefill
 from pcomp_jax.compress import SnapKV
 from pcomp_jax.prefill import (
+    MERGE_LAYOUTS,
     PrefillSpec,
     document_order,
     empty_selection,
@@ -47,7 +50,11 @@ def make_sentences(n_words: int, seed: int) -> str:
 # Every case on the Llama variant; Qwen2's biases on the cases that touch keys differently
 # (eviction, the sequential layout's rotation), to keep the suite's time down.
 PIPELINE_RUNS = [(case, "llama_gqa_untied") for case in sorted(CASES) + ["sentences"]] + [
-    ("evict", "qwen2_bias"), ("sequential", "qwen2_bias")]
+    ("evict", "qwen2_bias"), ("sequential", "qwen2_bias")] + [
+    # the families: Gemma 3's local layers (a window shorter than a chunk row, the merged
+    # cache's positions, keys rotated on with each layer's rope) in both layouts; Qwen3's
+    # QK-norm where keys are rotated on
+    ("evict", "gemma3_local"), ("sequential", "gemma3_local"), ("sequential", "qwen3")]
 
 
 @pytest.mark.parametrize("case, variant", PIPELINE_RUNS)
@@ -88,6 +95,17 @@ def test_pipeline_matches_numpy_reference(hf_checkpoints, variant, case):
             valid = np.asarray(state.token_valid[slot])
             kept = np.asarray(state.kept_positions[layer, slot])[:, valid]
             np.testing.assert_array_equal(kept, expected_heads, err_msg=f"layer {layer}, kept chunk {slot}")
+    if variant in tiny.FAMILY_VARIANTS:  # the question on the merged cache, logit by logit
+        prefix_k, prefix_v = prefill_prefix(model.params, model.config, jnp.asarray(parts.prefix))
+        question = np.zeros(64, np.int32)
+        question[: len(parts.question)] = parts.question
+        merge_spec = MergeSpec(layout=MERGE_LAYOUTS[config.merge_layout])
+        logits, _, _ = jax.jit(lambda w, c: merged_forward(w, model.config, c, jnp.asarray(question),
+                                                           jnp.int32(len(parts.question)), merge_spec, room=80))(
+            model.params, ContextCache(prefix_k, prefix_v, state))
+        want = expected["question_logits"]
+        assert_within(logits[: len(want)], want, model_bound(model.config, scale_of(want), row_len=model.config.window),
+                      "question logits on the merged cache")
 
 
 CALIBRATION_CASES = {

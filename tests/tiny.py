@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġ", "s")]
@@ -87,7 +88,17 @@ VARIANTS = {
     ),
     "qwen2_bias": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False, use_sliding_window=False)),
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None, tie_word_embeddings=False)),
+    # Gemma 3 with local, global, local layers: a local window (64) shorter than a chunk row of
+    # the pipeline tests (about 140 tokens) and longer than their question part (about 50), so
+    # a local layer sees part of a chunk from the question; global RoPE linear-scaled, local plain
+    "gemma3_local": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        num_hidden_layers=3, head_dim=16, sliding_window=64, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=False)),  # QK-norm, head_dim != E / H
 }
+FAMILY_VARIANTS = ("gemma3_local", "qwen3")  # random norms (Gemma's start at 0: a scale of 1)
 
 
 def make_hf_checkpoint(path: str, variant: str, seed: int = 0, with_tokenizer: bool = True):
@@ -100,6 +111,11 @@ def make_hf_checkpoint(path: str, variant: str, seed: int = 0, with_tokenizer: b
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    if variant in FAMILY_VARIANTS:  # random norms, so that a misread norm cannot go unnoticed
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
     model.save_pretrained(path, safe_serialization=True)
     if with_tokenizer:
         tiny_hf_tokenizer().save_pretrained(path)

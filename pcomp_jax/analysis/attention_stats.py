@@ -17,7 +17,7 @@ import numpy as np
 from ..attention import causal_attention, query_probs
 from ..calibrate import chunk_keep_fn
 from ..model.config import ModelConfig
-from ..model.llama import Weights, prefill_forward
+from ..model.llama import Weights, layer_kinds, prefill_forward, window_of_layer
 
 PATTERNS = ("U-shaped", "mountain", "uniform")
 EDGE_FRACTION = 0.1  # first and last 10% of the row are its "edges"
@@ -25,16 +25,20 @@ U_EDGE_MASS = 0.5  # U-shaped: the edges take at least half of the attention
 UNIFORM_PEAK_RATIO = 2.0  # uniform: no bin gets more than twice the mean bin
 
 
-def last_query_attention(q: jax.Array, k: jax.Array, row_lengths: jax.Array, r: int, key_keep=None) -> jax.Array:
+def last_query_attention(q: jax.Array, k: jax.Array, row_lengths: jax.Array, r: int, key_keep=None,
+                         window=None) -> jax.Array:
     """Attention of each row's last ``r`` real queries, averaged over them, per query head.
 
     q: ``[B, T, H, D]``; k: ``[B, T, KVH, D]``; row_lengths: ``[B]``; key_keep: optional
-    ``[B, KVH, T]`` (calibration; a query always sees itself). Returns ``[B, H, T]``.
+    ``[B, KVH, T]`` (calibration; a query always sees itself); window: optional sliding
+    window of a local layer (the row's slots are its positions). Returns ``[B, H, T]``.
     """
     b, t, h, _ = q.shape
     q_pos = jnp.clip(row_lengths[:, None] - r + jnp.arange(r)[None, :], 0, t - 1)  # [B, r]
     keys = jnp.arange(t)
     visible = keys[None, None, :] <= q_pos[:, :, None]  # [B, r, T]
+    if window is not None:
+        visible = visible & (q_pos[:, :, None] - keys[None, None, :] < window)
     if key_keep is not None:
         visible = (visible[:, None] & key_keep[:, :, None, :]) | (keys[None, None, :] == q_pos[:, :, None])[:, None]
     probs = query_probs(jnp.take_along_axis(q, q_pos[:, :, None, None], axis=1), k, visible)  # [B, KVH, G, r, T]
@@ -44,13 +48,14 @@ def last_query_attention(q: jax.Array, k: jax.Array, row_lengths: jax.Array, r: 
 @functools.partial(jax.jit, static_argnames=("cfg", "r", "rules"))
 def _layer_attention(weights: Weights, cfg: ModelConfig, tokens, positions, row_lengths, r: int, rules: tuple):
     """Per-layer ``[L, B, H, T]`` attention of the last r queries (with the chunk-stage rules applied)."""
-    keep_fn = chunk_keep_fn(rules, row_lengths) if rules else None
+    keep_fn = chunk_keep_fn(rules, row_lengths, layer_kinds(cfg)[0]) if rules else None
 
     def emit(q, k, v, layer_index):
         keep = None if keep_fn is None else keep_fn(q, k, layer_index)
-        return last_query_attention(q, k, row_lengths, r, keep)
+        return last_query_attention(q, k, row_lengths, r, keep, window_of_layer(cfg, layer_index))
 
-    attention = causal_attention("auto", needs_key_mask=bool(rules), dtype=weights.embed.dtype)
+    attention = causal_attention("auto", needs_key_mask=bool(rules), dtype=weights.embed.dtype,
+                                 sliding=cfg.has_sliding_layers)
     _, per_layer = prefill_forward(
         weights, cfg, tokens, positions, logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32),
         attention=attention, emit=emit, key_keep=keep_fn,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from ..axes import axes_field, static_field
 from ..cache import write_layer
 from ..model.config import ModelConfig
-from ..model.llama import Weights, appended_forward, prefill_forward
+from ..model.llama import Weights, appended_forward, prefill_forward, window_of_layer
 from ..prefill import ChunkSelection, PrefillSpec, chunk_scores, chunk_selection, content_slots, kept_slots
 
 
@@ -48,7 +48,7 @@ def read_group(weights: Weights, cfg: ModelConfig, rows, spec: PrefillSpec) -> C
     g = rows.tokens.shape[0]
     _, (keys, values) = prefill_forward(weights, cfg, rows.tokens, rows.positions,
                                         logits_at=jnp.zeros((g, 1), jnp.int32),
-                                        attention=spec.attention_fn(weights.embed.dtype))
+                                        attention=spec.attention_fn(weights.embed.dtype, cfg.has_sliding_layers))
     ends = rows.prefix_len + rows.chunk_lengths
     last = jnp.take_along_axis(rows.tokens, jnp.maximum(ends - 1, 0)[:, None], axis=1)[:, 0]
     stored = jnp.where(rows.chunk_lengths > 0, ends - 1, 0).astype(jnp.int32)
@@ -116,7 +116,8 @@ def question_group(weights: Weights, cfg: ModelConfig, caches: ChunkCaches, aske
         k_row = write_layer(jnp.pad(k_cache, ((0, 0), (0, width - stored_width), (0, 0), (0, 0))), k,
                             caches.stored_lengths)
         q_row = write_layer(jnp.zeros((g, width, *q.shape[2:]), q.dtype), q, caches.stored_lengths)
-        return last + (kept_slots(spec, capacity, q_row, k_row, row_lengths, content),)
+        return last + (kept_slots(spec, capacity, q_row, k_row, row_lengths, content,
+                                  window_of_layer(cfg, layer_index)),)
 
     logits, emitted = appended_forward(weights, cfg, tokens.astype(jnp.int32), positions, caches.keys,
                                        caches.values, cache_valid, emit)

@@ -105,6 +105,14 @@ def layer_kinds(cfg: ModelConfig):
 GLOBAL_WINDOW = 2**30  # a global layer's window: larger than any position difference
 
 
+def window_of_layer(cfg: ModelConfig, layer_index):
+    """The sliding window of layer ``layer_index`` (an int or traced index) as an int32
+    scalar (``GLOBAL_WINDOW`` for a global layer), or None when the model has no local
+    layers (what a scanned layer's hooks compare positions with)."""
+    windows, _ = layer_kinds(cfg)
+    return None if windows is None else windows[layer_index]
+
+
 def _layer_tables(cos, sin, rope_set):
     """The RoPE tables of one layer: the only set, or the set ``rope_set`` of ``layer_rope_tables``."""
     if rope_set is None:
@@ -226,7 +234,10 @@ def cached_forward(
     The new tokens go to slots ``cache.end[b] .. + T``; each attends to every valid slot
     up to its own. drop_from_cache(q, keys, valid, layer_index, query_slots): optional hook
     returning a reduced ``valid [B, S, KVH]`` (calibration over the cache); dropped slots
-    are ignored by this call and leave that layer's cache.
+    are ignored by this call and leave that layer's cache. A model with sliding-window
+    layers also passes ``window_visible=`` ``[B, KVH, T, S]``: which slots each new token's
+    window shows in this layer (all, in a global layer), so that a hook scores only what
+    the layer's attention reads.
     When the cache keeps an ``attention_window``, the attention probabilities of the new
     tokens at ``observe_at`` (``[R]`` indices into T, -1 = an all-zero row; default all T)
     join it as its newest rows.
@@ -258,15 +269,21 @@ def cached_forward(
         q, k, v = _qkv(x, lw, *_layer_tables(cos, sin, rope_set), cfg)
         k_cache = write_layer(k_cache, k, cache.end)
         v_cache = write_layer(v_cache, v, cache.end)
-        if drop_from_cache is not None:
-            valid = drop_from_cache(q, k_cache, valid, index, new_slots)
-        valid = valid | written[:, :, None]  # [B, S, KVH]
-        mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & causal[:, None]  # [B, KVH, T, S]
+        sees = None  # a local layer's window: [B, 1 or KVH, T, S]
         if sliding is not None and key_positions is None:
-            mask = mask & (distance < sliding)[:, None]
+            sees = (distance < sliding)[:, None]
         elif sliding is not None:
             per_head = positions[:, None, :, None] - jnp.moveaxis(key_positions, 2, 1)[:, :, None, :]
-            mask = mask & (per_head < sliding)  # [B, KVH, T, S]
+            sees = per_head < sliding  # [B, KVH, T, S]
+        if drop_from_cache is not None and sees is None:
+            valid = drop_from_cache(q, k_cache, valid, index, new_slots)
+        elif drop_from_cache is not None:
+            shape = (*valid.shape[:1], valid.shape[2], t, cache.capacity)
+            valid = drop_from_cache(q, k_cache, valid, index, new_slots, window_visible=jnp.broadcast_to(sees, shape))
+        valid = valid | written[:, :, None]  # [B, S, KVH]
+        mask = jnp.moveaxis(valid, 2, 1)[:, :, None, :] & causal[:, None]  # [B, KVH, T, S]
+        if sees is not None:
+            mask = mask & sees
         if window is not None:
             rows = jnp.clip(observe_at, 0, t - 1)
             probs = query_probs(q[:, rows], k_cache, mask[:, :, rows]).sum(axis=2)  # [B, KVH, R, S]
