@@ -190,7 +190,8 @@ def removed_from_merged_cache(model, parts, config, spec, merge_spec):
             valid_slots = np.flatnonzero(content[layer, :, head])
             yield layer, head, [i for i, slot in enumerate(valid_slots) if not kept[layer, slot, head]]
 
-@pytest.mark.parametrize("variant", ["llama_gqa_untied"])  # Qwen2's biases: the decode-eviction test
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "gemma3_local"])  # Gemma 3: local layers score what the
+# question's windows show; Qwen2's biases: the decode-eviction test
 def test_stage_eviction_matches_numpy_reference(hf_checkpoints, variant):
     """Stage eviction (chunks whole through stage 1, the merged cache cut to capacity x k by
     the question's SnapKV scores): scores, selection, tokens and every evicted entry."""
