@@ -368,7 +368,11 @@ def test_settings_problems_stop_before_any_item(model, eval_config):
     with pytest.raises(ConfigError, match="method 'full': calibration applies to the chunked methods"):
         evaluate(config, model, progress=False)
     assert not os.path.exists(f"{config.output_dir}/full/predictions.jsonl")
-    evaluate(eval_config, model, progress=False)  # settings written by the refused run do not block a fixed one
+    # settings written by the refused run do not block a fixed one (one item per method is enough)
+    fixed = dataclasses.replace(eval_config, tasks=("passkey",), lengths=(150,), depths=(0.2,),
+                                perplexity=dataclasses.replace(eval_config.perplexity, prefix_lengths=()))
+    evaluate(fixed, model, progress=False)
+    assert [len(lines(f"{fixed.output_dir}/{spec.name}/predictions.jsonl")) for spec in fixed.methods] == [1, 1]
 
 
 def test_longbench_prompt_is_the_template_verbatim(model):

@@ -114,38 +114,43 @@ def test_layouts_run_through_answer_and_perplexity(model):
 @pytest.mark.slow
 def test_chunk_order_and_score_margin_choose_what_stage_2_reads(model):
     """relevance: the best chunk laid last; the parallel layout does not see the order; a zero
-    margin reads the best chunk alone, as top_k_chunks=1 does; a wide one reads all top k."""
-    from pcomp_jax.pipeline import run_stage1
+    margin reads the best chunk alone, as top_k_chunks=1 does; a wide one reads all top k.
+    The settings act after stage 1, so one stage 1 serves them all."""
+    from pcomp_jax.pipeline import Decode, run_stage1, run_stage2
     from pcomp_jax.plans import plan
+    from pcomp_jax.prefill import ChunkArrangement
 
     context, question = make_sentences(90, 4), "where did the cat sit?"
-    ids = np.asarray(model.tokenizer(make_sentences(120, 5), add_special_tokens=False)["input_ids"], np.int32)
     seq = dataclasses.replace(BASE, merge_layout="sequential", top_k_chunks=3)
-    by_relevance = dataclasses.replace(seq, chunk_order="relevance")
     parts = encode_parts(model.tokenizer, context, question, BASE.instruction, BASE.answer_prefix, BASE.chat)
-    plan_ = plan(model, by_relevance)
-    pre = run_stage1(model, plan_, plan_.fit(parts, 6))
-    laid = plan_.merge.arrangement.read_chunks(pre.context.selection)  # in laying order
+    by_relevance = plan(model, dataclasses.replace(seq, chunk_order="relevance"))
+    pre = run_stage1(model, by_relevance, by_relevance.fit(parts, 6))
+    stage2 = lambda config: run_stage2(model, plan(model, config), pre, Decode(6)).token_ids
+
+    laid = by_relevance.merge.arrangement.read_chunks(pre.context.selection)  # in laying order
     scores = [pre.chunk_scores[c] for c in laid]
     assert len(laid) == 3 and scores == sorted(scores, reverse=True)  # the most relevant chunk nearest Q
-    assert pre.kept_bounds(plan_.merge.arrangement) == [pre.bounds[c] for c in laid]
+    assert pre.kept_bounds(by_relevance.merge.arrangement) == [pre.bounds[c] for c in laid]
     assert pre.kept_bounds() == [pre.bounds[c] for c in sorted(laid)]  # the paper's: document order
-    assert answer(model, context, question, by_relevance, 6).selected_chunks == sorted(laid)
+    assert pre.read_chunks(by_relevance.merge.arrangement) == sorted(laid)
 
-    # the parallel layout lays every chunk at its own positions: the order changes only the
-    # order of the softmax's sums over the same keys
-    parallel = dataclasses.replace(BASE, top_k_chunks=3)
-    nll = [continuation_nll(model, ids[:150], ids[150:160], dataclasses.replace(parallel, chunk_order=o), 8).token_nll
-           for o in ("document", "relevance")]
-    assert_within(nll[1], nll[0], float32_bound(scale_of(nll[0]), reduction=model.config.hidden_size,
-                                                depth=model.config.num_layers), "NLL by chunk order")
+    # the parallel layout lays every chunk at its own positions: by relevance, the merged
+    # cache holds the same entries in another slot order, and the question starts at the same place
+    ctx = pre.context
+    merged = [merge_selection(ctx.prefix_keys, ctx.prefix_values, ctx.selection, 8, ParallelLayout(), model.config,
+                              ChunkArrangement(order)) for order in ("document", "relevance")]
+    assert int(merged[0][1]) == int(merged[1][1])
+    # each slot's first key component in every layer and KV head, with its validity
+    slots = lambda c: np.concatenate([np.moveaxis(np.asarray(c.keys[:, 0, :, :, 0]), 1, 0).reshape(c.capacity, -1),
+                                      np.moveaxis(np.asarray(c.valid[:, 0]), 1, 0).reshape(c.capacity, -1)], axis=1)
+    entries = lambda cache: sorted(map(tuple, slots(cache).tolist()))
+    assert entries(merged[0][0]) == entries(merged[1][0])
 
-    best_only = answer(model, context, question, dataclasses.replace(seq, chunk_score_margin=0.0), 6)
-    assert best_only.selected_chunks == [laid[-1]]
-    assert best_only.token_ids == answer(model, context, question, dataclasses.replace(seq, top_k_chunks=1), 6).token_ids
-    wide = answer(model, context, question, dataclasses.replace(seq, chunk_score_margin=1e6), 6)
-    plain = answer(model, context, question, seq, 6)
-    assert (wide.selected_chunks, wide.token_ids) == (plain.selected_chunks, plain.token_ids)
+    best_only = plan(model, dataclasses.replace(seq, chunk_score_margin=0.0)).merge.arrangement
+    assert best_only.read_chunks(pre.context.selection) == [laid[-1]]
+    assert stage2(dataclasses.replace(seq, chunk_score_margin=0.0)) == \
+        answer(model, context, question, dataclasses.replace(seq, top_k_chunks=1), 6).token_ids
+    assert stage2(dataclasses.replace(seq, chunk_score_margin=1e6)) == stage2(seq)
     for bad, message in (({"chunk_order": "random"}, "chunk_order='random' is not allowed; choose one of: document, relevance"),
                          ({"chunk_score_margin": -1.0}, "chunk_score_margin=-1.0 must be >= 0")):
         with pytest.raises(pcomp_jax.ConfigError, match=message):

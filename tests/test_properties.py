@@ -76,7 +76,7 @@ def test_selection_returns_k_distinct_real_chunks_in_document_order(n, k, data):
 
 
 @SETTINGS
-@given(st.integers(1, 7), st.data())
+@given(st.sampled_from([3, 6]), st.data())
 def test_an_arrangement_reads_the_chunks_within_its_margin_in_its_order(k, data):
     scores = np.asarray(data.draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=k, max_size=k)), np.float32)
     scores[data.draw(st.integers(0, k - 1))] = scores[0]  # ties happen (equal NLLs)
