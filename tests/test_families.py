@@ -171,13 +171,7 @@ def _write_gguf(path: str, model, arch: str) -> None:
     """``model``'s weights as llama.cpp writes a ``gemma3`` / ``qwen3`` file: no Q/K row
     permutation; Gemma's norms stored as 1 + w; the tiny tokenizer."""
     cfg = model.config
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w = tiny.gguf_writer(path, cfg, arch)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)

@@ -127,10 +127,9 @@ def _permute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: str, model, arch: str = "llama", pre: str = "smollm") -> None:
-    """Writes ``model``'s weights (float32) and the tiny tokenizer as a GGUF file like llama.cpp's."""
-    cfg = model.config
-    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+def gguf_writer(path: str, cfg, arch: str):
+    """A ``gguf.GGUFWriter`` for ``arch`` with the sizes of the transformers config ``cfg``
+    (layers, context, width, MLP width, query and KV heads) written."""
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -138,6 +137,14 @@ def write_gguf(path: str, model, arch: str = "llama", pre: str = "smollm") -> No
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    return w
+
+
+def write_gguf(path: str, model, arch: str = "llama", pre: str = "smollm") -> None:
+    """Writes ``model``'s weights (float32) and the tiny tokenizer as a GGUF file like llama.cpp's."""
+    cfg = model.config
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w = gguf_writer(path, cfg, arch)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
