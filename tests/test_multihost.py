@@ -37,8 +37,9 @@ def free_port(ports: range | None = None) -> int:
 
 def cpu_env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_NUM_CPU_DEVICES=str(devices), **extra)
+    # this process's XLA_FLAGS (the optimization level conftest sets) plus the device count
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags, JAX_NUM_CPU_DEVICES=str(devices), **extra)
     return env
 
 
