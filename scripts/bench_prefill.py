@@ -3,6 +3,7 @@
     python scripts/bench_prefill.py --lengths 4096 8192 16384 32768 --output-dir docs/bench/cpu
     python scripts/bench_prefill.py --shape llama3-8b --dtype bfloat16 --lengths 32768 131072 --no-hf   # on a GPU
     python scripts/bench_prefill.py --dtype float32 bfloat16 --lengths 16384   # both dtypes side by side
+    python scripts/bench_prefill.py --shape gemma3-270m --chunk-len 448 --lengths 32768 --no-hf   # the gemma extra
 
 Every (method, length) runs in a fresh subprocess, so peak memory is its own (RSS on the
 CPU, ``peak_bytes_in_use`` on an accelerator). Reported per run: median wall time over
@@ -28,11 +29,17 @@ METHODS = ("ours_full", "ours_parallelcomp", "hf_full")
 
 
 def layer_flops(cfg, tokens: int, row_len: int) -> float:
-    """FLOPs of the layer stack for ``tokens`` tokens in causal rows of ``row_len`` (2 per multiply-add)."""
+    """FLOPs of the layer stack for ``tokens`` tokens in causal rows of ``row_len`` (2 per
+    multiply-add); a sliding-window layer's queries each see at most its window of keys."""
     e, h, kvh, d, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     linear = 2 * tokens * (e * h * d * 2 + e * kvh * d * 2 + 3 * e * f)
-    attention = 2 * 2 * tokens * (row_len + 1) / 2 * h * d  # QK^T and PV over the causal half
-    return cfg.num_layers * (linear + attention)
+    windows = cfg.sliding_windows or (0,) * cfg.num_layers
+    attention = 0.0
+    for window in windows:
+        # keys seen per query, averaged over a causal row: (row_len + 1) / 2 without a window
+        seen = (row_len + 1) / 2 if not window or window >= row_len else window - window * (window - 1) / (2 * row_len)
+        attention += 2 * 2 * tokens * seen * h * d  # QK^T and PV
+    return cfg.num_layers * linear + attention
 
 
 def cpu_features() -> str:
@@ -80,6 +87,8 @@ def load(args):
 
     if args.shape == "default":
         return pcomp_jax.load_model(None, dtype=args.dtype[0])
+    if args.shape == "gemma3-270m":
+        return pcomp_jax.load_model("gemma3-270m", dtype=args.dtype[0])
     return random_model(args.shape, args.dtype[0])
 
 
@@ -93,7 +102,7 @@ def random_model(shape: str, dtype: str):
     from pcomp_jax.model.config import ModelConfig, RopeConfig
 
     if shape != "llama3-8b":
-        raise SystemExit(f"unknown --shape {shape!r}; choose default or llama3-8b")
+        raise SystemExit(f"unknown --shape {shape!r}; choose default, gemma3-270m or llama3-8b")
     cfg = ModelConfig("LlamaForCausalLM", 128256, 4096, 14336, 32, 32, 8, 128, 8192, 1e-5, RopeConfig(theta=500000.0))
     shapes = weight_shapes(cfg, jnp.dtype(dtype))
     leaves, tree = jax.tree.flatten(shapes)
@@ -253,7 +262,8 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face's prefill")
-    p.add_argument("--shape", default="default", help="default (SmolLM2) or llama3-8b (random weights)")
+    p.add_argument("--shape", default="default", choices=("default", "gemma3-270m", "llama3-8b"),
+                   help="default (SmolLM2), gemma3-270m (the gemma extra's Gemma 3 270M) or llama3-8b (random weights)")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
                    help="one dtype, or both to compare them side by side in one run")
     p.add_argument("--chunk-len", type=int, default=1024)

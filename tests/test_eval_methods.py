@@ -47,10 +47,23 @@ def test_method_specs_from_python_and_yaml_are_the_same():
     assert hash(rules) and to_dict(rules.pipeline(base))["calibration"][0]["layers"] == (0, 1)
 
 
+def test_a_method_runs_the_lengths_between_its_min_and_max_length(tmp_path):
+    from pcomp_jax.eval.items import PerplexityItem, SyntheticItem
+
+    config = load_eval_config(write(tmp_path, "methods:\n  - {name: cut, method: truncate, min_length: 200, max_length: 400}\n"))
+    (spec,) = config.methods
+    assert spec == MethodSpec.of("cut", method="truncate", min_length=200, max_length=400)
+    lengths = [100, 199, 200, 300, 400, 401]
+    assert [spec.runs(SyntheticItem(f"passkey/{n}", {"length": n})) for n in lengths] == [False, False, True, True, True, False]
+    assert [spec.runs(PerplexityItem(f"ppl/{n}", {"prefix_len": n})) for n in lengths] == [False, False, True, True, True, False]
+    with pytest.raises(ConfigError, match="method 'x': min_length=300 is above max_length=200; give min_length <= max_length"):
+        MethodSpec.of("x", min_length=300, max_length=200)
+
+
 def test_unknown_field_in_a_method_entry_names_it_and_the_allowed_fields(tmp_path):
     path = write(tmp_path, "methods:\n  - {name: evict, method: parallelcomp, capcity: 128}\n")
     with pytest.raises(ConfigError, match=r"method 'evict': unknown field 'capcity'; allowed fields: name, "
-                                          r"max_length, method, chunk_len, .*capacity.*kv_budget"):
+                                          r"max_length, min_length, method, chunk_len, .*capacity.*kv_budget"):
         load_config(path, cls=EvalConfig)
     with pytest.raises(ConfigError, match="unknown field 'top_k'"):
         MethodSpec.of("x", top_k=3)

@@ -6,12 +6,13 @@ Python::
     MethodSpec.of("no_preset", calibration_preset=None)   # None is a value: the preset is turned off
 
 YAML (a flat mapping per method; ``preset: paper_llama3`` takes a named pipeline preset's
-fields; every other key besides ``name`` and ``max_length`` is a
+fields; every other key besides ``name``, ``max_length`` and ``min_length`` is a
 ``ParallelCompConfig`` field, and ``null`` sets that field to None)::
 
     methods:
       - {name: parallelcomp_evict, method: parallelcomp, capacity: 128, max_length: 16384}
       - {name: parallelcomp_keep_all, method: parallelcomp, capacity: null}
+      - {name: truncate, method: truncate, min_length: 65536}   # only where truncating cuts
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ class MethodSpec:
     value. Build one with ``MethodSpec.of(name, max_length=..., **changes)`` or, from a
     YAML entry, ``MethodSpec.from_mapping``. max_length: synthetic inputs and perplexity
     prefixes longer than this many tokens are not run for this method (e.g. full attention
-    at lengths where it is known to fail or too slow); they show as "-" in the summary.
+    at lengths where it is known to fail or too slow); min_length: nor those shorter than
+    this (e.g. truncation where the input fits and it equals full attention). Either shows
+    as "-" in the summary.
     """
 
     name: str
     max_length: int | None = None
     changes: tuple[tuple, ...] = ()  # ((field, value), ...): check_field_types reads one type per tuple
+    min_length: int | None = None
 
     def __post_init__(self):
         changes = self.changes.items() if isinstance(self.changes, dict) else self.changes
@@ -71,7 +75,7 @@ class MethodSpec:
             pairs = [kv for kv in PIPELINE_PRESETS[preset[0]].items() if kv[0] not in dict(own)] + own
         for key, _ in pairs:
             if key not in PIPELINE_FIELDS:
-                raise ConfigError(f"method {self.name!r}: unknown field {key!r}; allowed fields: name, max_length, "
+                raise ConfigError(f"method {self.name!r}: unknown field {key!r}; allowed fields: name, max_length, min_length, "
                                   + ", ".join(PIPELINE_FIELDS))
         keys = [key for key, _ in pairs]
         if len(set(keys)) != len(keys):
@@ -84,26 +88,32 @@ class MethodSpec:
         check_field_types(self)
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"method name {self.name!r} must be a non-empty directory name without '/'")
+        if self.min_length is not None and self.max_length is not None and self.min_length > self.max_length:
+            raise ConfigError(f"method {self.name!r}: min_length={self.min_length} is above max_length="
+                              f"{self.max_length}; give min_length <= max_length")
 
     @classmethod
-    def of(cls, name: str, *, max_length: int | None = None, **changes) -> MethodSpec:
+    def of(cls, name: str, *, max_length: int | None = None, min_length: int | None = None, **changes) -> MethodSpec:
         """``MethodSpec.of("pc_evict", method="parallelcomp", capacity=128, max_length=200)``."""
-        return cls(name, max_length, tuple(changes.items()))
+        return cls(name, max_length, tuple(changes.items()), min_length)
 
     @classmethod
     def from_mapping(cls, data: dict) -> MethodSpec:
-        """A flat YAML entry: ``{name: ..., max_length: ..., <pipeline field>: value, ...}``."""
+        """A flat YAML entry: ``{name: ..., max_length: ..., min_length: ..., <pipeline field>: value, ...}``."""
         if not isinstance(data, dict):
             raise ConfigError(f"a method must be a mapping with a name, got {data!r}")
         if "name" not in data:
             raise ConfigError(f"a method needs a name, got {data!r}")
-        rest = {k: v for k, v in data.items() if k not in ("name", "max_length")}
-        return cls(data["name"], data.get("max_length"), tuple(rest.items()))
+        rest = {k: v for k, v in data.items() if k not in ("name", "max_length", "min_length")}
+        return cls(data["name"], data.get("max_length"), tuple(rest.items()), data.get("min_length"))
 
     def runs(self, item) -> bool:
-        """Whether this method runs ``item`` (an ``items.Item``; see max_length)."""
+        """Whether this method runs ``item`` (an ``items.Item``; see max_length, min_length)."""
         length = item.fields.get("length", item.fields.get("prefix_len"))
-        return self.max_length is None or length is None or length <= self.max_length
+        if length is None:
+            return True
+        return ((self.max_length is None or length <= self.max_length)
+                and (self.min_length is None or length >= self.min_length))
 
     def pipeline(self, base: ParallelCompConfig) -> ParallelCompConfig:
         """``base`` with this method's changes applied (validated)."""
