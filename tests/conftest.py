@@ -7,8 +7,8 @@ import pytest
 
 # XLA's CPU backend at optimization level 0 (its default is 3) unless XLA_FLAGS sets a level:
 # the suite's programs are small and many, compiling is most of its time (a test file runs
-# about 5x faster from a warm compilation cache), and level 0 cuts the full suite from about
-# 620 s to 555 s on 2 cores. The programs compute the same functions; every comparison holds
+# about 5x faster from a warm compilation cache), and level 0 makes the full suite faster on
+# 2 cores (docs/testing.md "Measured"). The programs compute the same functions; every comparison holds
 # its stated bound at either level. XLA_FLAGS=--xla_backend_optimization_level=3 runs the
 # suite as users' programs compile (docs/testing.md).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
