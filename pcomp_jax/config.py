@@ -22,6 +22,7 @@ ATTENTION_BACKENDS = ("auto", *CAUSAL_BACKEND_NAMES)
 SINGLE_DEVICE_KERNELS = ("pallas", "cudnn", "splash", "mosaic_gpu")  # one kernel per device: not split over model_parallel
 MERGE_LAYOUT_NAMES = ("parallel", "sequential", "reprefill")
 CHUNK_ORDER_NAMES = ("document", "relevance")  # prefill.CHUNK_ORDERS
+CHUNK_ANSWER_NAMES = ("together", "each")  # prefill.CHUNK_ANSWERS
 REPREFILL = "reprefill"  # the layout that reads the kept chunks again instead of merging caches
 DTYPE_NAMES = ("float32", "bfloat16")
 DTYPE_CHOICES = (*DTYPE_NAMES, "auto")
@@ -157,6 +158,11 @@ class ParallelCompConfig:
     chunk_score_margin: read a kept chunk only when its score is within this margin of the
       best kept chunk's (query NLL, nats per question token); None (the paper's) reads all
       ``top_k_chunks``.
+    chunk_answers: ``together`` (the paper's: one stage 2 reads every chunk read) or
+      ``each`` (a stage 2 per read chunk, P + that chunk alone + Q, and of their greedy
+      answers the one with the lowest mean NLL per answer token on its own chunk's cache;
+      an empty answer ranks last). It costs one decode and one scoring pass per read chunk,
+      and answers only (perplexity refuses it).
     stage_eviction: evict after the merge instead of inside each chunk: the chunks keep
       every token through stage 1, and the merged cache's chunk entries are cut to
       ``capacity x top_k_chunks`` per layer and KV head, ranked by the method's token
@@ -196,6 +202,7 @@ class ParallelCompConfig:
     merge_layout: str = "parallel"
     chunk_order: str = "document"
     chunk_score_margin: float | None = None
+    chunk_answers: str = "together"
     stage_eviction: bool = False
     decode_eviction: bool = False
     top_k_chunks: int = 2
@@ -226,6 +233,7 @@ class ParallelCompConfig:
         _check_choice("attention", self.attention, ATTENTION_BACKENDS)
         _check_choice("merge_layout", self.merge_layout, MERGE_LAYOUT_NAMES)
         _check_choice("chunk_order", self.chunk_order, CHUNK_ORDER_NAMES)
+        _check_choice("chunk_answers", self.chunk_answers, CHUNK_ANSWER_NAMES)
         if self.chunk_score_margin is not None and not self.chunk_score_margin >= 0:
             raise ConfigError(f"chunk_score_margin={self.chunk_score_margin} must be >= 0 (or null: no margin)")
         if self.stage_eviction and self.capacity is None:

@@ -172,9 +172,10 @@ def generate_from_context(model: Model, weights: Weights, context: ContextCache,
 def batches(spec: MergeSpec) -> bool:
     """Whether ``generate_batch`` runs several requests under ``spec`` in one batch: a merged
     layout without the merged-stage calibration rules and the evictions after the merge
-    (their observed queries are per request; such requests run one by one)."""
+    (their observed queries are per request) that reads its chunks together (``answers:
+    each`` runs a stage 2 per chunk); such requests run one by one."""
     return not (spec.layout.reprefills or spec.rules or spec.eviction is not None
-                or spec.decode_eviction is not None)
+                or spec.decode_eviction is not None or spec.arrangement.answers == "each")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "capacity"))

@@ -131,11 +131,12 @@ class Method:
 
     def arrangement(self, config) -> ChunkArrangement:
         """Which kept chunks stage 2 reads and in what order (``prefill.ChunkArrangement``):
-        the config's ``chunk_order`` and ``chunk_score_margin`` for a method that keeps its
-        top-k chunks; a method that keeps every chunk (pcw) reads them all, in document order."""
+        the config's ``chunk_order``, ``chunk_score_margin`` and ``chunk_answers`` for a method
+        that keeps its top-k chunks; a method that keeps every chunk (pcw) reads them all
+        together, in document order."""
         if not self.top_k:
             return ChunkArrangement()
-        return ChunkArrangement(config.chunk_order, config.chunk_score_margin)
+        return ChunkArrangement(config.chunk_order, config.chunk_score_margin, config.chunk_answers)
 
     def decode_eviction(self, config):
         """The decode-time eviction (``decode.DecodeEviction``) under ``config``, or None."""

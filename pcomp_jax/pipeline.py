@@ -238,6 +238,11 @@ def run_stage2(model: Model, plan_: Plan, pre: ContextPrefill, task, timings: di
     as one row (``task.on_row``), else the question runs on the merged cache
     (``task.on_merged``). ``timings`` gets the seconds of each step."""
     timings = {} if timings is None else timings
+    if plan_.merge.arrangement.answers == "each":
+        if not isinstance(task, Decode):
+            raise ConfigError("chunk_answers=each chooses among the answers of each chunk; scoring a given "
+                              "continuation needs chunk_answers=together")
+        return answer_each_chunk(model, plan_, pre, task.max_new_tokens, timings)
     bounds = pre.kept_bounds(plan_.merge.arrangement)
     plan_.check_fits(pre.parts, [e - s for s, e in bounds], task.room)
     row = one_row_ids(plan_, pre.parts, bounds)
@@ -247,6 +252,33 @@ def run_stage2(model: Model, plan_: Plan, pre: ContextPrefill, task, timings: di
         timings["reprefill"] = time.perf_counter() - t
         return result
     return task.on_merged(model, plan_, pre, timings)
+
+
+def answer_each_chunk(model: Model, plan_: Plan, pre: ContextPrefill, max_new_tokens: int,
+                      timings: dict | None = None) -> Generation:
+    """Stage 2 for ``chunk_answers: each``: for every chunk the arrangement reads (its
+    ``score_margin`` applies), stage 2 on P + that chunk alone + Q under the plan's layout,
+    greedy decoding, then the answer's tokens scored on that same cache
+    (``perplexity.ScoreContinuation``); returns the answer with the lowest mean NLL per
+    token (the most likely; ties: the first in laying order; an empty answer ranks last)."""
+    from .perplexity import ScoreContinuation  # perplexity runs its plans through this module
+
+    timings = {} if timings is None else timings
+    arrangement = plan_.merge.arrangement
+    alone = dataclasses.replace(plan_, merge=dataclasses.replace(
+        plan_.merge, arrangement=dataclasses.replace(arrangement, answers="together")))
+    best, best_nll = None, np.inf
+    for _, selection in arrangement.each_alone(pre.context.selection):
+        one = dataclasses.replace(pre, context=pre.context.replace(selection=selection))
+        gen = run_stage2(model, alone, one, Decode(max_new_tokens), timings)
+        nll = np.inf
+        if gen.token_ids:
+            t = time.perf_counter()
+            nll = float(np.mean(run_stage2(model, alone, one, ScoreContinuation(np.asarray(gen.token_ids, np.int32)))))
+            timings["answer_scoring"] = timings.get("answer_scoring", 0.0) + time.perf_counter() - t
+        if best is None or nll < best_nll:
+            best, best_nll = gen, nll
+    return best
 
 
 def run_stage2_batch(model: Model, plan_: Plan, prefilled: list[ContextPrefill], max_new_tokens: int,

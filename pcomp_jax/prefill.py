@@ -377,6 +377,7 @@ def shift_keys(cfg: ModelConfig, keys: jax.Array, shifts: jax.Array) -> jax.Arra
 
 
 CHUNK_ORDERS = ("document", "relevance")
+CHUNK_ANSWERS = ("together", "each")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,16 +390,22 @@ class ChunkArrangement:
       parallel layout every chunk keeps its own positions and the order changes nothing.
     score_margin: read a kept chunk only when its score is at most the best kept chunk's
       plus this margin (query NLL: nats per scored question token); None reads all top-k.
+    answers: ``together`` (the paper's: one stage 2 reads every chunk it keeps) or ``each``
+      (one stage 2 per read chunk, that chunk alone, and the answer the model finds most
+      likely kept: ``pipeline.answer_each_chunk``).
     """
 
     order: str = "document"
     score_margin: float | None = None
+    answers: str = "together"
 
     def __post_init__(self):
         if self.order not in CHUNK_ORDERS:
             raise ConfigError(f"chunk_order={self.order!r} is not allowed; choose one of: {', '.join(CHUNK_ORDERS)}")
         if self.score_margin is not None and not self.score_margin >= 0:
             raise ConfigError(f"chunk_score_margin={self.score_margin} must be >= 0 (or null: no margin)")
+        if self.answers not in CHUNK_ANSWERS:
+            raise ConfigError(f"chunk_answers={self.answers!r} is not allowed; choose one of: {', '.join(CHUNK_ANSWERS)}")
 
     def apply(self, selection: ChunkSelection) -> ChunkSelection:
         """The chunks of ``selection`` [K] that stage 2 reads (the others invalid), in laying
@@ -416,6 +423,12 @@ class ChunkArrangement:
         """The document indices of the chunks stage 2 reads, in laying order (on the host)."""
         laid = self.apply(selection)
         return [int(c) for c in to_host(laid.chunk_ids)[to_host(laid.chunk_valid)]]
+
+    def each_alone(self, selection: ChunkSelection) -> list[tuple[int, ChunkSelection]]:
+        """For ``answers: each``: ``(chunk, selection)`` per chunk stage 2 reads, in laying
+        order, where ``selection`` is ``selection`` [K] with that chunk its only valid one."""
+        return [(c, selection.replace(chunk_valid=selection.chunk_valid & (selection.chunk_ids == c)))
+                for c in self.read_chunks(selection)]
 
 
 def merge_selection(

@@ -126,6 +126,7 @@ def test_the_config_names_agree_with_the_tables_that_implement_them():
     assert set(config.SINGLE_DEVICE_KERNELS) == {"pallas", *attention.NO_KEY_MASK}
     assert tuple(prefill.MERGE_LAYOUTS) == config.MERGE_LAYOUT_NAMES
     assert prefill.CHUNK_ORDERS == config.CHUNK_ORDER_NAMES
+    assert prefill.CHUNK_ANSWERS == config.CHUNK_ANSWER_NAMES
     assert [n for n, layout in prefill.MERGE_LAYOUTS.items() if layout.reprefills] == [config.REPREFILL]
     assert tuple(checkpoints.DTYPES) == config.DTYPE_NAMES
 

@@ -86,7 +86,7 @@ def test_fewer_chunks_than_kept(model):
 MERGED_RULE = CalibrationRule(layers=(0, 1), region="middle", region_size=4, threshold=0.02)
 AFTER_READING = [
     dict(capacity=None, score_last_tokens=3, merge_layout="reprefill"),
-    dict(top_k_chunks=3, capacity=24, obs_window=4, pool_kernel=3, decode_eviction=True),
+    dict(top_k_chunks=3, capacity=24, obs_window=4, pool_kernel=3, decode_eviction=True, chunk_answers="each"),
     dict(method="pcw"),
     dict(stage_eviction=True, merge_layout="sequential", calibration=(MERGED_RULE,)),
 ]

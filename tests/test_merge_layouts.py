@@ -158,6 +158,49 @@ def test_chunk_order_and_score_margin_choose_what_stage_2_reads(model):
 
 
 @pytest.mark.slow
+def test_answering_from_each_chunk_keeps_the_most_likely_answer(model):
+    """chunk_answers=each: every read chunk alone gives the answer that full attention over
+    P + that chunk + Q gives; the answer kept is the one whose tokens have the lowest mean NLL
+    there (both computed here on plain rows, not through the merged cache)."""
+    from pcomp_jax.decode import generate_ids
+    from pcomp_jax.pipeline import run_stage1
+    from pcomp_jax.plans import plan
+
+    context, question = make_sentences(90, 4), "where did the cat sit?"
+    each = dataclasses.replace(BASE, merge_layout="sequential", top_k_chunks=3, chunk_answers="each")
+    ours = answer(model, context, question, each, 6)
+    parts = encode_parts(model.tokenizer, context, question, BASE.instruction, BASE.answer_prefix, BASE.chat)
+    each_plan = plan(model, each)
+    pre = run_stage1(model, each_plan, each_plan.fit(parts, 6))
+    assert ours.selected_chunks == pre.selected_chunks and len(ours.selected_chunks) == 3  # every chunk is read
+    candidates = []
+    for s, e in pre.kept_bounds(each_plan.merge.arrangement):
+        row = np.concatenate([parts.prefix, parts.context[s:e], parts.question])
+        tokens = generate_ids(model, row, 6).token_ids
+        assert tokens  # the tiny model never stops at once on these inputs
+        full = dataclasses.replace(BASE, method="full")
+        nll = continuation_nll(model, row, np.asarray(tokens), full, query_len=len(parts.question)).token_nll
+        candidates.append((float(np.mean(nll)), tokens))
+    assert len({tuple(t) for _, t in candidates}) > 1  # the chunks disagree: the choice matters
+    lowest = min(n for n, _ in candidates)
+    # float32 NLLs of one model on the same tokens agree to ~1e-5 between the plain row and the
+    # merged cache; where two answers are closer than 1e-3, either may be kept
+    most_likely = [t for n, t in candidates if n - lowest < 1e-3]
+    assert ours.token_ids in most_likely
+    # the answer does not depend on where the lone chunk sits: every layout reads P + chunk + Q
+    for layout in ("parallel", "reprefill"):
+        assert answer(model, context, question, dataclasses.replace(each, merge_layout=layout), 6).token_ids \
+            in most_likely
+    # a zero margin reads the best chunk alone: the same answer as top_k_chunks=1
+    assert answer(model, context, question, dataclasses.replace(each, chunk_score_margin=0.0), 6).token_ids == \
+        answer(model, context, question, dataclasses.replace(each, top_k_chunks=1, chunk_answers="together"), 6).token_ids
+    with pytest.raises(pcomp_jax.ConfigError, match="chunk_answers=each chooses among the answers"):
+        continuation_nll(model, row, np.asarray(tokens), each, query_len=len(parts.question))
+    with pytest.raises(pcomp_jax.ConfigError, match="chunk_answers='best' is not allowed; choose one of: together, each"):
+        ParallelCompConfig(chunk_answers="best")
+
+
+@pytest.mark.slow
 def test_layout_refusals(model, monkeypatch):
     with pytest.raises(pcomp_jax.ConfigError, match="merge_layout='diagonal' is not allowed"):
         ParallelCompConfig(merge_layout="diagonal")
@@ -197,14 +240,14 @@ def test_eval_columns_that_differ_after_the_prefill_share_it(model, monkeypatch,
                MethodSpec.of("calibrated", calibration_preset="remove_shallow_middle"),
                MethodSpec.of("stage_evict", capacity=6, stage_eviction=True),  # chunks kept whole: shares
                MethodSpec.of("decode_evict", decode_eviction=True),
-               MethodSpec.of("evict", capacity=16))
+               MethodSpec.of("evict", capacity=16), MethodSpec.of("each", chunk_answers="each"))
     config = EvalConfig(
         output_dir=str(tmp_path / "out"), pipeline=dataclasses.replace(BASE, chunk_len=48),
         methods=methods, tasks=("passkey",), lengths=(150, 200), depths=(0.5,), max_new_tokens=4,
     )
     evaluate(config, model, progress=False)
-    # per input, one reading of the chunks (a document, read_parts) shared by all six columns:
-    # capacity, eviction, layout and merged-stage calibration all act after it
+    # per input, one reading of the chunks (a document, read_parts) shared by all seven columns:
+    # capacity, eviction, layout, merged-stage calibration and answering each chunk act after it
     assert (len(reads), len(calls)) == (2, 0)
     for spec in methods:  # each column as if run alone
         alone = answer(model, *_passkey(model, 200), spec.pipeline(config.pipeline), 4)

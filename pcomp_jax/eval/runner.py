@@ -357,7 +357,7 @@ def figure_tasks(config: EvalConfig) -> tuple[str, ...]:
 # Pipeline fields added after results may exist whose value here reproduces what runs made
 # before them did (an option that is off): a record without them still resumes.
 NEUTRAL_PIPELINE_FIELDS = {"chunk_overlap": 0, "merge_layout": "parallel", "chunk_order": "document",
-                           "chunk_score_margin": None, "stage_eviction": False,
+                           "chunk_score_margin": None, "chunk_answers": "together", "stage_eviction": False,
                            "decode_eviction": False, "model_parallel": 1}
 
 
