@@ -268,7 +268,7 @@ def answer_each_chunk(model: Model, plan_: Plan, pre: ContextPrefill, max_new_to
     alone = dataclasses.replace(plan_, merge=dataclasses.replace(
         plan_.merge, arrangement=dataclasses.replace(arrangement, answers="together")))
     best, best_nll = None, np.inf
-    for _, selection in arrangement.each_alone(pre.context.selection):
+    for selection in arrangement.each_alone(pre.context.selection):
         one = dataclasses.replace(pre, context=pre.context.replace(selection=selection))
         gen = run_stage2(model, alone, one, Decode(max_new_tokens), timings)
         nll = np.inf

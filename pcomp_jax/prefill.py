@@ -424,10 +424,10 @@ class ChunkArrangement:
         laid = self.apply(selection)
         return [int(c) for c in to_host(laid.chunk_ids)[to_host(laid.chunk_valid)]]
 
-    def each_alone(self, selection: ChunkSelection) -> list[tuple[int, ChunkSelection]]:
-        """For ``answers: each``: ``(chunk, selection)`` per chunk stage 2 reads, in laying
-        order, where ``selection`` is ``selection`` [K] with that chunk its only valid one."""
-        return [(c, selection.replace(chunk_valid=selection.chunk_valid & (selection.chunk_ids == c)))
+    def each_alone(self, selection: ChunkSelection) -> list[ChunkSelection]:
+        """For ``answers: each``: per chunk stage 2 reads, in laying order, ``selection`` [K]
+        with that chunk its only valid one."""
+        return [selection.replace(chunk_valid=selection.chunk_valid & (selection.chunk_ids == c))
                 for c in self.read_chunks(selection)]
 
 
